@@ -1,0 +1,113 @@
+"""Checkpoint format (ITT_SPEC): a directory with config.json, model.safetensors, tokenizer.model.
+
+``load_model`` checks everything before torch sees it, so that a bad directory fails with a
+``CheckpointError`` naming the problem rather than a stack trace from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from itt_runtime.config import ConfigError, ModelConfig
+from itt_runtime.model.itt import ITTModel
+from itt_runtime.tokenizer import Tokenizer
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
+FILES = ("config.json", "model.safetensors", "tokenizer.model")
+
+
+class CheckpointError(ConfigError):
+    """A model directory is missing, incomplete or inconsistent."""
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """``None`` or ``"default"`` -> the model shipped inside the package."""
+    if model is None or str(model) == "default":
+        return DEFAULT_MODEL_DIR
+    return Path(model).expanduser()
+
+
+def load_config(path: str | Path | None) -> ModelConfig:
+    path = resolve_model_path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model directory {str(path)!r} does not exist")
+    missing = [f for f in FILES if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"model directory {str(path)!r} is missing {', '.join(missing)}")
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    try:
+        return ModelConfig.from_dict(raw)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_tokenizer(path: str | Path | None, cfg: ModelConfig | None = None) -> Tokenizer:
+    path = resolve_model_path(path)
+    try:
+        tok = Tokenizer(path / "tokenizer.model")
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path / 'tokenizer.model'}: not a sentencepiece model ({e})") \
+            from None
+    if cfg is not None and tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"tokenizer.model has {tok.vocab_size} pieces but config.json "
+                              f"'vocab_size' is {cfg.vocab_size}")
+    return tok
+
+
+def load_model(path: str | Path | None = None, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> tuple[ITTModel, Tokenizer]:
+    """Load a model directory (default: the shipped model). Returns (model in eval mode, tok)."""
+    path = resolve_model_path(path)
+    cfg = load_config(path)
+    tok = load_tokenizer(path, cfg)
+    model = ITTModel(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = {}
+    try:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            keys = set(f.keys())
+            unknown = sorted(keys - set(expected))
+            missing = sorted(set(expected) - keys)
+            if unknown:
+                raise CheckpointError(f"model.safetensors has unknown tensor(s) {unknown[:5]}"
+                                      f"{' …' if len(unknown) > 5 else ''} for this config")
+            if missing:
+                raise CheckpointError(f"model.safetensors is missing tensor(s) {missing[:5]}"
+                                      f"{' …' if len(missing) > 5 else ''}")
+            for k in sorted(keys):
+                shape = tuple(f.get_slice(k).get_shape())
+                if shape != expected[k]:
+                    raise CheckpointError(f"model.safetensors: tensor {k!r} has shape "
+                                          f"{list(shape)}, config.json implies "
+                                          f"{list(expected[k])}")
+                state[k] = f.get_tensor(k)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path / 'model.safetensors'}: unreadable ({e})") from None
+    for k, v in state.items():
+        if not v.is_floating_point() or not torch.isfinite(v.float()).all():
+            raise CheckpointError(f"model.safetensors: tensor {k!r} is not finite floating point")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    return model.to(device=device, dtype=dtype).eval(), tok
+
+
+def save_model(model: ITTModel, tokenizer_file: str | Path, out_dir: str | Path,
+               dtype: torch.dtype | None = None) -> Path:
+    """Write a complete model directory. ``dtype`` converts the weights (e.g. bf16 to ship)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
+    if Path(tokenizer_file).resolve() != (out / "tokenizer.model").resolve():
+        shutil.copyfile(tokenizer_file, out / "tokenizer.model")
+    return out

@@ -1,0 +1,112 @@
+"""itt-train: train a sentencepiece tokenizer and an ITT (or dense) model from text files."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+from itt_runtime.config import ModelConfig
+from itt_runtime.model.itt import ITTModel
+from itt_runtime.model.loader import save_model
+from itt_runtime.tokenizer import Tokenizer
+from itt_runtime.training.calibrate import calibrate
+from itt_runtime.training.trainer import TrainConfig, encode_corpus, eval_windows, train
+
+
+def train_tokenizer(text_files: list[Path], vocab_size: int, out_prefix: Path) -> Path:
+    spm.SentencePieceTrainer.train(
+        input=",".join(map(str, text_files)), model_prefix=str(out_prefix),
+        vocab_size=vocab_size, model_type="bpe", character_coverage=1.0, byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, input_sentence_size=2_000_000,
+        shuffle_input_sentence=True, num_threads=2, minloglevel=2)
+    return out_prefix.with_suffix(".model")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="itt-train", description=__doc__)
+    p.add_argument("--train", type=Path, nargs="+", required=True, help="training text files")
+    p.add_argument("--heldout", type=Path, required=True, help="held-out text file (evaluation)")
+    p.add_argument("--calib", type=Path, help="text for routing calibration (default: --heldout)")
+    p.add_argument("--out", type=Path, required=True, help="model directory to write")
+    p.add_argument("--work-dir", type=Path, help="checkpoints and tokenizer (default OUT.work)")
+    p.add_argument("--tokenizer", type=Path, help="reuse this tokenizer.model")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-layers", type=int, default=8)
+    p.add_argument("--n-heads", type=int, default=8)
+    p.add_argument("--n-kv-heads", type=int, default=4)
+    p.add_argument("--ffn-dim", type=int, default=688)
+    p.add_argument("--max-positions", type=int, default=1024)
+    p.add_argument("--itt-layers", default="odd",
+                   help="'odd' (every other layer, as in the paper), 'none', or e.g. '1,3,5'")
+    p.add_argument("--think-steps", type=int, default=4)
+    p.add_argument("--train-capacity", type=float, default=0.6)
+    p.add_argument("--ship-dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    work = a.work_dir or a.out.with_name(a.out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    tok_file = a.tokenizer or work / "tokenizer.model"
+    if not Path(tok_file).exists():
+        print(f"training tokenizer ({a.vocab_size} pieces) …", file=sys.stderr)
+        tok_file = train_tokenizer(a.train, a.vocab_size, work / "tokenizer")
+    tok = Tokenizer(tok_file)
+    if a.itt_layers == "odd":
+        itt_layers = tuple(range(1, a.n_layers, 2))
+    elif a.itt_layers == "none":
+        itt_layers = ()
+    else:
+        itt_layers = tuple(int(x) for x in a.itt_layers.split(","))
+    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=a.d_model, n_layers=a.n_layers,
+                      n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, ffn_dim=a.ffn_dim,
+                      max_position_embeddings=a.max_positions, itt_layers=itt_layers,
+                      think_steps=a.think_steps if itt_layers else 1,
+                      train_capacity=a.train_capacity,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    tc = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
+    train_stream = torch.cat([encode_corpus(tok, f) for f in a.train])
+    eval_stream = encode_corpus(tok, a.heldout)
+    n_params = sum(p.numel() for p in ITTModel(cfg).parameters())
+    print(f"{n_params / 1e6:.2f}M parameters; {train_stream.numel() / 1e6:.2f}M training "
+          f"tokens; {tc.max_steps * tc.batch_size * tc.seq_len / 1e6:.2f}M tokens to see",
+          file=sys.stderr)
+    model = train(cfg, tc, tok, train_stream, eval_stream, work,
+                  log=lambda m: print(m, file=sys.stderr))
+    ship_dtype = getattr(torch, a.ship_dtype)
+    with torch.no_grad():       # calibrate the weights as they will ship
+        for t in model.parameters():
+            t.copy_(t.to(ship_dtype).float())
+    if cfg.is_itt:
+        print("calibrating routing thresholds on held-out text …", file=sys.stderr)
+        calib_stream = encode_corpus(tok, a.calib) if a.calib else eval_stream
+        windows = eval_windows(calib_stream, tc.seq_len, limit=256)[:, :-1]
+        model.cfg = dataclasses.replace(cfg, calibration=calibrate(model, windows))
+    model.cfg = dataclasses.replace(model.cfg, extra={"_training": {
+        "train_config": dataclasses.asdict(tc), "parameters": n_params,
+        "train_tokens_seen": tc.max_steps * tc.batch_size * tc.seq_len,
+        "wall_time_s": round(time.time() - t_start), "history": model.history}})
+    save_model(model, tok_file, a.out, dtype=ship_dtype)
+    print(f"wrote {a.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

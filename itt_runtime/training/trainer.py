@@ -1,0 +1,160 @@
+"""Training loop: AdamW, warmup + cosine, clipping, bf16 autocast, eval, checkpoint + resume."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from itt_runtime.config import ModelConfig
+from itt_runtime.model.itt import ITTModel, TopKRouting
+from itt_runtime.tokenizer import Tokenizer
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 256
+    batch_size: int = 16
+    max_steps: int = 2000
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 200
+    eval_batches: int = 8
+    checkpoint_every: int = 200
+    bf16: bool = False
+    compile: bool = False
+    seed: int = 0
+
+
+def encode_corpus(tok: Tokenizer, path: Path) -> torch.Tensor:
+    """One document per line -> one long stream: BOS doc EOS BOS doc EOS ..."""
+    ids: list[int] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            ids.extend(tok.encode(line, add_bos=True, add_eos=True))
+    return torch.tensor(ids, dtype=torch.int32)
+
+
+def batches(stream: torch.Tensor, seq_len: int, batch_size: int, gen: torch.Generator):
+    n = stream.numel() - seq_len - 1
+    while True:
+        starts = torch.randint(0, n, (batch_size,), generator=gen)
+        chunk = torch.stack([stream[s: s + seq_len + 1] for s in starts.tolist()]).long()
+        yield chunk[:, :-1], chunk[:, 1:]
+
+
+def eval_windows(stream: torch.Tensor, seq_len: int, limit: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows (N, seq_len + 1) covering the held-out stream."""
+    n = (stream.numel() - 1) // seq_len
+    if limit:
+        n = min(n, limit)
+    return torch.stack([stream[i * seq_len: i * seq_len + seq_len + 1] for i in range(n)]).long()
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    progress = (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * cosine)
+
+
+def init_weights(model: ITTModel) -> None:
+    for name, p in model.named_parameters():
+        if name.endswith("phi") or "norm" in name:
+            continue                                   # ones
+        if name.endswith("bias"):
+            torch.nn.init.zeros_(p)
+        elif "routers" in name:
+            torch.nn.init.normal_(p, std=0.02)
+        else:
+            std = 0.02
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                std = 0.02 / math.sqrt(2 * model.cfg.n_layers)   # GPT-2 residual scaling
+            torch.nn.init.normal_(p, std=std)
+
+
+@torch.no_grad()
+def evaluate(model: ITTModel, windows: torch.Tensor, batch_size: int, routing=None,
+             bf16: bool = False) -> float:
+    """Mean next-token loss over ``windows`` (N, T+1)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i: i + batch_size]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(chunk[:, :-1], routing=routing(len(chunk)) if routing else None)
+        loss = F.cross_entropy(out.logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
+        total += loss.item()
+        count += chunk[:, 1:].numel()
+    model.train()
+    return total / count
+
+
+def train(cfg: ModelConfig, tc: TrainConfig, tok: Tokenizer, train_stream: torch.Tensor,
+          eval_stream: torch.Tensor, work_dir: Path, log=print) -> ITTModel:
+    """Train (resuming from ``work_dir/state.pt`` if present) and return the model."""
+    torch.manual_seed(tc.seed)
+    model = ITTModel(cfg)
+    init_weights(model)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "routers" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "routers" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
+    gen = torch.Generator().manual_seed(tc.seed)
+    step, history = 0, []
+    state_file = work_dir / "state.pt"
+    if state_file.exists():
+        state = torch.load(state_file, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        step, history = state["step"], state["history"]
+        log(f"resumed from {state_file} at step {step}")
+    routing = TopKRouting(cfg.train_capacity) if cfg.is_itt else None
+    forward = torch.compile(model) if tc.compile else model
+    windows = eval_windows(eval_stream, tc.seq_len, limit=tc.eval_batches * tc.batch_size)
+    data = batches(train_stream, tc.seq_len, tc.batch_size, gen)
+    tokens_per_step = tc.seq_len * tc.batch_size
+    model.train()
+    bar = tqdm(total=tc.max_steps, initial=step, unit="step", dynamic_ncols=True)
+    t0, tokens_since = time.perf_counter(), 0
+    while step < tc.max_steps:
+        x, y = next(data)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, tc)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
+            out = forward(x, routing=routing)
+        loss = F.cross_entropy(out.logits.flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        step += 1
+        tokens_since += tokens_per_step
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_since / elapsed:.0f}")
+        bar.update(1)
+        if step % tc.eval_every == 0 or step == tc.max_steps:
+            ev = evaluate(model, windows, tc.batch_size, bf16=tc.bf16,
+                          routing=(lambda n: TopKRouting(cfg.train_capacity)) if routing else None)
+            history.append({"step": step, "train_loss": loss.item(), "eval_loss": ev,
+                            "eval_ppl": math.exp(ev), "elapsed_s": elapsed})
+            bar.write(f"step {step}: train loss {loss.item():.3f}  held-out loss {ev:.3f} "
+                      f"(ppl {math.exp(ev):.2f})")
+        if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "generator": gen.get_state(), "step": step, "history": history,
+                        "train_config": asdict(tc)}, state_file)
+    bar.close()
+    model.history = history
+    return model.eval()
