@@ -79,6 +79,21 @@ class ModelConfig:
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
                  f"'{name}' must be a positive integer, got {v!r}")
+        # Type checks first, so that a string or null in config.json is reported by field
+        # name instead of as a bare TypeError from a comparison below.
+        for name in ("rope_theta", "norm_eps", "train_capacity", "default_think_budget"):
+            v = getattr(self, name)
+            need((v is None and name == "default_think_budget")
+                 or (isinstance(v, (int, float)) and not isinstance(v, bool)),
+                 f"'{name}' must be a number, got {v!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool),
+                 f"'{name}' must be an integer, got {v!r}")
+        need(isinstance(self.tie_embeddings, bool),
+             f"'tie_embeddings' must be true or false, got {self.tie_embeddings!r}")
+        need(all(isinstance(i, int) and not isinstance(i, bool) for i in self.itt_layers),
+             f"'itt_layers' must be a list of integer layer indices, got {list(self.itt_layers)}")
         need(self.d_model % self.n_heads == 0,
              f"'d_model' ({self.d_model}) must be divisible by 'n_heads' ({self.n_heads})")
         need(self.n_heads % self.n_kv_heads == 0,

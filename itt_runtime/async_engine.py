@@ -1,0 +1,155 @@
+"""asyncio front of the engine: the engine loop runs on its own thread, so model steps never
+block HTTP handling.
+
+    engine = AsyncLLMEngine(EngineConfig(...)); engine.start()
+    async for out in engine.generate(prompt_ids, params, request_id):   # delta outputs
+        ...
+    engine.abort(request_id)        # from anywhere; blocks are freed before the next step
+
+Requests and aborts reach the engine thread through a queue; outputs come back through
+``loop.call_soon_threadsafe`` into one asyncio.Queue per request. If the consumer stops
+iterating (client gone, task cancelled), the request is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from itt_runtime.engine import EngineConfig, EngineStats, LLMEngine
+from itt_runtime.outputs import RequestOutput
+from itt_runtime.sampling_params import SamplingParams
+
+log = logging.getLogger("itt_runtime")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped because of an error; the server should report 503."""
+
+
+class AsyncLLMEngine:
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None):
+        self.engine = engine or LLMEngine(config or EngineConfig())
+        self.tokenizer = self.engine.tokenizer
+        self.model_config = self.engine.model_config
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self.last_step_time = time.time()
+        self._stats = self.engine.stats()
+        self.finished_callbacks: list = []      # fn(RequestOutput) on the engine thread
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="itt-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._commands.put(("wake",))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def stats(self) -> EngineStats:
+        """The latest snapshot, refreshed by the engine thread after every step."""
+        return self._stats
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    # ---- requests -------------------------------------------------------------------------
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Delta outputs of one request; the last one has ``finished`` set.
+        Raises ParamError at once for an invalid request, EngineDeadError if the loop dies."""
+        if not self.is_alive:
+            raise EngineDeadError(f"engine loop is not running: {self.error!r}")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.engine.validate(prompt_token_ids, params)       # read-only, safe off-thread
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (loop, q)
+        self._commands.put(("add", request_id, list(prompt_token_ids), params, time.time()))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+            self._streams.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    # ---- the engine thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        eng = self.engine
+        try:
+            while not self._stop.is_set():
+                self._drain_commands(block=not eng.has_unfinished())
+                if eng.has_unfinished():
+                    for out in eng.step():
+                        self._deliver(out)
+                self._stats = eng.stats()
+                self.last_step_time = time.time()
+        except BaseException as e:            # noqa: BLE001 - the loop must report any death
+            log.exception("engine loop died")
+            self.error = e
+            for loop, q in list(self._streams.values()):
+                loop.call_soon_threadsafe(q.put_nowait, EngineDeadError(f"engine died: {e!r}"))
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(cmd)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, cmd: tuple) -> None:
+        if cmd[0] == "add":
+            _, rid, ids, params, arrival = cmd
+            if rid not in self._streams:      # aborted before it reached the engine
+                return
+            try:
+                self.engine.add_request(rid, ids, params, arrival_time=arrival)
+            except ValueError as e:
+                loop, q = self._streams[rid]
+                loop.call_soon_threadsafe(q.put_nowait, e)
+        elif cmd[0] == "abort":
+            out = self.engine.abort(cmd[1])
+            if out is not None:
+                self._deliver(out)
+        self._stats = self.engine.stats()
+
+    def _deliver(self, out: RequestOutput) -> None:
+        if out.finished:
+            for cb in self.finished_callbacks:
+                cb(out)
+        stream = self._streams.get(out.request_id)
+        if stream is not None:
+            loop, q = stream
+            loop.call_soon_threadsafe(q.put_nowait, out)

@@ -1,0 +1,65 @@
+"""A sequence in the engine: one completion of one request (a request with n > 1 has n)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from itt_runtime.outputs import RequestMetrics
+from itt_runtime.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: str                       # unique in the engine: "<request_id>" or "<request_id>#i"
+    request_id: str
+    index: int                        # completion index within the request (0 … n-1)
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    think_budget: float
+    thresholds: list[float]           # router-logit threshold per routed stream
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.time()))
+    status: Status = Status.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    thinking: list[int] = field(default_factory=list)          # extra steps per output token
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    num_computed_tokens: int = 0
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    generator: torch.Generator | None = None
+    # Streaming state: what was already handed to the client.
+    text: str = ""
+    num_sent_tokens: int = 0
+    num_sent_chars: int = 0
+    detokenizer: object = None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None

@@ -1,0 +1,167 @@
+"""Runs one engine step: the ITT forward over the paged cache for a batch of scheduled sequences.
+
+The step logic mirrors ``model/itt.py`` (the reference) but computes only the new tokens:
+
+  * tokens are laid out flat: first one token per decoding sequence, then each chunk
+    (prompt or recompute) contiguously;
+  * at a routed step every token is compared with its own request's threshold, the block runs
+    on the routed tokens only (gathered across the batch), and their K/V go to that step's
+    stream at the next free stream position;
+  * attention runs once for all single-token sequences and once per multi-token chunk.
+
+It returns, per sequence, the routed-token count of each routed stream (for the KV manager),
+and per sampled token the extra steps of the position that produced it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from itt_runtime.config import ModelConfig
+from itt_runtime.kv_cache.manager import SequenceKV
+from itt_runtime.model.itt import ITTModel
+from itt_runtime.runner.attention import KVCache
+from itt_runtime.scheduler import ScheduledSeq
+
+
+@dataclass
+class StepBatch:
+    """Host-built metadata of one step, moved to the device once."""
+
+    input_ids: torch.Tensor          # (T,)
+    positions: torch.Tensor          # (T,)
+    tok_seq: torch.Tensor            # (T,) batch row of each token
+    block_tables: torch.Tensor       # (B, streams, max_blocks)
+    stream_lengths: torch.Tensor     # (B, streams) tokens stored before this step
+    thresholds: torch.Tensor         # (B, routed streams)
+    num_decode: int                  # sequences (= tokens) with one new token, rows 0 … nd-1
+    chunk_lens: list[int]            # new tokens of the multi-token rows nd … B-1
+    stream_blocks: list[int]         # max blocks over rows, per stream (gather width)
+    row_blocks: list[list[int]]      # blocks per (row, stream)
+    logit_rows: torch.Tensor         # (S,) flat token indices whose logits are needed
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor             # (S, vocab) fp32, rows as in StepBatch.logit_rows
+    routed_counts: torch.Tensor      # (B, routed streams) tokens routed per stream
+    extra_steps: torch.Tensor        # (S,) extra steps of each logit row's position
+
+
+class ModelRunner:
+    def __init__(self, model: ITTModel, cache: KVCache) -> None:
+        self.model = model
+        self.cfg: ModelConfig = model.cfg
+        self.cache = cache
+        self.device = next(model.parameters()).device
+
+    # ---- host side ------------------------------------------------------------------------
+    def prepare(self, scheduled: list[ScheduledSeq], kvs: list[SequenceKV],
+                logit_positions: list[list[int]]) -> StepBatch:
+        """``scheduled`` must list single-token sequences first; ``kvs`` are their KV streams.
+        ``logit_positions[b]`` are the indices within row b's new tokens whose logits the
+        caller needs."""
+        cfg = self.cfg
+        ids, pos, rows, logit_rows = [], [], [], []
+        num_decode = 0
+        for b, s in enumerate(scheduled):
+            c, n = s.seq.num_computed_tokens, s.num_new_tokens
+            if n == 1 and num_decode == b:
+                num_decode += 1
+            base = len(ids)
+            ids.extend(s.seq.all_token_ids[c:c + n])
+            pos.extend(range(c, c + n))
+            rows.extend([b] * n)
+            logit_rows.extend(base + i for i in logit_positions[b])
+        row_blocks = [[len(t) for t in kv.block_tables] for kv in kvs]
+        stream_blocks = [max(col) for col in zip(*row_blocks)]
+        width = max(stream_blocks)
+        tables = [[t + [0] * (width - len(t)) for t in kv.block_tables] for kv in kvs]
+        dev = self.device
+        return StepBatch(
+            input_ids=torch.tensor(ids, device=dev),
+            positions=torch.tensor(pos, device=dev),
+            tok_seq=torch.tensor(rows, device=dev),
+            block_tables=torch.tensor(tables, device=dev),
+            stream_lengths=torch.tensor([kv.lengths for kv in kvs], device=dev),
+            thresholds=torch.tensor([s.seq.thresholds for s in scheduled],
+                                    dtype=torch.float32, device=dev).view(len(scheduled), -1),
+            num_decode=num_decode,
+            chunk_lens=[s.num_new_tokens for s in scheduled[num_decode:]],
+            stream_blocks=stream_blocks,
+            row_blocks=row_blocks,
+            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev))
+
+    # ---- device side ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, batch: StepBatch) -> StepOutput:
+        cfg, model, bs = self.cfg, self.model, self.cache.block_size
+        x = model.embed_tokens(batch.input_ids)                          # (T, d)
+        cos, sin = model.rotary(batch.positions, x.dtype)                # (T, 1, D)
+        T = x.shape[0]
+        B = batch.block_tables.shape[0]
+        all_tokens = torch.arange(T, device=x.device)
+        routed_counts = torch.zeros(B, cfg.max_extra_steps, dtype=torch.long, device=x.device)
+        extra = torch.zeros(T, dtype=torch.long, device=x.device)
+        thresholds_tok = batch.thresholds[batch.tok_seq]                 # (T, routed streams)
+        itt_index = 0
+        for layer_idx, layer in enumerate(model.layers):
+            delta = self._block(layer.block, x, cos, sin, all_tokens, batch.tok_seq,
+                                batch.positions, layer_idx, batch, counts=None)
+            if layer.think_steps == 1:
+                x = x + delta
+                continue
+            x = x + layer.phi[0] * delta
+            for t in range(1, layer.think_steps):
+                k = itt_index * cfg.n_routed_steps + (t - 1)
+                stream = cfg.n_layers + k
+                logits_r = layer.router_logits(t, x)                     # (T,)
+                routed = logits_r.float() > thresholds_tok[:, k]
+                idx = routed.nonzero().squeeze(1)                        # (R,) host sync
+                if idx.numel() == 0:
+                    continue
+                seq_of = batch.tok_seq[idx]
+                counts = torch.bincount(seq_of, minlength=B)             # (B,)
+                # Stream position: stored tokens + rank among this step's routed tokens.
+                starts = torch.cumsum(counts, 0) - counts
+                rank = torch.arange(idx.numel(), device=x.device) - starts[seq_of]
+                spos = batch.stream_lengths[seq_of, stream] + rank
+                delta = self._block(layer.block, x[idx], cos[idx], sin[idx], idx, seq_of,
+                                    spos, stream, batch, counts=counts)
+                gate = torch.sigmoid(logits_r[idx]).to(x.dtype)[:, None]
+                x = x.index_add(0, idx, gate * (layer.phi[t] * delta))
+                routed_counts[:, k] = counts
+                extra[idx] += 1
+            itt_index += 1
+        h = x[batch.logit_rows]
+        return StepOutput(model.output_logits(h), routed_counts, extra[batch.logit_rows])
+
+    def _block(self, block, x, cos, sin, tok_idx, seq_of, spos, stream, batch: StepBatch,
+               counts) -> torch.Tensor:
+        """Δ for the tokens ``tok_idx`` (flat, sorted) writing and reading ``stream``."""
+        bs = self.cache.block_size
+        q, k, v = block.project_qkv(x, cos, sin)                         # (N, H|KV, D)
+        blk = batch.block_tables[seq_of, stream, torch.div(spos, bs, rounding_mode="floor")]
+        self.cache.write(blk * bs + spos % bs, k, v)
+        out = torch.empty_like(q)
+        nd = batch.num_decode
+        # Single-token rows: one batched call. tok_idx < nd are exactly those rows' tokens.
+        n_dec = nd if counts is None else int((tok_idx < nd).sum())
+        if n_dec:
+            rows = seq_of[:n_dec]
+            table = batch.block_tables[rows, stream, :batch.stream_blocks[stream]]
+            out[:n_dec] = self.cache.attend(q[:n_dec, None], spos[:n_dec, None], table)[:, 0]
+        # Multi-token rows: one call each over that row's queries.
+        lens = batch.chunk_lens if counts is None else counts[nd:].tolist()
+        start = n_dec
+        for j, n in enumerate(lens):
+            if n == 0:
+                continue
+            row = nd + j
+            table = batch.block_tables[row:row + 1, stream, :batch.row_blocks[row][stream]]
+            sl = slice(start, start + n)
+            out[sl] = self.cache.attend(q[None, sl], spos[None, sl], table)[0]
+            start += n
+        return block.finish(x, out.flatten(-2))

@@ -1,0 +1,107 @@
+"""Batched sampling: every row has its own parameters.
+
+Order: penalties (repetition, frequency, presence) → min_tokens masking → greedy argmax, or
+temperature → top-k → top-p → min-p → an exponential race ``argmax(p / E)`` with E ~ Exp(1).
+A seeded row draws its E from its own generator, exactly ``vocab`` numbers per token, so its
+samples do not depend on what else is in the batch. Logprobs are reported from the model's
+raw distribution (as vLLM does by default), not the processed one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from itt_runtime.request import Sequence
+
+
+class Sampler:
+    def __init__(self, eos_token_id: int, seed: int = 0) -> None:
+        self.eos_token_id = eos_token_id
+        self.generator: torch.Generator | None = None
+        self.seed = seed
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]):
+        """logits (S, V) fp32, one row per sequence. Returns (tokens list[int],
+        logprobs list[dict[int, float]] per row; empty dicts for rows that did not ask)."""
+        S, V = logits.shape
+        dev = logits.device
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = self._apply_penalties(logits.clone(), seqs)
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if len(seq.output_token_ids) < p.min_tokens:
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else [self.eos_token_id])
+                logits[i, banned] = -float("inf")
+        greedy = torch.tensor([s.params.greedy for s in seqs], device=dev)
+        tokens = logits.argmax(-1)
+        if not bool(greedy.all()):
+            tokens = torch.where(greedy, tokens, self._sample(logits, seqs))
+        token_list = tokens.tolist()
+        return token_list, self._logprobs(raw_logprobs, tokens, token_list, seqs)
+
+    # ---- steps ----------------------------------------------------------------------------
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        needs = [i for i, s in enumerate(seqs)
+                 if s.params.repetition_penalty != 1.0 or s.params.presence_penalty != 0.0
+                 or s.params.frequency_penalty != 0.0]
+        V = logits.shape[1]
+        for i in needs:
+            p, seq = seqs[i].params, seqs[i]
+            out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+            counts = torch.bincount(out, minlength=V)[:V].to(logits.dtype)
+            if p.repetition_penalty != 1.0:
+                seen = counts > 0
+                seen[torch.tensor(seq.prompt_token_ids, device=logits.device)] = True
+                row = logits[i]
+                penalised = torch.where(row > 0, row / p.repetition_penalty,
+                                        row * p.repetition_penalty)
+                logits[i] = torch.where(seen, penalised, row)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        return logits
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        S, V = logits.shape
+        dev = logits.device
+        temp = torch.tensor([max(s.params.temperature, 1e-5) for s in seqs], device=dev)
+        logits = logits / temp[:, None]
+        top_k = [s.params.top_k for s in seqs]
+        if any(0 < k < V for k in top_k):
+            k = torch.tensor([k if 0 < k < V else V for k in top_k], device=dev)
+            kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+            logits = logits.masked_fill(logits < kth, -float("inf"))
+        probs = torch.softmax(logits, dim=-1)
+        top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
+        if bool((top_p < 1.0).any()):
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            # Drop a token when the mass strictly before it already reaches top_p.
+            drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None]
+            drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+            probs = probs.masked_fill(drop, 0.0)
+        min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
+        if bool((min_p > 0).any()):
+            cutoff = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < cutoff, 0.0)
+        if self.generator is None:
+            self.generator = torch.Generator(device=dev).manual_seed(self.seed)
+        race = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, seq in enumerate(seqs):
+            if seq.generator is not None:
+                race[i] = torch.empty(V, device=dev).exponential_(generator=seq.generator)
+        return (probs / race).argmax(-1)
+
+    def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, token_list: list[int],
+                  seqs: list[Sequence]) -> list[dict[int, float]]:
+        wanted = [s.params.logprobs for s in seqs]
+        if all(w is None for w in wanted):
+            return [{} for _ in seqs]
+        chosen = raw.gather(1, tokens[:, None])[:, 0].tolist()
+        k = max(w or 0 for w in wanted)
+        top_vals, top_ids = (raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long()))
+        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        out = []
+        for i, w in enumerate(wanted):
+            entry = {token_list[i]: chosen[i]}
+            for tid, lp in zip(top_ids[i][: w or 0], top_vals[i][: w or 0]):
+                entry.setdefault(tid, lp)
+            out.append(entry)
+        return out
