@@ -1,0 +1,169 @@
+"""Sampling parameters, stop conditions, logprobs and validation, through the real engine."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from itt_runtime.llm import LLM
+from itt_runtime.model.itt import ThresholdRouting
+from itt_runtime.model.loader import load_model
+from itt_runtime.sampler import Sampler
+from itt_runtime.sampling_params import ParamError, SamplingParams
+from itt_runtime.request import Sequence
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return LLM(str(tiny_model_dir), max_num_batched_tokens=64)
+
+
+PROMPT = "And God said, Let there be light"
+
+
+def sample(llm, **kw):
+    kw.setdefault("ignore_eos", True)
+    return llm.generate([PROMPT], SamplingParams(**kw))[0].outputs[0]
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
+    alone = sample(llm, max_tokens=12, temperature=1.0, seed=7).token_ids
+    batch = llm.generate([PROMPT, "In the beginning", PROMPT],
+                         [SamplingParams(max_tokens=12, temperature=0.9, seed=1, ignore_eos=True),
+                          SamplingParams(max_tokens=5, temperature=1.0, ignore_eos=True),
+                          SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)])
+    assert batch[2].outputs[0].token_ids == alone
+    other = sample(llm, max_tokens=12, temperature=1.0, seed=8).token_ids
+    assert other != alone
+
+
+def test_n_completions_differ_and_are_indexed(llm):
+    out = llm.generate([PROMPT], SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=3,
+                                                ignore_eos=True))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+
+
+def test_top_k_1_equals_greedy_and_min_p_1_too(llm):
+    greedy = sample(llm, max_tokens=8, temperature=0).token_ids
+    assert sample(llm, max_tokens=8, temperature=1.0, top_k=1, seed=0).token_ids == greedy
+    assert sample(llm, max_tokens=8, temperature=1.0, min_p=1.0, seed=0).token_ids == greedy
+    assert sample(llm, max_tokens=8, temperature=1.0, top_p=1e-6, seed=0).token_ids == greedy
+
+
+def test_greedy_is_exact_argmax_of_reference(llm, tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    ids = tok.encode(PROMPT)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]),
+                       routing=ThresholdRouting.for_budgets(model.cfg, [model.cfg.default_budget]))
+    first = sample(llm, max_tokens=1, temperature=0).token_ids[0]
+    assert first == int(logits.logits[0, -1].argmax())
+
+
+def test_logprobs_are_reference_log_softmax(llm, tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    ids = tok.encode(PROMPT)
+    out = sample(llm, max_tokens=1, temperature=0, logprobs=3)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids]), routing=ThresholdRouting.for_budgets(
+            model.cfg, [model.cfg.default_budget])).logits[0, -1], -1)
+    entry = out.logprobs[0]
+    tok_id = out.token_ids[0]
+    assert list(entry)[0] == tok_id
+    assert entry[tok_id] == pytest.approx(lp[tok_id].item(), abs=1e-4)
+    top = lp.topk(3)
+    for t, v in zip(top.indices.tolist(), top.values.tolist()):
+        assert entry[t] == pytest.approx(v, abs=1e-4)
+    assert out.cumulative_logprob == pytest.approx(entry[tok_id])
+
+
+def test_prompt_logprobs_score_every_prompt_token(llm, tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    ids = tok.encode(PROMPT)
+    out = llm.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=1))[0]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids]), routing=ThresholdRouting.for_budgets(
+            model.cfg, [model.cfg.default_budget])).logits[0], -1)
+    assert out.prompt_logprobs[0] is None
+    for p in range(1, len(ids)):
+        assert out.prompt_logprobs[p][ids[p]] == pytest.approx(lp[p - 1, ids[p]].item(), abs=1e-4)
+
+
+def test_stop_string_across_tokens_is_removed(llm):
+    full = sample(llm, max_tokens=16, temperature=0).text
+    assert len(full) > 6
+    stop = full[3:6]                      # three characters, likely spanning tokens
+    out = sample(llm, max_tokens=16, temperature=0, stop=[stop])
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == full[: full.index(stop)]
+    kept = sample(llm, max_tokens=16, temperature=0, stop=[stop], include_stop_str_in_output=True)
+    assert kept.text == full[: full.index(stop) + len(stop)]
+
+
+def test_stop_token_ids_max_tokens_and_min_tokens(llm):
+    greedy = sample(llm, max_tokens=8, temperature=0)
+    assert greedy.finish_reason == "length" and len(greedy.token_ids) == 8
+    target = greedy.token_ids[2]
+    out = sample(llm, max_tokens=8, temperature=0, stop_token_ids=[target])
+    assert out.finish_reason == "stop" and out.stop_reason == target
+    assert out.token_ids == greedy.token_ids[: greedy.token_ids.index(target) + 1]
+    # min_tokens bans the stop token until reached
+    later = sample(llm, max_tokens=8, temperature=0, stop_token_ids=[target], min_tokens=8)
+    assert len(later.token_ids) == 8 and target not in later.token_ids[:7]
+
+
+def test_penalties_change_distribution(tiny_model_dir):
+    torch.manual_seed(0)
+    seq = Sequence("s", "s", 0, [5, 6, 7], SamplingParams(repetition_penalty=2.0,
+                   frequency_penalty=1.0, presence_penalty=0.5, temperature=0), 0.5, [])
+    seq.output_token_ids = [9, 9]
+    logits = torch.randn(1, 32)
+    logits[0, 9] = 3.0
+    logits[0, 5] = -1.0
+    out = Sampler(eos_token_id=2)._apply_penalties(logits.clone(), [seq])
+    assert out[0, 9].item() == pytest.approx(3.0 / 2.0 - 2 * 1.0 - 0.5)
+    assert out[0, 5].item() == pytest.approx(-2.0)
+    assert out[0, 10].item() == pytest.approx(logits[0, 10].item())
+
+
+@pytest.mark.parametrize("kw,param", [
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"), (dict(top_p=0), "top_p"),
+    (dict(top_k=-2), "top_k"), (dict(min_p=1.5), "min_p"), (dict(n=0), "n"),
+    (dict(n=2, temperature=0), "n"), (dict(think_budget=1.5), "think_budget"),
+    (dict(think_budget="high"), "think_budget"), (dict(logprobs=21), "logprobs"),
+    (dict(stop=[""]), "stop"), (dict(presence_penalty=3), "presence_penalty"),
+    (dict(repetition_penalty=0), "repetition_penalty"), (dict(min_tokens=5, max_tokens=2),
+                                                         "min_tokens"),
+    (dict(seed=1.5), "seed"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
+])
+def test_invalid_params_name_the_parameter(kw, param):
+    with pytest.raises(ParamError) as e:
+        SamplingParams(**kw)
+    assert e.value.param == param
+
+
+def test_engine_rejects_requests_it_cannot_serve(llm):
+    eng = llm.engine
+    with pytest.raises(ParamError, match="empty") as e:
+        eng.add_request("x", [], SamplingParams())
+    assert e.value.param == "prompt"
+    with pytest.raises(ParamError) as e:
+        eng.add_request("x", [1] * 10, SamplingParams(max_tokens=eng.max_model_len))
+    assert e.value.param == "max_tokens"
+    assert str(eng.max_model_len) in e.value.message and str(10 + eng.max_model_len) in e.value.message
+    with pytest.raises(ParamError):
+        eng.add_request("x", [10**9], SamplingParams())
+    assert not eng.requests and not eng.has_unfinished()
+
+
+def test_thinking_depth_tracks_budget(llm):
+    cfg = llm.engine.model_config
+    depth = {b: sample(llm, max_tokens=24, temperature=0, think_budget=b).thinking
+             for b in (0.0, 1.0)}
+    assert depth[0.0] == [0] * 24
+    assert depth[1.0] == [cfg.max_extra_steps] * 24
+    assert not math.isnan(sum(depth[1.0]))
