@@ -79,7 +79,7 @@ def main_run(argv: list[str]) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
-    from loadtest.report import render_table     # after the run: keeps start-up light
+    from loadtest.report import render_table  # after the run: keeps start-up light
     print(render_table({str(args.out or "result"): result}))
     if args.plots:
         from loadtest.plots import render

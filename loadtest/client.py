@@ -53,7 +53,8 @@ class OpenAIClient:
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         if endpoint not in ("completions", "chat"):
             raise ValueError(f"endpoint must be 'completions' or 'chat', got {endpoint!r}")
-        self.model, self.endpoint, self.stream, self.ignore_eos = model, endpoint, stream, ignore_eos
+        self.model, self.endpoint = model, endpoint
+        self.stream, self.ignore_eos = stream, ignore_eos
         self.path = "/v1/completions" if endpoint == "completions" else "/v1/chat/completions"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.AsyncClient(

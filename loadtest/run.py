@@ -10,8 +10,8 @@ import dataclasses
 import datetime
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from tqdm import tqdm
 

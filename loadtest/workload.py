@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 # Common English words: prompts made of them tokenize at roughly one token per word with any
 # English tokenizer. Lengths are therefore approximate; the real prompt token counts are taken
@@ -33,7 +33,7 @@ class LengthDist:
     b: float = 0.0
 
     @classmethod
-    def parse(cls, spec: str) -> "LengthDist":
+    def parse(cls, spec: str) -> LengthDist:
         parts = spec.split(":")
         try:
             if len(parts) == 1:
@@ -72,7 +72,7 @@ class BudgetMix:
     weights: tuple[float, ...]
 
     @classmethod
-    def parse(cls, spec: str) -> "BudgetMix":
+    def parse(cls, spec: str) -> BudgetMix:
         budgets, weights = [], []
         for item in spec.split(","):
             value, _, weight = item.strip().partition(":")
@@ -86,7 +86,7 @@ class BudgetMix:
     def sample(self, rng: random.Random) -> float | None:
         return rng.choices(self.budgets, weights=self.weights)[0]
 
-    def single(self) -> list["BudgetMix"]:
+    def single(self) -> list[BudgetMix]:
         """One mix per budget, for sweeping budgets one at a time."""
         return [BudgetMix((b,), (1.0,)) for b in self.budgets]
 

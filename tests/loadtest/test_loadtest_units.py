@@ -41,7 +41,8 @@ def test_budget_mix():
 
 def test_request_stream_is_deterministic():
     args = (LengthDist.parse("uniform:2:9"), LengthDist.parse("4"), BudgetMix.parse("0,1"))
-    a, b = list(request_stream(*args, seed=3, limit=5)), list(request_stream(*args, seed=3, limit=5))
+    a = list(request_stream(*args, seed=3, limit=5))
+    b = list(request_stream(*args, seed=3, limit=5))
     assert a == b and len(a) == 5 and all(2 <= len(s.prompt.split()) <= 9 for s in a)
 
 
@@ -79,7 +80,10 @@ def sse(*events) -> bytes:
                     for e in events)
 
 
-def send(handler, spec=RequestSpec(0, "hi there", 3, 0.5), **kw):
+SPEC = RequestSpec(0, "hi there", 3, 0.5)
+
+
+def send(handler, spec=SPEC, **kw):
     async def go():
         client = OpenAIClient("http://test", "m", transport=httpx.MockTransport(handler), **kw)
         try:
