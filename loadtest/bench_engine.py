@@ -1,0 +1,193 @@
+"""itt-bench: offline engine benchmarks. Every comparison is a ratio measured in the same run.
+
+    itt-bench [--model DIR|default] [--tokens 64] [--json OUT]
+
+1. aggregate decode tokens/s at 1, 8, 32, 64 concurrent sequences;
+2. single stream: this engine vs HF transformers ``generate`` (dense config, same weights)
+   and vs a naive loop that recomputes the whole sequence every token;
+3. time per decode step at think budgets 0 … 1 (batch 32) vs the FLOP ratio of ITT_SPEC;
+4. KV bytes per token at each budget vs the ITT_SPEC formula.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from itt_runtime.engine import EngineConfig, LLMEngine
+from itt_runtime.model.loader import load_model, save_model
+from itt_runtime.sampling_params import SamplingParams
+
+PROMPT = "And it came to pass, when the king heard these words, that he"
+
+
+def run_batch(eng: LLMEngine, prompt_ids, n_seqs: int, max_tokens: int, budget=None):
+    """Admit ``n_seqs`` greedy requests, finish their prefill, then time the decode steps.
+    Returns (decode tokens/s, seconds per decode step)."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
+                            think_budget=budget)
+    for i in range(n_seqs):
+        eng.add_request(f"b{i}-{time.monotonic_ns()}", prompt_ids, params)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running) \
+            or eng.scheduler.waiting:
+        eng.step()
+    steps, tokens, t0 = 0, 0, time.perf_counter()
+    while eng.has_unfinished():
+        tokens += len(eng.scheduler.running)
+        eng.step()
+        steps += 1
+    dt = time.perf_counter() - t0
+    return tokens / dt, dt / max(steps, 1)
+
+
+def hf_dense_generate(model_dir: Path, prompt_ids, max_tokens: int, repeats: int = 2) -> float:
+    """Tokens/s of HF LlamaForCausalLM.generate on the dense version of the weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model, _ = load_model(model_dir)
+    c = model.cfg
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_dim,
+        num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+        num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings,
+        attention_bias=False, mlp_bias=False)).eval()
+    sd = {"model.embed_tokens.weight": model.embed_tokens.weight, "model.norm.weight":
+          model.norm.weight}
+    names = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+             **{p: f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+             **{p: f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}}
+    for i, layer in enumerate(model.layers):
+        for ours, theirs in names.items():
+            sd[f"model.layers.{i}.{theirs}.weight"] = getattr(layer.block, ours).weight
+    hf.load_state_dict(sd, strict=False)
+    ids = torch.tensor([prompt_ids])
+    best = 0.0
+    with torch.no_grad():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = hf.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                              do_sample=False, pad_token_id=0)
+            best = max(best, (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t0))
+    return best
+
+
+def naive_generate(model_dir: Path, prompt_ids, max_tokens: int) -> float:
+    """Tokens/s of greedy decoding that recomputes the full sequence every token."""
+    model, _ = load_model(model_dir)
+    ids = list(prompt_ids)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return max_tokens / (time.perf_counter() - t0)
+
+
+def dense_copy(model_dir: Path, out: Path) -> Path:
+    """The same backbone weights with the ITT parts removed (a plain LLaMA)."""
+    model, _ = load_model(model_dir)
+    from itt_runtime.model.itt import ITTModel
+    dense = ITTModel(dataclasses.replace(model.cfg, itt_layers=(), think_steps=1,
+                                         calibration=None))
+    dense.load_state_dict({k: v for k, v in model.state_dict().items()
+                           if ".phi" not in k and ".routers." not in k})
+    return save_model(dense, model_dir / "tokenizer.model", out)
+
+
+def kv_bytes(eng: LLMEngine, prompt_ids, max_tokens: int, budget: float) -> tuple[float, float]:
+    """(bytes per token of stored K/V, bytes per token of allocated blocks) just before the
+    requests finish."""
+    eng.add_request("kv", prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                     ignore_eos=True, think_budget=budget))
+    seq = eng.requests["kv"].seqs[0]
+    while len(seq.output_token_ids) < max_tokens - 1:
+        eng.step()
+    kv = eng.kv.get("kv")
+    per_slot = eng.cache.bytes_per_block(1, eng.model_config.n_kv_heads,
+                                         eng.model_config.head_dim, eng.dtype)
+    stored = sum(kv.lengths) * per_slot / kv.lengths[0]
+    allocated = kv.num_blocks * eng.config.block_size * per_slot / kv.lengths[0]
+    eng.abort("kv")
+    return stored, allocated
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="itt-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--tokens", type=int, default=64, help="decode tokens per sequence")
+    p.add_argument("--concurrency", default="1,8,32,64")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    a = p.parse_args(argv)
+    eng = LLMEngine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype,
+                                 max_num_seqs=128, max_num_batched_tokens=4096))
+    model_dir = eng.model_path
+    prompt = eng.tokenizer.encode(PROMPT)
+    res: dict = {"model": str(model_dir), "device": str(eng.device),
+                 "dtype": str(eng.dtype).replace("torch.", ""), "threads": torch.get_num_threads()}
+    run_batch(eng, prompt, 4, 8)                                       # warm-up
+
+    print(f"# itt-bench on {res['device']} ({res['dtype']}, {res['threads']} threads), "
+          f"{a.tokens} decode tokens per sequence")
+    print("\n## 1. decode throughput vs concurrency (default budget)")
+    conc = {}
+    for n in [int(x) for x in a.concurrency.split(",")]:
+        conc[n], _ = run_batch(eng, prompt, n, a.tokens)
+    single = conc[min(conc)]
+    for n, tps in conc.items():
+        print(f"  {n:3d} seqs: {tps:9.1f} tok/s   x{tps / single:5.2f} vs 1 seq")
+    res["decode_tok_s"] = conc
+
+    print("\n## 2. single stream vs HF transformers generate and a no-cache loop (dense)")
+    with tempfile.TemporaryDirectory() as tmp:
+        dense_dir = dense_copy(model_dir, Path(tmp) / "dense")
+        dense_eng = LLMEngine(EngineConfig(model=str(dense_dir), device=a.device,
+                                           dtype=a.dtype))
+        run_batch(dense_eng, prompt, 1, 8)
+        ours = max(run_batch(dense_eng, prompt, 1, a.tokens)[0] for _ in range(2))
+        hf = hf_dense_generate(dense_dir, prompt, a.tokens) if eng.device.type == "cpu" else None
+        naive = naive_generate(dense_dir, prompt, a.tokens) if eng.device.type == "cpu" else None
+    print(f"  itt engine : {ours:8.1f} tok/s")
+    if hf:
+        print(f"  HF generate: {hf:8.1f} tok/s   engine is x{ours / hf:.2f}")
+        print(f"  no cache   : {naive:8.1f} tok/s   engine is x{ours / naive:.2f}")
+    res["single_stream"] = {"engine": ours, "hf_generate": hf, "naive": naive}
+
+    mc = eng.model_config
+    print("\n## 3. decode step time vs think budget (batch 32)")
+    step = {}
+    for b in (0.0, 0.25, 0.5, 0.75, 1.0):
+        step[b] = run_batch(eng, prompt, 32, a.tokens, budget=b)[1]
+    for b, t in step.items():
+        flop = (mc.n_layers + b * mc.max_extra_steps) / mc.n_layers
+        print(f"  b={b:4.2f}: {t * 1e3:7.2f} ms/step  measured x{t / step[0.0]:4.2f}  "
+              f"FLOP ratio x{flop:4.2f}")
+    res["step_s"] = step
+
+    print("\n## 4. KV bytes per token vs ITT_SPEC formula")
+    kvres = {}
+    heldout = Path(__file__).resolve().parent.parent / "data" / "heldout.txt"
+    text = heldout.read_text() if heldout.exists() else PROMPT * 200
+    long_prompt = eng.tokenizer.encode(" ".join(text.splitlines()))[: eng.max_model_len // 2]
+    for b in (0.0, 0.25, 0.5, 0.75, 1.0):
+        stored, alloc = kv_bytes(eng, long_prompt, eng.max_model_len // 4, b)
+        formula = eng.kv_bytes_per_token(b)
+        kvres[b] = {"stored": stored, "allocated": alloc, "formula": formula}
+        print(f"  b={b:4.2f}: stored {stored:8.0f} B/tok (x{stored / formula:5.3f} of formula "
+              f"{formula:.0f}), allocated blocks {alloc:8.0f} B/tok (x{alloc / formula:5.3f})")
+    res["kv_bytes_per_token"] = kvres
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
