@@ -67,6 +67,12 @@ class IncrementalDetokenizer:
         self.ids: list[int] = list(prompt_ids)
         self.prefix_offset = max(len(self.ids) - self.CONTEXT, 0)
         self.read_offset = len(self.ids)
+        # A prompt that ends inside a multi-byte character: its trailing bytes belong to the
+        # first character the generation completes, so they count as unread.
+        while self.read_offset > 0 and tokenizer.decode(
+                self.ids[self.prefix_offset:self.read_offset]).endswith("\ufffd"):
+            self.read_offset -= 1
+            self.prefix_offset = min(self.prefix_offset, max(self.read_offset - self.CONTEXT, 0))
         self.text = ""
 
     def add(self, token_ids: list[int]) -> str:
