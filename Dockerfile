@@ -5,20 +5,20 @@
 #   docker build --build-arg VARIANT=cpu -t itt-server:cpu .      # CPU only, no CUDA libraries
 #   docker run --gpus all -p 8000:8000 itt-server [itt-server flags, e.g. --default-think-budget 0.5]
 #
-# The install steps are the README's (deploy/README.md, "Install steps"); tests/deploy/
-# test_dockerfile.py keeps the two in sync, so the test suite's own install exercises them.
+# The install step is the README's: scripts/install.sh, which the test suite's own set-up
+# (scripts/test.sh) runs too; tests/deploy/test_dockerfile.py keeps it that way.
 
 ARG VARIANT=cuda
 ARG TORCH_VERSION=2.13.0
 
-# The CUDA base already ships this torch with CUDA and cuDNN, so the torch step below is a no-op
-# there; the index URL only matters if the base's torch ever drifts from TORCH_VERSION.
+# The CUDA base already ships torch with CUDA and cuDNN, so install.sh keeps it.
 FROM pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime AS base-cuda
-ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 
-# A slim Python with the CPU-only wheel: an image about a tenth of the CUDA one.
+# A slim Python that gets the CPU-only torch: an image about a tenth of the CUDA one. With
+# PyTorch's CPU index as an extra index, install.sh's `pip install torch==X` resolves to X+cpu
+# (a local version sorts above the plain one) instead of PyPI's CUDA-bundled wheel.
 FROM python:3.11-slim AS base-cpu
-ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 # base-${VARIANT} names one of the two stages above, not a registry image.
 # hadolint ignore=DL3006
@@ -26,16 +26,14 @@ FROM base-${VARIANT} AS runtime
 ARG TORCH_VERSION
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
 
-# Install step 1: torch, in its own layer so that source edits do not re-download it.
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
-
-# Install step 2: the package. .dockerignore admits only what it needs, including the default
-# model (package data under itt_runtime/models/default), so the image serves with no arguments.
+# The README's install. .dockerignore admits only what it needs, including the default model
+# (package data under itt_runtime/models/default), so the image serves with no arguments.
 WORKDIR /opt/itt-server
 COPY . .
-RUN pip install --no-cache-dir . \
+RUN TORCH_VERSION="${TORCH_VERSION}" bash scripts/install.sh \
     && useradd --create-home --uid 1000 --user-group --shell /usr/sbin/nologin itt
 
 USER 1000:1000
