@@ -21,6 +21,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:                  # one fused kernel, same arithmetic
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32 like LLaMA; cast back before the weight, as HF does.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -68,14 +70,28 @@ class Block(nn.Module):
         self.gate_proj = nn.Linear(d, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(d, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, d, bias=False)
+        self.fused: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """For inference: one matmul for q|k|v and one for gate|up (fewer, larger kernels).
+        Copies of the weights; call again after changing them."""
+        self.fused = (torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]),
+                      torch.cat([self.gate_proj.weight, self.up_proj.weight]))
 
     def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x (..., d) -> q (..., H, D), k (..., KV, D), v (..., KV, D); RoPE applied to q, k."""
         h = self.attn_norm(x)
         shape = x.shape[:-1]
-        q = self.q_proj(h).view(*shape, self.n_heads, self.head_dim)
-        k = self.k_proj(h).view(*shape, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(h).view(*shape, self.n_kv_heads, self.head_dim)
+        if self.fused is not None:
+            nq = self.n_heads * self.head_dim
+            nkv = self.n_kv_heads * self.head_dim
+            q, k, v = F.linear(h, self.fused[0]).split([nq, nkv, nkv], dim=-1)
+        else:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        q = q.reshape(*shape, self.n_heads, self.head_dim)
+        k = k.reshape(*shape, self.n_kv_heads, self.head_dim)
+        v = v.reshape(*shape, self.n_kv_heads, self.head_dim)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -83,7 +99,11 @@ class Block(nn.Module):
         a = self.o_proj(attn)
         h = x + a
         m = self.mlp_norm(h)
-        return a + self.down_proj(F.silu(self.gate_proj(m)) * self.up_proj(m))
+        if self.fused is not None:
+            gate, up = F.linear(m, self.fused[1]).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(m), self.up_proj(m)
+        return a + self.down_proj(F.silu(gate) * up)
 
     def delta(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               mask: torch.Tensor | None) -> torch.Tensor:

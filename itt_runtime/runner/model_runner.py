@@ -52,6 +52,8 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: ITTModel, cache: KVCache) -> None:
+        for layer in model.layers:
+            layer.block.fuse_projections()
         self.model = model
         self.cfg: ModelConfig = model.cfg
         self.cache = cache
@@ -102,14 +104,19 @@ class ModelRunner:
         cos, sin = model.rotary(batch.positions, x.dtype)                # (T, 1, D)
         T = x.shape[0]
         B = batch.block_tables.shape[0]
-        all_tokens = torch.arange(T, device=x.device)
+        # Base streams hold every token at its position: their slots for all layers at once.
+        pos_blk = torch.div(batch.positions, bs, rounding_mode="floor")
+        base_slots = batch.block_tables[batch.tok_seq, :cfg.n_layers, :].gather(
+            2, pos_blk[:, None, None].expand(T, cfg.n_layers, 1))[..., 0] * bs \
+            + (batch.positions % bs)[:, None]                            # (T, n_layers)
         routed_counts = torch.zeros(B, cfg.max_extra_steps, dtype=torch.long, device=x.device)
         extra = torch.zeros(T, dtype=torch.long, device=x.device)
         thresholds_tok = batch.thresholds[batch.tok_seq]                 # (T, routed streams)
         itt_index = 0
         for layer_idx, layer in enumerate(model.layers):
-            delta = self._block(layer.block, x, cos, sin, all_tokens, batch.tok_seq,
-                                batch.positions, layer_idx, batch, counts=None)
+            delta = self._block(layer.block, x, cos, sin, batch.tok_seq, batch.positions,
+                                base_slots[:, layer_idx], layer_idx, batch,
+                                batch.num_decode, batch.chunk_lens)
             if layer.think_steps == 1:
                 x = x + delta
                 continue
@@ -128,8 +135,12 @@ class ModelRunner:
                 starts = torch.cumsum(counts, 0) - counts
                 rank = torch.arange(idx.numel(), device=x.device) - starts[seq_of]
                 spos = batch.stream_lengths[seq_of, stream] + rank
-                delta = self._block(layer.block, x[idx], cos[idx], sin[idx], idx, seq_of,
-                                    spos, stream, batch, counts=counts)
+                blk = batch.block_tables[seq_of, stream,
+                                         torch.div(spos, bs, rounding_mode="floor")]
+                nd = batch.num_decode
+                delta = self._block(layer.block, x[idx], cos[idx], sin[idx], seq_of, spos,
+                                    blk * bs + spos % bs, stream, batch,
+                                    int((idx < nd).sum()), counts[nd:].tolist())
                 gate = torch.sigmoid(logits_r[idx]).to(x.dtype)[:, None]
                 x = x.index_add(0, idx, gate * (layer.phi[t] * delta))
                 routed_counts[:, k] = counts
@@ -138,30 +149,25 @@ class ModelRunner:
         h = x[batch.logit_rows]
         return StepOutput(model.output_logits(h), routed_counts, extra[batch.logit_rows])
 
-    def _block(self, block, x, cos, sin, tok_idx, seq_of, spos, stream, batch: StepBatch,
-               counts) -> torch.Tensor:
-        """Δ for the tokens ``tok_idx`` (flat, sorted) writing and reading ``stream``."""
-        bs = self.cache.block_size
+    def _block(self, block, x, cos, sin, seq_of, spos, slots, stream, batch: StepBatch,
+               n_dec: int, chunk_lens: list[int]) -> torch.Tensor:
+        """Δ for tokens x (N, d) of rows ``seq_of`` at stream positions ``spos``; their K/V go
+        to ``slots`` of ``stream``. The first ``n_dec`` tokens are single-token rows; the rest
+        are chunks of ``chunk_lens`` tokens for rows num_decode, num_decode + 1, …"""
         q, k, v = block.project_qkv(x, cos, sin)                         # (N, H|KV, D)
-        blk = batch.block_tables[seq_of, stream, torch.div(spos, bs, rounding_mode="floor")]
-        self.cache.write(blk * bs + spos % bs, k, v)
-        out = torch.empty_like(q)
-        nd = batch.num_decode
-        # Single-token rows: one batched call. tok_idx < nd are exactly those rows' tokens.
-        n_dec = nd if counts is None else int((tok_idx < nd).sum())
-        if n_dec:
-            rows = seq_of[:n_dec]
-            table = batch.block_tables[rows, stream, :batch.stream_blocks[stream]]
-            out[:n_dec] = self.cache.attend(q[:n_dec, None], spos[:n_dec, None], table)[:, 0]
-        # Multi-token rows: one call each over that row's queries.
-        lens = batch.chunk_lens if counts is None else counts[nd:].tolist()
+        self.cache.write(slots, k, v)
+        parts = []
+        if n_dec:                     # single-token rows: one batched call
+            table = batch.block_tables[seq_of[:n_dec], stream, :batch.stream_blocks[stream]]
+            parts.append(self.cache.attend(q[:n_dec, None], spos[:n_dec, None], table)[:, 0])
         start = n_dec
-        for j, n in enumerate(lens):
+        for j, n in enumerate(chunk_lens):    # multi-token rows: one call each
             if n == 0:
                 continue
-            row = nd + j
+            row = batch.num_decode + j
             table = batch.block_tables[row:row + 1, stream, :batch.row_blocks[row][stream]]
             sl = slice(start, start + n)
-            out[sl] = self.cache.attend(q[None, sl], spos[None, sl], table)[0]
+            parts.append(self.cache.attend(q[None, sl], spos[None, sl], table)[0])
             start += n
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return block.finish(x, out.flatten(-2))
