@@ -90,6 +90,10 @@ def main(argv=None) -> int:
           file=sys.stderr)
     model = train(cfg, tc, tok, train_stream, eval_stream, work,
                   log=lambda m: print(m, file=sys.stderr))
+    if not model.finished:
+        print(f"stopped at step {tc.stop_at}; run again without --stop-at to resume",
+              file=sys.stderr)
+        return 0
     ship_dtype = getattr(torch, a.ship_dtype)
     with torch.no_grad():       # calibrate the weights as they will ship
         for t in model.parameters():

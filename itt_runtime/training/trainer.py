@@ -32,6 +32,7 @@ class TrainConfig:
     bf16: bool = False
     compile: bool = False
     seed: int = 0
+    stop_at: int = 0          # > 0: save state and stop at this step (resume later)
 
 
 def encode_corpus(tok: Tokenizer, path: Path) -> torch.Tensor:
@@ -128,7 +129,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, tok: Tokenizer, train_stream: torch
     model.train()
     bar = tqdm(total=tc.max_steps, initial=step, unit="step", dynamic_ncols=True)
     t0, tokens_since = time.perf_counter(), 0
-    while step < tc.max_steps:
+    while step < tc.max_steps and not (tc.stop_at and step >= tc.stop_at):
         x, y = next(data)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tc)
@@ -151,10 +152,11 @@ def train(cfg: ModelConfig, tc: TrainConfig, tok: Tokenizer, train_stream: torch
                             "eval_ppl": math.exp(ev), "elapsed_s": elapsed})
             bar.write(f"step {step}: train loss {loss.item():.3f}  held-out loss {ev:.3f} "
                       f"(ppl {math.exp(ev):.2f})")
-        if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+        if step % tc.checkpoint_every == 0 or step in (tc.max_steps, tc.stop_at):
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                         "generator": gen.get_state(), "step": step, "history": history,
                         "train_config": asdict(tc)}, state_file)
     bar.close()
     model.history = history
+    model.finished = step >= tc.max_steps
     return model.eval()
