@@ -12,8 +12,11 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     "$PY" -m pip install "torch>=2.4"
   else
-    "$PY" -m pip install "torch==${TORCH_VERSION}" \
-      || "$PY" -m pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}"
+    # PyTorch's CPU index first (PyPI's Linux wheel is the CUDA build); where that index is
+    # out of reach, plain pip (a machine with a local CPU wheel, as our CI has).
+    "$PY" -m pip install --timeout 10 --retries 0 \
+        --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}" \
+      || "$PY" -m pip install "torch==${TORCH_VERSION}"
   fi
 fi
 if [[ "${1:-}" == "--test" ]]; then
