@@ -208,13 +208,22 @@ def bench_kv_bytes(eng, res) -> None:
     kvres = {}
     heldout = Path(__file__).resolve().parent.parent / "data" / "heldout.txt"
     text = heldout.read_text() if heldout.exists() else PROMPT * 200
-    long_prompt = eng.tokenizer.encode(" ".join(text.splitlines()))[: eng.max_model_len // 2]
+    ids: list[int] = []                     # documents as in training: BOS text EOS …
+    for line in text.splitlines():
+        ids += eng.tokenizer.encode(line, add_bos=True, add_eos=True)
+    long_prompt = ids[: eng.max_model_len // 2]
+    mc = eng.model_config
+    base = eng.kv_bytes_per_token(0.0)
+    print("  stored: K/V slots in use; allocated: whole blocks (incl. partly filled ones).")
     for b in (0.0, 0.25, 0.5, 0.75, 1.0):
         stored, alloc = kv_bytes(eng, long_prompt, eng.max_model_len // 4, b)
         formula = eng.kv_bytes_per_token(b)
-        kvres[b] = {"stored": stored, "allocated": alloc, "formula": formula}
-        print(f"  b={b:4.2f}: stored {stored:8.0f} B/tok (x{stored / formula:5.3f} of formula "
-              f"{formula:.0f}), allocated blocks {alloc:8.0f} B/tok (x{alloc / formula:5.3f})")
+        routed = (stored / base - 1) * mc.n_layers / max(mc.max_extra_steps, 1)
+        kvres[b] = {"stored": stored, "allocated": alloc, "formula": formula,
+                    "routed_fraction": routed}
+        print(f"  b={b:4.2f}: formula {formula:7.0f} B/tok | stored {stored:7.0f} "
+              f"(x{stored / formula:5.3f}; routed fraction {routed:.3f}) | allocated "
+              f"{alloc:7.0f} (x{alloc / formula:5.3f}, x{alloc / stored:5.3f} of stored)")
     res["kv_bytes_per_token"] = kvres
 
 

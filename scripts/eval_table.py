@@ -1,0 +1,47 @@
+"""Markdown table of held-out perplexity vs think budget for an ITT model and its dense control.
+
+    python scripts/eval_table.py ITT_DIR DENSE_DIR [--text data/heldout.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+
+from itt_runtime.evaluate import main as itt_eval
+
+
+def run(model: str, text: str, budgets: str) -> dict:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        itt_eval(["--model", model, "--text", text, "--budgets", budgets, "--json"])
+    return json.loads(buf.getvalue())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("itt")
+    p.add_argument("dense")
+    p.add_argument("--text", default="data/heldout.txt")
+    p.add_argument("--budgets", default="0,0.25,0.5,0.6,0.75,1")
+    a = p.parse_args()
+    itt, dense = run(a.itt, a.text, a.budgets), run(a.dense, a.text, "0")
+    dppl = dense["rows"][0]["ppl"]
+    print(f"Held-out tokens: {itt['tokens']}. Dense control perplexity: **{dppl:.2f}**.\n")
+    print("| think budget | ITT ppl | ITT / dense | routed fraction (mean over steps) "
+          "| min … max over (layer, step) | mean extra steps / token |")
+    print("|---|---|---|---|---|---|")
+    for r in itt["rows"]:
+        f = r["routed_fraction"]
+        print(f"| {r['budget']:.2f} | {r['ppl']:.2f} | {r['ppl'] / dppl:.3f} | "
+              f"{sum(f) / len(f):.3f} | {min(f):.3f} … {max(f):.3f} | "
+              f"{r['mean_extra_steps']:.2f} |")
+    pm = itt["paper_mode"]
+    print(f"\nPaper (top-k, non-causal) mode at the training capacity {pm['capacity']}: "
+          f"ppl {pm['ppl']:.2f} ({pm['ppl'] / dppl:.3f} of dense).")
+
+
+if __name__ == "__main__":
+    main()
