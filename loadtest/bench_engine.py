@@ -211,12 +211,14 @@ def bench_kv_bytes(eng, res) -> None:
     ids: list[int] = []                     # documents as in training: BOS text EOS …
     for line in text.splitlines():
         ids += eng.tokenizer.encode(line, add_bos=True, add_eos=True)
-    long_prompt = ids[: eng.max_model_len // 2]
+    # Stay inside the default model's training context (256 tokens).
+    length = min(eng.max_model_len, 256)
+    long_prompt = ids[: length * 3 // 4]
     mc = eng.model_config
     base = eng.kv_bytes_per_token(0.0)
     print("  stored: K/V slots in use; allocated: whole blocks (incl. partly filled ones).")
     for b in (0.0, 0.25, 0.5, 0.75, 1.0):
-        stored, alloc = kv_bytes(eng, long_prompt, eng.max_model_len // 4, b)
+        stored, alloc = kv_bytes(eng, long_prompt, length // 4, b)
         formula = eng.kv_bytes_per_token(b)
         routed = (stored / base - 1) * mc.n_layers / max(mc.max_extra_steps, 1)
         kvres[b] = {"stored": stored, "allocated": alloc, "formula": formula,
