@@ -1,0 +1,40 @@
+"""The FastAPI application: ``create_app(engine, settings)`` wires the engine client,
+metrics, handlers, routes, error handlers and middleware. The caller owns the engine
+(starting it before serving, shutting it down after)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from itt_runtime.async_engine import AsyncLLMEngine
+from server import __version__
+from server.chat import ChatHandler
+from server.completion import CompletionHandler
+from server.config import ServerSettings
+from server.engine_client import EngineClient
+from server.errors import install_error_handlers
+from server.metrics import Metrics
+from server.middleware import APIKeyMiddleware, BodyLimitMiddleware, HTTPMetricsMiddleware
+from server.routes import routers
+from server.state import ServerState
+
+
+def create_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
+    names = list(settings.served_model_names)
+    metrics = Metrics(names[0], engine)
+    client = EngineClient(engine, metrics, settings.max_queue_len)
+    app = FastAPI(title="itt-server", version=__version__,
+                  description="OpenAI-compatible server for Inner Thinking Transformer models")
+    app.state.server = ServerState(settings=settings, client=client, metrics=metrics,
+                                   completions=CompletionHandler(client, names),
+                                   chat=ChatHandler(client, names))
+    for router in routers:
+        app.include_router(router)
+    install_error_handlers(app)
+    # Added innermost first: requests pass metrics → size limit → API key → routes.
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    known = {route.path for router in routers for route in router.routes}
+    app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, known_paths=known)
+    return app

@@ -1,0 +1,126 @@
+"""``POST /v1/chat/completions``: messages → the chat template → the engine, with the same
+extensions as completions."""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from itt_runtime.llm import merge
+from itt_runtime.outputs import CompletionOutput
+from itt_runtime.sampling_params import SamplingParams
+from server import chat_template
+from server.engine_client import EngineClient
+from server.generation import UsageCounter, check_model, new_id, sampling_params
+from server.logprobs import ChatLogprobsBuilder
+from server.protocol import ChatCompletionRequest
+from server.responses import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessageOut,
+)
+from server.streaming import sse_response, until_disconnected
+from server.tokens import encode
+
+
+@dataclass
+class _Run:
+    req: ChatCompletionRequest
+    model: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    usage: UsageCounter
+    id: str = field(default_factory=lambda: new_id("chatcmpl"))
+    builders: dict[int, ChatLogprobsBuilder] = field(default_factory=dict)
+    content_started: set[int] = field(default_factory=set)
+
+
+class ChatHandler:
+    def __init__(self, client: EngineClient, served_models: list[str]) -> None:
+        self.client = client
+        self.served_models = served_models
+
+    async def create(self, req: ChatCompletionRequest, request: Request) -> Response:
+        req.check()
+        model = check_model(req.model, self.served_models)
+        ids = encode(self.client.tokenizer, chat_template.render(req.messages))
+        # Like vLLM: without max_tokens the reply may use the rest of the context.
+        max_tokens = req.max_new_tokens
+        if max_tokens is None:
+            max_tokens = max(self.client.max_model_len - len(ids), 1)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        params = sampling_params(req, max_tokens, logprobs=top,
+                                 extra_stop=[chat_template.STOP])
+        self.client.validate(ids, params)
+        self.client.admit(params.n)
+        usage = UsageCounter(self.client.budget(params), self.client.model_config.max_extra_steps)
+        usage.add_prompt(len(ids))
+        run = _Run(req, model, ids, params, usage)
+        if req.stream:
+            return sse_response(self._stream(run))
+        body = await until_disconnected(request, self._complete(run))
+        return JSONResponse(body.model_dump(mode="json"))
+
+    async def _complete(self, run: _Run) -> ChatCompletion:
+        acc = None
+        async with aclosing(self.client.generate(run.prompt_ids, run.params, run.id)) as outs:
+            async for out in outs:
+                acc = merge(acc, out)
+        choices = []
+        for c in acc.outputs:
+            content, logprobs, thinking = self._parts(run, c)
+            choices.append(ChatChoice(index=c.index, message=ChatMessageOut(content=content),
+                                      logprobs=logprobs, finish_reason=c.finish_reason,
+                                      stop_reason=_visible(c.stop_reason), thinking=thinking))
+        return ChatCompletion(id=run.id, model=run.model, choices=choices,
+                              usage=run.usage.usage())
+
+    async def _stream(self, run: _Run):
+        def chunk(choice: ChatChunkChoice) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=run.id, model=run.model, choices=[choice])
+
+        for i in range(run.params.n):          # OpenAI's first chunk: the role
+            yield chunk(ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")))
+        async with aclosing(self.client.generate(run.prompt_ids, run.params, run.id)) as outs:
+            async for out in outs:
+                for c in out.outputs:
+                    content, logprobs, thinking = self._parts(run, c)
+                    if content or c.finish_reason or c.token_ids:
+                        yield chunk(ChatChunkChoice(
+                            index=c.index, delta=ChatDelta(content=content or None),
+                            logprobs=logprobs, finish_reason=c.finish_reason,
+                            thinking=thinking))
+        if run.req.include_usage:
+            yield ChatCompletionChunk(id=run.id, model=run.model, choices=[],
+                                      usage=run.usage.usage())
+
+    def _parts(self, run: _Run, c: CompletionOutput):
+        """(content, logprobs, thinking) of output ``c``, whole or one chunk of it. The
+        reply's leading whitespace (after "Assistant:") is dropped."""
+        run.usage.add_tokens(c.thinking)
+        content = c.text
+        if c.index not in run.content_started:
+            content = content.lstrip()
+            if content:
+                run.content_started.add(c.index)
+        logprobs = None
+        if run.params.logprobs is not None:
+            builder = run.builders.get(c.index)
+            if builder is None:
+                builder = run.builders[c.index] = ChatLogprobsBuilder(
+                    self.client.tokenizer, run.prompt_ids, run.params.logprobs)
+            logprobs = ChatLogprobs(content=builder.add(c.token_ids, c.logprobs or []))
+        thinking = list(c.thinking) if run.req.return_thinking else None
+        return content, logprobs, thinking
+
+
+def _visible(stop_reason):
+    """The template's own stop string is an implementation detail: report it as None."""
+    return None if stop_reason == chat_template.STOP else stop_reason

@@ -1,0 +1,141 @@
+"""``POST /v1/completions``: prompts in, OpenAI completion (or SSE chunks) out, with ITT's
+``think_budget``, ``usage.thinking`` and optional per-token ``thinking``."""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from itt_runtime.llm import merge
+from itt_runtime.outputs import CompletionOutput, RequestOutput
+from itt_runtime.sampling_params import SamplingParams
+from server.engine_client import EngineClient
+from server.errors import bad_request
+from server.generation import UsageCounter, check_model, new_id, sampling_params
+from server.logprobs import CompletionLogprobsBuilder, extend
+from server.protocol import MAX_PROMPTS, CompletionRequest
+from server.responses import Completion, CompletionChoice, CompletionLogprobs
+from server.streaming import sse_response, until_disconnected
+from server.tokens import encode
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str                         # what ``echo`` returns
+
+
+@dataclass
+class _Run:
+    """One request as it runs: its prompts, parameters and per-choice streaming state."""
+    req: CompletionRequest
+    model: str
+    prompts: list[Prompt]
+    params: SamplingParams
+    usage: UsageCounter
+    id: str = field(default_factory=lambda: new_id("cmpl"))
+    builders: dict[int, CompletionLogprobsBuilder] = field(default_factory=dict)
+    prompt_logprobs: dict[int, list] = field(default_factory=dict)
+
+
+class CompletionHandler:
+    def __init__(self, client: EngineClient, served_models: list[str]) -> None:
+        self.client = client
+        self.served_models = served_models
+
+    async def create(self, req: CompletionRequest, request: Request) -> Response:
+        req.check()
+        model = check_model(req.model, self.served_models)
+        prompts = self._prompts(req.prompt)
+        echo_lp = req.logprobs if req.echo and req.logprobs is not None else None
+        params = sampling_params(req, 16 if req.max_tokens is None else req.max_tokens,
+                                 logprobs=req.logprobs, prompt_logprobs=echo_lp)
+        for p in prompts:
+            self.client.validate(p.ids, params)
+        self.client.admit(len(prompts) * params.n)
+        usage = UsageCounter(self.client.budget(params), self.client.model_config.max_extra_steps)
+        for p in prompts:
+            usage.add_prompt(len(p.ids))
+        run = _Run(req, model, prompts, params, usage)
+        if req.stream:
+            return sse_response(self._stream(run))
+        body = await until_disconnected(request, self._complete(run))
+        return JSONResponse(body.model_dump(mode="json"))
+
+    # ---- prompts --------------------------------------------------------------------------
+    def _prompts(self, prompt) -> list[Prompt]:
+        """A string, strings, token ids, or lists of token ids → prompts (400 if empty)."""
+        tok = self.client.tokenizer
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise bad_request("the prompt is empty", "prompt")
+        if len(prompt) > MAX_PROMPTS:
+            raise bad_request(f"at most {MAX_PROMPTS} prompts are allowed per request, got "
+                              f"{len(prompt)}", "prompt")
+        out = []
+        for p in prompt:
+            if not p:
+                raise bad_request("the prompt is empty", "prompt")
+            if isinstance(p, str):
+                out.append(Prompt(encode(tok, p), p))
+            else:
+                self.client.validate(p, SamplingParams(max_tokens=1))   # ids in range
+                out.append(Prompt(list(p), tok.decode(p)))
+        return out
+
+    # ---- one response ---------------------------------------------------------------------
+    async def _complete(self, run: _Run) -> Completion:
+        accs: list[RequestOutput | None] = [None] * len(run.prompts)
+        ids = [p.ids for p in run.prompts]
+        async with aclosing(self.client.generate_all(ids, run.params, run.id)) as outputs:
+            async for i, out in outputs:
+                accs[i] = merge(accs[i], out)
+        choices = []
+        for i, acc in enumerate(accs):
+            if acc.prompt_logprobs is not None:
+                run.prompt_logprobs[i] = acc.prompt_logprobs
+            for c in acc.outputs:
+                choices.append(self._choice(run, i, c, first=True))
+        return Completion(id=run.id, model=run.model, choices=choices, usage=run.usage.usage())
+
+    # ---- a stream -------------------------------------------------------------------------
+    async def _stream(self, run: _Run):
+        ids = [p.ids for p in run.prompts]
+        started: set[int] = set()
+        async with aclosing(self.client.generate_all(ids, run.params, run.id)) as outputs:
+            async for i, out in outputs:
+                if out.prompt_logprobs is not None:
+                    run.prompt_logprobs[i] = out.prompt_logprobs
+                for c in out.outputs:
+                    index = i * run.params.n + c.index
+                    choice = self._choice(run, i, c, first=index not in started)
+                    started.add(index)
+                    if choice.text or choice.finish_reason or c.token_ids:
+                        yield Completion(id=run.id, model=run.model, choices=[choice])
+        if run.req.include_usage:
+            yield Completion(id=run.id, model=run.model, choices=[], usage=run.usage.usage())
+
+    def _choice(self, run: _Run, i: int, c: CompletionOutput, first: bool) -> CompletionChoice:
+        """The choice (or chunk of it) for output ``c`` of prompt ``i``. The first chunk of a
+        choice carries the echoed prompt."""
+        req, prompt = run.req, run.prompts[i]
+        index = i * run.params.n + c.index
+        run.usage.add_tokens(c.thinking)
+        text = (prompt.text if req.echo and first else "") + c.text
+        logprobs: CompletionLogprobs | None = None
+        if req.logprobs is not None:
+            if first:
+                run.builders[index] = CompletionLogprobsBuilder(
+                    self.client.tokenizer, [] if req.echo else prompt.ids)
+            builder = run.builders[index]
+            if req.echo and first:
+                entries = run.prompt_logprobs.get(i) or [None] * len(prompt.ids)
+                logprobs = builder.add(prompt.ids, entries)
+            logprobs = extend(logprobs, builder.add(c.token_ids, c.logprobs or []))
+        return CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                thinking=list(c.thinking) if req.return_thinking else None)

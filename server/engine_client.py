@@ -1,0 +1,117 @@
+"""The server's one door to the engine: admission (queue limit → 429), validation
+(→ 400 naming the parameter), and generation with metrics tracking.
+
+Leaving a ``generate``/``generate_all`` iteration early (client gone, task cancelled) aborts
+the engine request, which frees its KV blocks before the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from itt_runtime.async_engine import AsyncLLMEngine, EngineDeadError
+from itt_runtime.outputs import RequestOutput
+from itt_runtime.sampling_params import ParamError, SamplingParams
+from server.errors import APIError, from_param_error, unavailable
+from server.metrics import Metrics
+
+RETRY_AFTER_SECONDS = 1
+
+
+class EngineClient:
+    def __init__(self, engine: AsyncLLMEngine, metrics: Metrics,
+                 max_queue_len: int | None) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.max_queue_len = max_queue_len
+        self.tokenizer = engine.tokenizer
+        self.model_config = engine.model_config
+        self.max_model_len: int = engine.engine.max_model_len
+        self.default_budget: float = engine.engine.default_budget
+        self.max_num_seqs: int = engine.engine.config.max_num_seqs
+        self.in_flight_seqs = 0          # sequences admitted and not yet finished
+
+    @property
+    def is_alive(self) -> bool:
+        return self.engine.is_alive
+
+    def admit(self, num_seqs: int) -> None:
+        """Raise 429 when admitting ``num_seqs`` more sequences would leave more than
+        ``max_queue_len`` waiting. The engine's own waiting count covers KV pressure; our
+        in-flight count covers requests not yet seen by the engine thread."""
+        if not self.engine.is_alive:
+            raise unavailable("the engine is not running", "engine_dead")
+        if self.max_queue_len is None:
+            return
+        waiting_now = self.engine.stats().num_waiting
+        beyond_slots = self.in_flight_seqs + num_seqs - self.max_num_seqs
+        would_wait = max(beyond_slots, waiting_now + num_seqs if waiting_now else 0)
+        if would_wait > self.max_queue_len:
+            raise APIError(429, f"the server is overloaded: {would_wait} sequences would be "
+                           f"waiting, the limit is {self.max_queue_len}; retry later",
+                           type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """The engine's own checks (context length, token ids) as a 400."""
+        try:
+            self.engine.engine.validate(prompt_token_ids, params)
+        except ParamError as e:
+            raise from_param_error(e) from None
+
+    def budget(self, params: SamplingParams) -> float:
+        return self.default_budget if params.think_budget is None else params.think_budget
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Delta outputs of one request (see AsyncLLMEngine.generate), observed by metrics."""
+        tracker = self.metrics.track(len(prompt_token_ids), params.n, self.budget(params))
+        self.in_flight_seqs += params.n
+        try:
+            async with aclosing(self.engine.generate(prompt_token_ids, params,
+                                                     request_id)) as outputs:
+                async for out in outputs:
+                    tracker.on_output(out)
+                    yield out
+        except ParamError as e:
+            raise from_param_error(e) from None
+        except EngineDeadError as e:
+            raise unavailable(str(e), "engine_dead") from None
+        finally:
+            self.in_flight_seqs -= params.n
+            tracker.close()
+
+    async def generate_all(self, prompts: list[list[int]], params: SamplingParams,
+                           request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Run several prompts concurrently; yields ``(prompt_index, delta output)``."""
+        if len(prompts) == 1:
+            async with aclosing(self.generate(prompts[0], params, request_id)) as outputs:
+                async for out in outputs:
+                    yield 0, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, ids: list[int]) -> None:
+            try:
+                async with aclosing(self.generate(ids, params, f"{request_id}-{i}")) as outs:
+                    async for out in outs:
+                        queue.put_nowait((i, out))
+            except Exception as e:
+                queue.put_nowait((i, e))
+
+        tasks = [asyncio.create_task(pump(i, ids)) for i, ids in enumerate(prompts)]
+        remaining = len(prompts)
+        try:
+            while remaining:
+                i, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item.finished:
+                    remaining -= 1
+                yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,199 @@
+"""Prometheus metrics, exactly the contract in docs/metrics.md (the vLLM set under ``itt_``
+plus ITT's own), plus ``itt_http_requests_total`` for the error-rate alert.
+
+Engine counters are cumulative snapshots (``EngineStats``), so they are exported by a custom
+collector at scrape time; per-request metrics are observed by a ``RequestTracker`` that
+follows each request's delta outputs on the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from itt_runtime.async_engine import AsyncLLMEngine
+from itt_runtime.outputs import RequestMetrics, RequestOutput
+
+# vLLM's bucket boundaries.
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
+ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0, 20.0, 40.0, 80.0]
+LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                   60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+BUDGET_BUCKETS = [round(0.1 * i, 1) for i in range(11)]
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+def buckets_1_2_5(max_value: int) -> list[float]:
+    """1, 2, 5, 10, 20, 50, … up to ``max_value`` (vLLM's token-count buckets)."""
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_value:
+                return out
+            out.append(float(m * scale))
+        scale *= 10
+
+
+class Metrics:
+    """All metrics of one server, in their own registry (``render`` is the /metrics body)."""
+
+    def __init__(self, model_name: str, engine: AsyncLLMEngine) -> None:
+        self.model_name = model_name
+        self.registry = reg = CollectorRegistry()
+        name, lbl = [model_name], ["model_name"]
+        max_len = engine.engine.max_model_len
+        max_extra = engine.model_config.max_extra_steps
+
+        def counter(metric: str, doc: str) -> Counter:
+            return Counter(metric, doc, lbl, registry=reg).labels(*name)
+
+        def histogram(metric: str, doc: str, buckets: list[float]) -> Histogram:
+            return Histogram(metric, doc, lbl, buckets=buckets, registry=reg).labels(*name)
+
+        self.http_requests = Counter("itt_http_requests", "HTTP requests by route and status",
+                                     ["model_name", "method", "path", "status"], registry=reg)
+        self.prompt_tokens = counter("itt_prompt_tokens", "Prompt tokens processed")
+        self.generation_tokens = counter("itt_generation_tokens", "Tokens generated")
+        self.request_success = Counter("itt_request_success", "Finished requests (per choice)",
+                                       ["model_name", "finished_reason"], registry=reg)
+        for reason in FINISH_REASONS:
+            self.request_success.labels(model_name, reason)
+        self.ttft = histogram("itt_time_to_first_token_seconds", "Arrival to first token",
+                              TTFT_BUCKETS)
+        self.itl = histogram("itt_inter_token_latency_seconds",
+                             "Time between consecutive output tokens", ITL_BUCKETS)
+        self.tpot = histogram("itt_time_per_output_token_seconds",
+                              "Per request: (e2e - ttft) / (tokens - 1)", ITL_BUCKETS)
+        self.e2e = histogram("itt_e2e_request_latency_seconds", "Arrival to finish",
+                             LATENCY_BUCKETS)
+        self.queue_time = histogram("itt_request_queue_time_seconds",
+                                    "Arrival to first scheduled", LATENCY_BUCKETS)
+        self.prompt_len = histogram("itt_request_prompt_tokens", "Prompt length",
+                                    buckets_1_2_5(max_len))
+        self.generation_len = histogram("itt_request_generation_tokens", "Output length",
+                                        buckets_1_2_5(max_len))
+        self.thinking_depth = histogram(
+            "itt_thinking_depth_extra_steps", "Extra routed steps per generated token",
+            [float(i) for i in range(max_extra + 1)])
+        self.think_budget = histogram("itt_request_think_budget", "Think budget per request",
+                                      BUDGET_BUCKETS)
+        reg.register(EngineCollector(engine, model_name))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def count_http(self, method: str, path: str, status: int) -> None:
+        self.http_requests.labels(self.model_name, method, path, str(status)).inc()
+
+    def track(self, num_prompt_tokens: int, n: int, think_budget: float) -> RequestTracker:
+        self.think_budget.observe(think_budget)
+        return RequestTracker(self, num_prompt_tokens, n)
+
+
+class RequestTracker:
+    """Observes one engine request from its delta outputs. ``close`` must run when the
+    request ends, however it ends: choices that never finished count as aborted."""
+
+    def __init__(self, metrics: Metrics, num_prompt_tokens: int, n: int) -> None:
+        self.m = metrics
+        self.num_prompt_tokens = num_prompt_tokens
+        self.n = n
+        self.arrival = time.time()
+        self.times: RequestMetrics | None = None
+        self.last_token_at: dict[int, float] = {}
+        self.generated = [0] * n
+        self.finished: set[int] = set()
+        self.closed = False
+
+    def on_output(self, out: RequestOutput) -> None:
+        now = time.time()
+        if self.times is None:              # first output: the prompt has been processed
+            self.m.prompt_tokens.inc(self.num_prompt_tokens)
+        self.times = out.metrics
+        for c in out.outputs:
+            k = len(c.token_ids)
+            if k:
+                self.m.generation_tokens.inc(k)
+                for extra in c.thinking:
+                    self.m.thinking_depth.observe(extra)
+                prev = self.last_token_at.get(c.index)
+                if prev is not None:
+                    for _ in range(k):
+                        self.m.itl.observe((now - prev) / k)
+                self.last_token_at[c.index] = now
+                self.generated[c.index] += k
+            if c.finish_reason is not None:
+                self._finish_choice(c.index, c.finish_reason)
+        if out.finished:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for i in range(self.n):
+            self._finish_choice(i, "abort")
+        t = self.times
+        arrival = t.arrival_time if t else self.arrival
+        finished = (t.finished_time if t and t.finished_time else None) or time.time()
+        e2e = finished - arrival
+        self.m.e2e.observe(e2e)
+        self.m.prompt_len.observe(self.num_prompt_tokens)
+        if t and t.first_scheduled_time:
+            self.m.queue_time.observe(t.first_scheduled_time - arrival)
+        if t and t.first_token_time:
+            ttft = t.first_token_time - arrival
+            self.m.ttft.observe(ttft)
+            if self.generated[0] > 1:
+                self.m.tpot.observe((e2e - ttft) / (self.generated[0] - 1))
+
+    def _finish_choice(self, index: int, reason: str) -> None:
+        if index in self.finished:
+            return
+        self.finished.add(index)
+        self.m.request_success.labels(self.m.model_name, reason).inc()
+        self.m.generation_len.observe(self.generated[index])
+
+
+class EngineCollector:
+    """Gauges and cumulative counters read from the engine's latest stats at scrape time."""
+
+    def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+
+    def collect(self):
+        s, mc, name = self.engine.stats(), self.engine.model_config, [self.model_name]
+
+        def family(cls, metric: str, doc: str, value: float):
+            fam = cls(metric, doc, labels=["model_name"])
+            fam.add_metric(name, value)
+            return fam
+
+        yield family(GaugeMetricFamily, "itt_num_requests_running",
+                     "Requests in the running batch", s.num_running)
+        yield family(GaugeMetricFamily, "itt_num_requests_waiting",
+                     "Requests waiting to be scheduled", s.num_waiting)
+        yield family(GaugeMetricFamily, "itt_kv_cache_usage_perc",
+                     "Fraction of KV blocks in use", s.kv_usage)
+        yield family(GaugeMetricFamily, "itt_num_kv_blocks", "KV blocks in the pool",
+                     s.num_blocks)
+        yield family(CounterMetricFamily, "itt_num_preemptions", "Preemptions (recompute)",
+                     s.num_preemptions)
+        yield family(CounterMetricFamily, "itt_tokens_computed",
+                     "Tokens that went through the model", s.tokens_computed)
+        yield family(CounterMetricFamily, "itt_block_applications",
+                     "Block applications computed (base + routed steps)", s.block_applications)
+        yield family(CounterMetricFamily, "itt_block_applications_max",
+                     "Block applications at think budget 1",
+                     s.tokens_computed * (mc.n_layers + mc.max_extra_steps))
+        routed = CounterMetricFamily("itt_routed_tokens", "Tokens routed per (layer, step)",
+                                     labels=["model_name", "layer", "step"])
+        for k, count in enumerate(s.routed_tokens):
+            layer = mc.itt_layers[k // mc.n_routed_steps]
+            routed.add_metric(name + [str(layer), str(k % mc.n_routed_steps + 1)], count)
+        yield routed

@@ -1,0 +1,190 @@
+"""Request bodies of the HTTP API (Pydantic lives only in ``server/``).
+
+Types are checked here (strictly: ``"0.5"`` is not a number, ``true`` is not an integer);
+ranges are checked once, by ``SamplingParams``, so both layers name the same parameter.
+Unknown fields are ignored and ``null`` means "not given", as in OpenAI's and vLLM's servers.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from server.errors import bad_request, from_validation_error
+
+Int = Annotated[int, Field(strict=True)]
+Float = Annotated[float, Field(strict=True)]
+Bool = Annotated[bool, Field(strict=True)]
+
+MAX_PROMPTS = 128          # prompts in one /v1/completions request
+MAX_STOP = 16              # stop strings in one request
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """``"temperature": null`` is the same as leaving it out (OpenAI's and vLLM's rule)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class StreamOptions(_Body):
+    include_usage: Bool = False
+
+
+class GenerationRequest(_Body):
+    """Fields shared by completions and chat: OpenAI's, vLLM's extensions, and ITT's."""
+
+    model: str | None = None
+    max_tokens: Int | None = None
+    temperature: Float = 1.0
+    top_p: Float = 1.0
+    n: Int = 1
+    stop: str | list[str] | None = None
+    seed: Int | None = None
+    presence_penalty: Float = 0.0
+    frequency_penalty: Float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    stream: Bool = False
+    stream_options: StreamOptions | None = None
+    # vLLM extensions
+    top_k: Int = -1
+    min_p: Float = 0.0
+    repetition_penalty: Float = 1.0
+    min_tokens: Int = 0
+    ignore_eos: Bool = False
+    stop_token_ids: list[Int] | None = None
+    skip_special_tokens: Bool = True
+    include_stop_str_in_output: Bool = False
+    # ITT extensions
+    think_budget: Float | None = None
+    return_thinking: Bool = False
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def check_common(self) -> None:
+        """Request-level rules that SamplingParams cannot see."""
+        if len(self.stop_list) > MAX_STOP:
+            raise bad_request(f"at most {MAX_STOP} stop strings are allowed, got "
+                              f"{len(self.stop_list)}", "stop")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed when stream is true",
+                              "stream_options")
+        if self.logit_bias:
+            raise bad_request("logit_bias is not supported", "logit_bias")
+
+
+PromptField = str | list[str] | list[Int] | list[list[Int]]
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: PromptField
+    echo: Bool = False
+    logprobs: Int | None = None
+    best_of: Int | None = None
+    suffix: str | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        if self.best_of is not None and self.best_of != self.n:
+            raise bad_request("best_of is not supported (it must equal n)", "best_of")
+        if self.suffix:
+            raise bad_request("suffix is not supported", "suffix")
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage]
+    logprobs: Bool = False
+    top_logprobs: Int | None = None
+    max_completion_tokens: Int | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        if not self.messages:
+            raise bad_request("messages must not be empty", "messages")
+        if self.tools:
+            raise bad_request("tools are not supported", "tools")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise bad_request("only response_format type 'text' is supported",
+                              "response_format")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None \
+            else self.max_tokens
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: either ``prompt`` or chat ``messages``."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: Bool = True
+    add_generation_prompt: Bool = True
+    return_token_strs: Bool = False
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[Int]
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def parse_body(request: Request, cls: type[Body]) -> Body:
+    """Read and validate a JSON body; every failure is a 400 naming what is wrong."""
+    ctype = request.headers.get("content-type", "")
+    if ctype and ctype.split(";")[0].strip().lower() != "application/json":
+        raise bad_request(f"Content-Type must be application/json, got {ctype!r}")
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise from_validation_error(e.errors()) from None

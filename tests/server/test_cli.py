@@ -1,0 +1,87 @@
+"""The command line: defaults, one-line failures with a non-zero exit for bad flags, a bad
+model directory or a busy port, and a startup log that says what was loaded where."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+from live_server import REPO, free_port
+
+from server.cli import build_parser, main
+
+
+def test_defaults_serve_the_shipped_model_on_localhost_8000(monkeypatch):
+    monkeypatch.delenv("ITT_API_KEY", raising=False)
+    args = build_parser().parse_args([])
+    assert (args.model, args.host, args.port) == ("default", "127.0.0.1", 8000)
+    assert args.drain_timeout == 30.0 and args.max_queue_len is None and args.api_key is None
+
+
+def test_api_key_from_environment(monkeypatch):
+    monkeypatch.setenv("ITT_API_KEY", "s3cret")
+    assert build_parser().parse_args([]).api_key == "s3cret"
+    assert build_parser().parse_args(["--api-key", "other"]).api_key == "other"
+
+
+@pytest.mark.parametrize("size, expected", [("1024", 1024), ("512MiB", 512 * 2**20),
+                                            ("4G", 4 * 2**30), ("1.5KiB", 1536)])
+def test_kv_cache_memory_sizes(size, expected):
+    assert build_parser().parse_args(["--kv-cache-memory", size]).kv_cache_memory == expected
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--max-num-seqs", "0"], "--max-num-seqs"),
+    (["--port", "70000"], "--port"),
+    (["--default-think-budget", "1.5"], "--default-think-budget"),
+    (["--kv-cache-memory", "lots"], "--kv-cache-memory"),
+    (["--drain-timeout", "-1"], "--drain-timeout"),
+    (["--dtype", "float8"], "dtype"),
+    (["--no-such-flag"], "--no-such-flag"),
+])
+def test_bad_flag_fails_with_one_line(flags, words, capsys):
+    try:
+        code = main(flags)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("itt-server: error:") and words in err
+
+
+def test_busy_port_fails_with_one_line(tiny_model_dir, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["--model", str(tiny_model_dir), "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in err
+
+
+def run_server(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server", "--port", str(free_port()), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_bad_model_directory_fails_fast(tmp_path, tiny_model_dir):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "itt"}))
+    missing = run_server("--model", str(tmp_path / "nowhere"))
+    incomplete = run_server("--model", str(broken))
+    for proc, words in ((missing, "does not exist"), (incomplete, "missing")):
+        assert proc.returncode == 1
+        err_lines = [line for line in proc.stderr.splitlines() if "error" in line]
+        assert len(err_lines) == 1 and words in err_lines[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_startup_log_says_model_device_and_kv_blocks(tiny_server, tiny_model_dir):
+    line = next(line for line in tiny_server.log().splitlines() if "KV blocks" in line
+                and "server:" in line)
+    assert str(tiny_model_dir) in line and "on cpu" in line
+    assert int(line.split(" KV blocks")[0].rsplit(" ", 1)[1]) > 0

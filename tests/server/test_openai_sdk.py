@@ -1,0 +1,171 @@
+"""The unmodified openai SDK against the real server: completions (plain, streamed with
+usage, n=2 with a seed, logprobs, echo), think_budget via extra_body, per-token thinking,
+chat completions (plain and streamed), and the model list."""
+
+from __future__ import annotations
+
+import pytest
+from live_server import MODEL_NAME
+
+PROMPT = "And God said, Let there be light"
+MAX_EXTRA = 4          # tiny model: 2 ITT layers x (3 - 1) routed steps
+
+
+def test_completion_plain(client):
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8,
+                                  temperature=0)
+    assert r.object == "text_completion" and r.model == MODEL_NAME and r.id
+    (choice,) = r.choices
+    assert choice.index == 0 and choice.finish_reason in ("stop", "length")
+    assert isinstance(choice.text, str)
+    assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    thinking = r.usage.model_extra["thinking"]
+    assert set(thinking) == {"think_budget", "mean_extra_steps", "mean_normalized_depth"}
+    assert thinking["mean_normalized_depth"] == pytest.approx(
+        thinking["mean_extra_steps"] / MAX_EXTRA)
+
+
+def test_completion_is_deterministic_when_greedy(client):
+    kw = dict(model=MODEL_NAME, prompt=PROMPT, max_tokens=12, temperature=0,
+              extra_body={"ignore_eos": True})
+    assert client.completions.create(**kw).choices[0].text == \
+        client.completions.create(**kw).choices[0].text
+
+
+def test_completion_streamed_with_usage_and_thinking(client):
+    kw = dict(model=MODEL_NAME, prompt=PROMPT, max_tokens=10, temperature=0,
+              extra_body={"ignore_eos": True, "return_thinking": True})
+    whole = client.completions.create(**kw)
+    chunks = list(client.completions.create(stream=True,
+                                            stream_options={"include_usage": True}, **kw))
+    *token_chunks, usage_chunk = chunks
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == 10
+    assert "".join(c.choices[0].text for c in token_chunks) == whole.choices[0].text
+    assert token_chunks[-1].choices[0].finish_reason == "length"
+    streamed_depths = [d for c in token_chunks for d in c.choices[0].model_extra["thinking"]]
+    assert streamed_depths == whole.choices[0].model_extra["thinking"]
+    assert len(streamed_depths) == 10 and all(0 <= d <= MAX_EXTRA for d in streamed_depths)
+    assert usage_chunk.usage.model_extra["thinking"] == whole.usage.model_extra["thinking"]
+
+
+def test_stream_without_usage_has_no_usage_chunk(client):
+    chunks = list(client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=3,
+                                            stream=True))
+    assert all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
+
+
+def test_n2_with_seed_is_reproducible(client):
+    kw = dict(model=MODEL_NAME, prompt=PROMPT, max_tokens=12, n=2, seed=1234,
+              temperature=1.0, extra_body={"ignore_eos": True})
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert a.choices[0].text != a.choices[1].text     # children are seeded seed+i
+    assert a.usage.completion_tokens == 24
+
+
+def test_multiple_prompts_number_choices_per_prompt(client):
+    r = client.completions.create(model=MODEL_NAME, prompt=["In the beginning", "And God"],
+                                  max_tokens=4, n=2, temperature=0.8, seed=3)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+
+
+def test_logprobs(client):
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=5,
+                                  temperature=0, logprobs=3, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert value <= 0 and 1 <= len(top) <= 4 and top[token] == value
+        assert value == pytest.approx(max(top.values()))          # greedy: chosen is best
+
+
+def test_echo_with_logprobs_scores_the_prompt(client):
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=1,
+                                  temperature=0, echo=True, logprobs=1)
+    choice = r.choices[0]
+    assert choice.text.startswith(PROMPT)
+    lp = choice.logprobs
+    n_prompt = r.usage.prompt_tokens
+    assert len(lp.token_logprobs) == n_prompt + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+
+
+def test_echo_without_logprobs(client):
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=3,
+                                  temperature=0, echo=True)
+    assert r.choices[0].text.startswith(PROMPT) and r.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.3, 1.0])
+def test_think_budget_via_extra_body(client, budget):
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=16,
+                                  temperature=0, extra_body={"think_budget": budget,
+                                                             "ignore_eos": True,
+                                                             "return_thinking": True})
+    thinking = r.usage.model_extra["thinking"]
+    depths = r.choices[0].model_extra["thinking"]
+    assert thinking["think_budget"] == budget
+    assert thinking["mean_extra_steps"] == pytest.approx(sum(depths) / len(depths))
+    if budget == 0.0:
+        assert depths == [0] * 16
+    if budget == 1.0:
+        assert depths == [MAX_EXTRA] * 16 and thinking["mean_normalized_depth"] == 1.0
+
+
+def test_default_budget_is_the_models(client):
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2)
+    assert r.usage.model_extra["thinking"]["think_budget"] == 0.5   # tiny: train_capacity
+    assert "thinking" not in r.choices[0].model_extra                # only when asked
+
+
+def test_chat_completion(client):
+    r = client.chat.completions.create(
+        model=MODEL_NAME, max_tokens=6, temperature=0,
+        messages=[{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": "Who made the light?"}],
+        extra_body={"return_thinking": True, "think_budget": 1.0})
+    assert r.object == "chat.completion"
+    msg = r.choices[0].message
+    assert msg.role == "assistant" and isinstance(msg.content, str)
+    assert msg.content == msg.content.lstrip()
+    assert r.choices[0].model_extra["thinking"] == [MAX_EXTRA] * r.usage.completion_tokens
+    assert r.usage.model_extra["thinking"]["think_budget"] == 1.0
+
+
+def test_chat_streamed_matches_whole(client):
+    kw = dict(model=MODEL_NAME, max_tokens=8, temperature=0,
+              messages=[{"role": "user", "content": "Say something"}],
+              extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True,
+                                                 stream_options={"include_usage": True}, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(model=MODEL_NAME, max_tokens=4, temperature=0,
+                                       messages=[{"role": "user", "content": "Hello"}],
+                                       logprobs=True, top_logprobs=2,
+                                       extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert len(entry.top_logprobs) == 2
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+
+
+def test_models_list(client):
+    models = client.models.list()
+    (card,) = models.data
+    assert card.id == MODEL_NAME and card.object == "model"
+    assert card.model_extra["max_model_len"] == 512
+    assert card.model_extra["itt"]["max_extra_steps"] == MAX_EXTRA
