@@ -169,3 +169,36 @@ def test_models_list(client):
     assert card.id == MODEL_NAME and card.object == "model"
     assert card.model_extra["max_model_len"] == 512
     assert card.model_extra["itt"]["max_extra_steps"] == MAX_EXTRA
+
+
+def test_streamed_echo_with_logprobs_matches_whole(client):
+    kw = dict(model=MODEL_NAME, prompt=PROMPT, max_tokens=4, temperature=0, echo=True,
+              logprobs=1, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw)]
+    assert "".join(c.text for c in chunks) == whole.text
+    streamed = [lp for c in chunks for lp in c.logprobs.token_logprobs]
+    assert streamed == whole.logprobs.token_logprobs
+    assert [o for c in chunks for o in c.logprobs.text_offset] == whole.logprobs.text_offset
+
+
+def test_streamed_multiple_prompts_and_choices(client):
+    kw = dict(model=MODEL_NAME, prompt=["In the beginning", "And God"], max_tokens=5, n=2,
+              temperature=0.9, seed=11, extra_body={"ignore_eos": True})
+    whole = {c.index: c.text for c in client.completions.create(**kw).choices}
+    texts: dict[int, str] = {}
+    for chunk in client.completions.create(stream=True, **kw):
+        (choice,) = chunk.choices
+        texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert texts == whole
+
+
+def test_chat_streamed_n2(client):
+    chunks = list(client.chat.completions.create(
+        model=MODEL_NAME, max_tokens=5, n=2, temperature=0.9, seed=5, stream=True,
+        messages=[{"role": "user", "content": "Hi"}],
+        extra_body={"ignore_eos": True, "return_thinking": True}))
+    finished = [c.choices[0].index for c in chunks if c.choices[0].finish_reason]
+    assert sorted(finished) == [0, 1]
+    depths = [d for c in chunks for d in c.choices[0].model_extra.get("thinking", [])]
+    assert len(depths) == 10

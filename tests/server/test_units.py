@@ -64,7 +64,7 @@ def test_token_buckets():
 
 @pytest.fixture(scope="module")
 def app_client(tiny_model_dir):
-    engine = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir),
+    engine = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir), device="cpu",
                                          kv_cache_memory=16 * 2**20))
     engine.start()
     with TestClient(create_app(engine, ServerSettings(("m",)))) as http:
@@ -109,7 +109,8 @@ def test_health_is_503_when_the_engine_is_dead(app_client, monkeypatch):
 
 def test_dense_model_serves_and_exports_metrics(tiny_dense_dir):
     """A plain LLaMA model (no ITT layers): depth is always 0 and there are no routed series."""
-    engine = AsyncLLMEngine(EngineConfig(model=str(tiny_dense_dir), kv_cache_memory=2**20))
+    engine = AsyncLLMEngine(EngineConfig(model=str(tiny_dense_dir), device="cpu",
+                                                kv_cache_memory=2**20))
     engine.start()
     try:
         with TestClient(create_app(engine, ServerSettings(("dense",)))) as http:
