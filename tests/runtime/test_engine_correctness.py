@@ -14,7 +14,7 @@ from itt_runtime.model.itt import ThresholdRouting
 from itt_runtime.model.loader import load_model
 from itt_runtime.sampling_params import SamplingParams
 
-from conftest import HELDOUT
+from itt_testing import HELDOUT
 
 BUDGETS = [0.0, 0.25, 0.5, 1.0]
 MAX_NEW = 6

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from conftest import HELDOUT, tiny_config
+from itt_testing import HELDOUT, tiny_config
 from itt_runtime.config import ModelConfig
 from itt_runtime.model.itt import ITTModel, ThresholdRouting, TopKRouting
 from itt_runtime.model.loader import load_model

@@ -1,0 +1,47 @@
+"""Helpers shared by the test packages: paths and tiny model builders.
+
+Import as ``from itt_testing import …`` (tests/ is on sys.path through tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from itt_runtime.config import ModelConfig
+from itt_runtime.model.itt import ITTModel
+from itt_runtime.model.loader import save_model
+from itt_runtime.tokenizer import Tokenizer
+from itt_runtime.training.calibrate import calibrate
+from itt_runtime.training.trainer import encode_corpus, eval_windows, init_weights
+
+REPO = Path(__file__).resolve().parent.parent
+HELDOUT = REPO / "data" / "heldout.txt"
+
+
+def tiny_config(vocab_size: int, **overrides) -> ModelConfig:
+    base = dict(vocab_size=vocab_size, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2,
+                ffn_dim=128, max_position_embeddings=512, itt_layers=(1, 3), think_steps=3,
+                train_capacity=0.5)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def build_tiny_model(tokenizer_file: Path, out_dir: Path, seed: int = 0, **overrides) -> Path:
+    """A random-init tiny model with routers calibrated on the held-out slice, saved in fp32."""
+    tok = Tokenizer(tokenizer_file)
+    cfg = tiny_config(tok.vocab_size, **overrides)
+    torch.manual_seed(seed)
+    model = ITTModel(cfg)
+    init_weights(model)
+    with torch.no_grad():               # spread router logits so thresholds are meaningful
+        for layer in model.layers:
+            if layer.think_steps > 1:
+                for r in layer.routers:
+                    r.weight.normal_(std=0.5)
+    if cfg.is_itt:
+        windows = eval_windows(encode_corpus(tok, HELDOUT), 64, limit=32)[:, :-1]
+        model.cfg = dataclasses.replace(cfg, calibration=calibrate(model, windows))
+    return save_model(model, tokenizer_file, out_dir, dtype=torch.float32)
