@@ -138,9 +138,12 @@ class ModelRunner:
                 blk = batch.block_tables[seq_of, stream,
                                          torch.div(spos, bs, rounding_mode="floor")]
                 nd = batch.num_decode
+                if batch.chunk_lens:      # mixed batch: how many routed tokens per chunk
+                    n_dec, chunk_counts = int((idx < nd).sum()), counts[nd:].tolist()
+                else:                     # decode only: no further host sync
+                    n_dec, chunk_counts = idx.numel(), []
                 delta = self._block(layer.block, x[idx], cos[idx], sin[idx], seq_of, spos,
-                                    blk * bs + spos % bs, stream, batch,
-                                    int((idx < nd).sum()), counts[nd:].tolist())
+                                    blk * bs + spos % bs, stream, batch, n_dec, chunk_counts)
                 gate = torch.sigmoid(logits_r[idx]).to(x.dtype)[:, None]
                 x = x.index_add(0, idx, gate * (layer.phi[t] * delta))
                 routed_counts[:, k] = counts
