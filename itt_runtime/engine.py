@@ -228,7 +228,7 @@ class LLMEngine:
         extra = out.extra_steps.tolist()
         sample_rows, sample_seqs, sample_extra, row = [], [], [], 0
         for b, s in enumerate(scheduled):
-            seq, c = s.seq, s.seq.num_computed_tokens
+            seq = s.seq
             for i in logit_pos[b]:
                 if s.samples and i == s.num_new_tokens - 1:
                     sample_rows.append(row)

@@ -18,10 +18,6 @@ class CompletionOutput:
     finish_reason: str | None = None             # "stop" | "length" | "abort" | None
     stop_reason: str | int | None = None         # the stop string or stop token that fired
 
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
 
 @dataclass
 class RequestMetrics:
@@ -43,4 +39,3 @@ class RequestOutput:
     metrics: RequestMetrics
     # One entry per prompt token (the first is None): {token_id: logprob} as in CompletionOutput.
     prompt_logprobs: list[dict[int, float] | None] | None = None
-    num_cached_tokens: int = 0
