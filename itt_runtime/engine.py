@@ -22,7 +22,7 @@ from itt_runtime.outputs import RequestMetrics, RequestOutput
 from itt_runtime.request import Sequence
 from itt_runtime.runner.attention import KVCache
 from itt_runtime.runner.model_runner import ModelRunner
-from itt_runtime.sampler import Sampler
+from itt_runtime.sampler import Sampler, logprob_entries
 from itt_runtime.sampling_params import ParamError, SamplingParams
 from itt_runtime.scheduler import Scheduler
 
@@ -265,15 +265,8 @@ class LLMEngine:
             lp = torch.log_softmax(logits[[r for r, _ in rows]], dim=-1)
             targets = torch.tensor([seq.prompt_token_ids[p + 1] for _, p in rows],
                                    device=lp.device)
-            chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
-            k = seq.params.prompt_logprobs
-            top = lp.topk(k, dim=-1) if k else None
-            top_ids = top.indices.tolist() if k else [[]] * len(rows)
-            top_vals = top.values.tolist() if k else [[]] * len(rows)
-            for j, (_, p) in enumerate(rows):
-                entry = {seq.prompt_token_ids[p + 1]: chosen[j]}
-                for tid, v in zip(top_ids[j], top_vals[j]):
-                    entry.setdefault(tid, v)
+            entries = logprob_entries(lp, targets, [seq.params.prompt_logprobs] * len(rows))
+            for (_, p), entry in zip(rows, entries):
                 seq.prompt_logprobs[p + 1] = entry
 
     def _output(self, req: _Request) -> RequestOutput | None:

@@ -16,18 +16,15 @@ import torch.nn.functional as F
 from itt_runtime.config import ConfigError
 from itt_runtime.model.itt import ITTModel, ThresholdRouting, TopKRouting
 from itt_runtime.model.loader import load_model
+from itt_runtime.training.trainer import encode_documents, eval_windows
 
 
 def text_windows(tok, text: str, seq_len: int) -> torch.Tensor:
     """One document per line -> BOS doc EOS … stream -> (N, seq_len + 1) windows."""
-    ids: list[int] = []
-    for line in text.splitlines():
-        if line.strip():
-            ids.extend(tok.encode(line, add_bos=True, add_eos=True))
-    n = (len(ids) - 1) // seq_len
-    if n == 0:
+    ids = encode_documents(tok, text)
+    if (len(ids) - 1) // seq_len == 0:
         raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}")
-    return torch.tensor([ids[i * seq_len: i * seq_len + seq_len + 1] for i in range(n)])
+    return eval_windows(torch.tensor(ids), seq_len)
 
 
 @torch.no_grad()

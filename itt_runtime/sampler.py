@@ -14,6 +14,24 @@ import torch
 from itt_runtime.request import Sequence
 
 
+def logprob_entries(logprobs: torch.Tensor, chosen: torch.Tensor, ks: list[int]) \
+        -> list[dict[int, float]]:
+    """Rows of {token_id: logprob}: the chosen token first, then row i's top ``ks[i]``.
+    logprobs (N, V); chosen (N,) token ids."""
+    chosen_lp = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+    k = max(ks, default=0)
+    top = logprobs.topk(k, dim=-1) if k else None
+    top_ids = top.indices.tolist() if k else [[]] * len(ks)
+    top_vals = top.values.tolist() if k else [[]] * len(ks)
+    out = []
+    for i, (tok, lp) in enumerate(zip(chosen.tolist(), chosen_lp)):
+        entry = {tok: lp}
+        for tid, v in zip(top_ids[i][: ks[i]], top_vals[i][: ks[i]]):
+            entry.setdefault(tid, v)
+        out.append(entry)
+    return out
+
+
 class Sampler:
     def __init__(self, eos_token_id: int, seed: int = 0) -> None:
         self.eos_token_id = eos_token_id
@@ -25,7 +43,9 @@ class Sampler:
         logprobs list[dict[int, float]] per row; empty dicts for rows that did not ask)."""
         S, V = logits.shape
         dev = logits.device
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        wanted = [s.params.logprobs for s in seqs]
+        raw_logprobs = (None if all(w is None for w in wanted)
+                        else torch.log_softmax(logits, dim=-1))
         logits = self._apply_penalties(logits.clone(), seqs)
         for i, seq in enumerate(seqs):
             p = seq.params
@@ -36,8 +56,10 @@ class Sampler:
         tokens = logits.argmax(-1)
         if not bool(greedy.all()):
             tokens = torch.where(greedy, tokens, self._sample(logits, seqs))
-        token_list = tokens.tolist()
-        return token_list, self._logprobs(raw_logprobs, tokens, token_list, seqs)
+        if raw_logprobs is None:
+            return tokens.tolist(), [{} for _ in seqs]
+        entries = logprob_entries(raw_logprobs, tokens, [w or 0 for w in wanted])
+        return tokens.tolist(), [e if w is not None else {} for e, w in zip(entries, wanted)]
 
     # ---- steps ----------------------------------------------------------------------------
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -88,20 +110,3 @@ class Sampler:
             if seq.generator is not None:
                 race[i] = torch.empty(V, device=dev).exponential_(generator=seq.generator)
         return (probs / race).argmax(-1)
-
-    def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, token_list: list[int],
-                  seqs: list[Sequence]) -> list[dict[int, float]]:
-        wanted = [s.params.logprobs for s in seqs]
-        if all(w is None for w in wanted):
-            return [{} for _ in seqs]
-        chosen = raw.gather(1, tokens[:, None])[:, 0].tolist()
-        k = max(w or 0 for w in wanted)
-        top_vals, top_ids = (raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long()))
-        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-        out = []
-        for i, w in enumerate(wanted):
-            entry = {token_list[i]: chosen[i]}
-            for tid, lp in zip(top_ids[i][: w or 0], top_vals[i][: w or 0]):
-                entry.setdefault(tid, lp)
-            out.append(entry)
-        return out

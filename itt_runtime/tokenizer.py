@@ -43,10 +43,6 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(token_id)
 
-    def token_text(self, ids: list[int], index: int) -> str:
-        """The text token ``ids[index]`` adds to the decoded string (for logprob tables)."""
-        return self.decode(ids[: index + 1]) [len(self.decode(ids[:index])):]
-
     def incremental(self, prompt_ids: list[int] | None = None) -> "IncrementalDetokenizer":
         return IncrementalDetokenizer(self, prompt_ids or [])
 

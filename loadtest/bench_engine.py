@@ -24,6 +24,7 @@ import torch
 from itt_runtime.engine import EngineConfig, LLMEngine
 from itt_runtime.model.loader import load_model, save_model
 from itt_runtime.sampling_params import SamplingParams
+from itt_runtime.training.trainer import encode_documents
 
 PROMPT = "And it came to pass, when the king heard these words, that he"
 
@@ -208,9 +209,7 @@ def bench_kv_bytes(eng, res) -> None:
     kvres = {}
     heldout = Path(__file__).resolve().parent.parent / "data" / "heldout.txt"
     text = heldout.read_text() if heldout.exists() else PROMPT * 200
-    ids: list[int] = []                     # documents as in training: BOS text EOS …
-    for line in text.splitlines():
-        ids += eng.tokenizer.encode(line, add_bos=True, add_eos=True)
+    ids = encode_documents(eng.tokenizer, text)      # as in training: BOS text EOS …
     # Stay inside the default model's training context (256 tokens).
     length = min(eng.max_model_len, 256)
     long_prompt = ids[: length * 3 // 4]

@@ -35,13 +35,18 @@ class TrainConfig:
     stop_at: int = 0          # > 0: save state and stop at this step (resume later)
 
 
-def encode_corpus(tok: Tokenizer, path: Path) -> torch.Tensor:
+def encode_documents(tok: Tokenizer, text: str) -> list[int]:
     """One document per line -> one long stream: BOS doc EOS BOS doc EOS ..."""
     ids: list[int] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         if line.strip():
             ids.extend(tok.encode(line, add_bos=True, add_eos=True))
-    return torch.tensor(ids, dtype=torch.int32)
+    return ids
+
+
+def encode_corpus(tok: Tokenizer, path: Path) -> torch.Tensor:
+    return torch.tensor(encode_documents(tok, path.read_text(encoding="utf-8")),
+                        dtype=torch.int32)
 
 
 def batches(stream: torch.Tensor, seq_len: int, batch_size: int, gen: torch.Generator):
