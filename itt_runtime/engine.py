@@ -21,6 +21,7 @@ from itt_runtime.output_processor import append_token, make_delta, make_request_
 from itt_runtime.outputs import RequestMetrics, RequestOutput
 from itt_runtime.request import Sequence
 from itt_runtime.runner.attention import KVCache
+from itt_runtime.runner.cuda_graphs import DecodeGraphs
 from itt_runtime.runner.model_runner import ModelRunner
 from itt_runtime.sampler import Sampler, logprob_entries
 from itt_runtime.sampling_params import ParamError, SamplingParams
@@ -30,6 +31,8 @@ log = logging.getLogger("itt_runtime")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+ROUTED_COMPUTE = ("auto", "gather", "masked")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,11 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     default_think_budget: float | None = None
     seed: int = 0
+    # Routed steps: "gather" runs the block on exactly the routed tokens (a device sync per
+    # routed step), "masked" on every token without a sync; "auto" is masked for decode-only
+    # steps on CUDA and gather otherwise (see runner/model_runner.py).
+    routed_compute: str = "auto"
+    enforce_eager: bool = False              # CUDA: never capture decode steps in CUDA graphs
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -60,6 +68,8 @@ class EngineConfig:
         need(self.kv_cache_memory is None or self.kv_cache_memory > 0,
              "kv_cache_memory must be positive")
         need(0.0 < self.kv_cache_fraction <= 1.0, "kv_cache_fraction must be in (0, 1]")
+        need(self.routed_compute in ROUTED_COMPUTE,
+             f"routed_compute must be one of {ROUTED_COMPUTE}, got {self.routed_compute!r}")
         need(self.default_think_budget is None or 0.0 <= self.default_think_budget <= 1.0,
              f"default_think_budget must be in [0, 1], got {self.default_think_budget}")
 
@@ -114,11 +124,11 @@ class LLMEngine:
                                else mc.default_budget)
         block_bytes = KVCache.bytes_per_block(config.block_size, mc.n_kv_heads, mc.head_dim,
                                               self.dtype)
-        num_blocks = self._kv_bytes() // block_bytes
+        num_blocks = self._kv_bytes() // block_bytes - 1        # one scratch block, see KVCache
         if num_blocks < mc.num_kv_streams:
             raise ConfigError(f"KV cache memory holds {num_blocks} blocks of {block_bytes} "
                               f"bytes; one sequence needs at least {mc.num_kv_streams}")
-        self.kv_cache_bytes = num_blocks * block_bytes
+        self.kv_cache_bytes = (num_blocks + 1) * block_bytes
         self.cache = KVCache(num_blocks, config.block_size, mc.n_kv_heads, mc.head_dim,
                              self.dtype, self.device)
         self.kv = KVCacheManager(BlockPool(num_blocks), config.block_size, mc.num_kv_streams,
@@ -126,6 +136,12 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
         self.runner = ModelRunner(self.model, self.cache)
+        # Decode steps from CUDA graphs: needs masked routed steps (a gather syncs).
+        self.graphs: DecodeGraphs | None = None
+        if (self.device.type == "cuda" and not config.enforce_eager
+                and config.routed_compute != "gather"):
+            self.graphs = DecodeGraphs(self.runner, config.max_num_seqs,
+                                       cdiv(self.max_model_len, config.block_size))
         self.sampler = Sampler(self.tokenizer.eos_token_id, config.seed)
         self.requests: dict[str, _Request] = {}
         self.tokens_computed = 0
@@ -221,37 +237,53 @@ class LLMEngine:
                 wanted.append(n - 1)
             logit_pos.append(wanted)
         kvs = [self.kv.get(s.seq.seq_id) for s in scheduled]
-        batch = self.runner.prepare(scheduled, kvs, logit_pos)
-        out = self.runner.execute(batch)
+        decode_only = all(pos == [0] for pos in logit_pos) and \
+            len(scheduled) == sum(s.num_new_tokens for s in scheduled)
+        masked = self._masked_routing(decode_only)
+        graphs = self.graphs
+        if decode_only and masked and graphs is not None and graphs.can_run(len(scheduled)):
+            out = graphs.run(scheduled, kvs)
+        else:
+            batch = self.runner.prepare(scheduled, kvs, logit_pos, masked_routing=masked)
+            out = self.runner.execute(batch)
+        self._prompt_logprobs(scheduled, logit_pos, out.logits)
 
-        counts = out.routed_counts.tolist()
-        extra = out.extra_steps.tolist()
-        sample_rows, sample_seqs, sample_extra, row = [], [], [], 0
+        sample_rows, sample_seqs, row = [], [], 0
         for b, s in enumerate(scheduled):
-            seq = s.seq
             for i in logit_pos[b]:
                 if s.samples and i == s.num_new_tokens - 1:
                     sample_rows.append(row)
-                    sample_seqs.append(seq)
-                    sample_extra.append(extra[row])
+                    sample_seqs.append(s.seq)
                 row += 1
-            self.kv.commit(seq.seq_id, s.num_new_tokens, counts[b])
-            for k, cnt in enumerate(counts[b]):
+        tokens, logprobs = (self.sampler(out.logits[sample_rows], sample_seqs) if sample_rows
+                            else (out.extra_steps[:0], None))
+        # The step's one device-to-host read: sampled tokens, thinking depths, routed counts.
+        S, K = len(sample_rows), self.model_config.max_extra_steps
+        host = torch.cat([tokens, out.extra_steps, out.routed_counts.flatten()]).tolist()
+        tokens, extra, counts = host[:S], host[S:S + row], host[S + row:]
+
+        for b, s in enumerate(scheduled):
+            seq_counts = counts[b * K:(b + 1) * K]
+            self.kv.commit(s.seq.seq_id, s.num_new_tokens, seq_counts)
+            for k, cnt in enumerate(seq_counts):
                 self.routed_tokens[k] += cnt
             self.tokens_computed += s.num_new_tokens
-        self._prompt_logprobs(scheduled, logit_pos, out.logits)
-        for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
-        if sample_rows:
-            tokens, logprobs = self.sampler(out.logits[sample_rows], sample_seqs)
-            for seq, tok, ex, lp in zip(sample_seqs, tokens, sample_extra, logprobs):
-                append_token(seq, tok, ex, lp, self.tokenizer, self.max_model_len)
-                if seq.finish_reason is not None:
-                    seq.metrics.finished_time = time.time()
-                    self.scheduler.finish(seq)
+        for j, (seq, tok) in enumerate(zip(sample_seqs, tokens)):
+            lp = logprobs[j] if logprobs is not None else {}
+            append_token(seq, tok, extra[sample_rows[j]], lp, self.tokenizer, self.max_model_len)
+            if seq.finish_reason is not None:
+                seq.metrics.finished_time = time.time()
+                self.scheduler.finish(seq)
         touched = dict.fromkeys(s.seq.request_id for s in scheduled)
         outputs = [o for rid in touched if (o := self._output(self.requests[rid]))]
         return outputs
+
+    def _masked_routing(self, decode_only: bool) -> bool:
+        mode = self.config.routed_compute
+        if mode == "auto":
+            return decode_only and self.device.type == "cuda"
+        return mode == "masked"
 
     def _prompt_logprobs(self, scheduled, logit_pos, logits: torch.Tensor) -> None:
         row = 0

@@ -39,10 +39,10 @@ class Sampler:
         self.seed = seed
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]):
-        """logits (S, V) fp32, one row per sequence. Returns (tokens list[int],
-        logprobs list[dict[int, float]] per row; empty dicts for rows that did not ask)."""
-        S, V = logits.shape
-        dev = logits.device
+        """logits (S, V) fp32, one row per sequence. Returns (tokens (S,) on the device,
+        logprobs list[dict[int, float]] per row, or None when no row asked for them).
+        Reading the tokens is left to the caller, so that the step syncs with the device once;
+        decisions here use the host-side parameters only."""
         wanted = [s.params.logprobs for s in seqs]
         raw_logprobs = (None if all(w is None for w in wanted)
                         else torch.log_softmax(logits, dim=-1))
@@ -52,14 +52,14 @@ class Sampler:
             if len(seq.output_token_ids) < p.min_tokens:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else [self.eos_token_id])
                 logits[i, banned] = -float("inf")
-        greedy = torch.tensor([s.params.greedy for s in seqs], device=dev)
         tokens = logits.argmax(-1)
-        if not bool(greedy.all()):
+        if not all(s.params.greedy for s in seqs):
+            greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
             tokens = torch.where(greedy, tokens, self._sample(logits, seqs))
         if raw_logprobs is None:
-            return tokens.tolist(), [{} for _ in seqs]
+            return tokens, None
         entries = logprob_entries(raw_logprobs, tokens, [w or 0 for w in wanted])
-        return tokens.tolist(), [e if w is not None else {} for e, w in zip(entries, wanted)]
+        return tokens, [e if w is not None else {} for e, w in zip(entries, wanted)]
 
     # ---- steps ----------------------------------------------------------------------------
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -92,15 +92,15 @@ class Sampler:
             kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
             logits = logits.masked_fill(logits < kth, -float("inf"))
         probs = torch.softmax(logits, dim=-1)
-        top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
-        if bool((top_p < 1.0).any()):
+        if any(s.params.top_p < 1.0 for s in seqs):
+            top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
             sorted_p, order = probs.sort(dim=-1, descending=True)
             # Drop a token when the mass strictly before it already reaches top_p.
             drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None]
             drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
             probs = probs.masked_fill(drop, 0.0)
-        min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
-        if bool((min_p > 0).any()):
+        if any(s.params.min_p > 0 for s in seqs):
+            min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
             cutoff = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < cutoff, 0.0)
         if self.generator is None:

@@ -13,14 +13,21 @@ import torch.nn.functional as F
 
 
 class KVCache:
-    """One K and one V tensor shared by every stream: (num_blocks, block_size, KV, D)."""
+    """One K and one V tensor shared by every stream: (num_blocks + 1, block_size, KV, D).
+
+    Blocks 0 … num_blocks−1 belong to the block pool. The extra last one is scratch: writes
+    that must go somewhere but are never read (unrouted tokens of a masked routed step,
+    padding rows of a captured decode step) land there.
+    """
 
     def __init__(self, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        shape = (num_blocks, block_size, n_kv_heads, head_dim)
+        shape = (num_blocks + 1, block_size, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
+        self.scratch_block = num_blocks
+        self.scratch_slot = num_blocks * block_size
 
     @staticmethod
     def bytes_per_block(block_size: int, n_kv_heads: int, head_dim: int,

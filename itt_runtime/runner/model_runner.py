@@ -5,12 +5,21 @@ The step logic mirrors ``model/itt.py`` (the reference) but computes only the ne
   * tokens are laid out flat: first one token per decoding sequence, then each chunk
     (prompt or recompute) contiguously;
   * at a routed step every token is compared with its own request's threshold, the block runs
-    on the routed tokens only (gathered across the batch), and their K/V go to that step's
-    stream at the next free stream position;
+    on the routed tokens, and their K/V go to that step's stream at the next free stream
+    position;
   * attention runs once for all single-token sequences and once per multi-token chunk.
 
+A routed step runs the block in one of two ways (``StepBatch.masked_routing``):
+
+  * gathered: on exactly the routed tokens. Their number sizes the gather, so the host waits
+    for it (one device sync per routed step, free on CPU). Compute ∝ routed tokens.
+  * masked: on every token, keeping the result of routed ones only; unrouted tokens write
+    their K/V to the cache's scratch slot. No shape depends on the routing, so there is no
+    sync and the step can be captured in a CUDA graph. Compute ∝ all tokens — on a GPU a
+    decode step is bound by reading the weights, not by rows, so that costs little there.
+
 It returns, per sequence, the routed-token count of each routed stream (for the KV manager),
-and per sampled token the extra steps of the position that produced it.
+and per logit row the extra steps of the position that produced it.
 """
 
 from __future__ import annotations
@@ -28,19 +37,21 @@ from itt_runtime.scheduler import ScheduledSeq
 
 @dataclass
 class StepBatch:
-    """Host-built metadata of one step, moved to the device once."""
+    """Host-built metadata of one step, moved to the device at once."""
 
     input_ids: torch.Tensor          # (T,)
     positions: torch.Tensor          # (T,)
     tok_seq: torch.Tensor            # (T,) batch row of each token
+    row_start: torch.Tensor          # (B,) flat index of each row's first token
     block_tables: torch.Tensor       # (B, streams, max_blocks)
     stream_lengths: torch.Tensor     # (B, streams) tokens stored before this step
     thresholds: torch.Tensor         # (B, routed streams)
+    logit_rows: torch.Tensor         # (S,) flat token indices whose logits are needed
     num_decode: int                  # sequences (= tokens) with one new token, rows 0 … nd-1
     chunk_lens: list[int]            # new tokens of the multi-token rows nd … B-1
     stream_blocks: list[int]         # max blocks over rows, per stream (gather width)
     row_blocks: list[list[int]]      # blocks per (row, stream)
-    logit_rows: torch.Tensor         # (S,) flat token indices whose logits are needed
+    masked_routing: bool = False     # routed steps: masked (no sync) or gathered
 
 
 @dataclass
@@ -48,6 +59,14 @@ class StepOutput:
     logits: torch.Tensor             # (S, vocab) fp32, rows as in StepBatch.logit_rows
     routed_counts: torch.Tensor      # (B, routed streams) tokens routed per stream
     extra_steps: torch.Tensor        # (S,) extra steps of each logit row's position
+
+
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """One host-to-device copy of an int64 vector (pinned and asynchronous on CUDA)."""
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class ModelRunner:
@@ -61,18 +80,18 @@ class ModelRunner:
 
     # ---- host side ------------------------------------------------------------------------
     def prepare(self, scheduled: list[ScheduledSeq], kvs: list[SequenceKV],
-                logit_positions: list[list[int]]) -> StepBatch:
+                logit_positions: list[list[int]], masked_routing: bool = False) -> StepBatch:
         """``scheduled`` must list single-token sequences first; ``kvs`` are their KV streams.
         ``logit_positions[b]`` are the indices within row b's new tokens whose logits the
         caller needs."""
-        cfg = self.cfg
-        ids, pos, rows, logit_rows = [], [], [], []
+        ids, pos, rows, row_start, logit_rows = [], [], [], [], []
         num_decode = 0
         for b, s in enumerate(scheduled):
             c, n = s.seq.num_computed_tokens, s.num_new_tokens
             if n == 1 and num_decode == b:
                 num_decode += 1
             base = len(ids)
+            row_start.append(base)
             ids.extend(s.seq.all_token_ids[c:c + n])
             pos.extend(range(c, c + n))
             rows.extend([b] * n)
@@ -80,21 +99,21 @@ class ModelRunner:
         row_blocks = [[len(t) for t in kv.block_tables] for kv in kvs]
         stream_blocks = [max(col) for col in zip(*row_blocks)]
         width = max(stream_blocks)
-        tables = [[t + [0] * (width - len(t)) for t in kv.block_tables] for kv in kvs]
-        dev = self.device
+        tables = [b for kv in kvs for t in kv.block_tables for b in t + [0] * (width - len(t))]
+        lengths = [n for kv in kvs for n in kv.lengths]
+        B, T, S, N = len(scheduled), len(ids), len(logit_rows), self.cfg.num_kv_streams
+        flat = to_device(ids + pos + rows + row_start + logit_rows + tables + lengths,
+                         self.device)
+        ids_t, pos_t, rows_t, start_t, logit_t, tables_t, lengths_t = flat.split(
+            [T, T, T, B, S, B * N * width, B * N])
+        thresholds = torch.tensor([s.seq.thresholds for s in scheduled], dtype=torch.float32)
         return StepBatch(
-            input_ids=torch.tensor(ids, device=dev),
-            positions=torch.tensor(pos, device=dev),
-            tok_seq=torch.tensor(rows, device=dev),
-            block_tables=torch.tensor(tables, device=dev),
-            stream_lengths=torch.tensor([kv.lengths for kv in kvs], device=dev),
-            thresholds=torch.tensor([s.seq.thresholds for s in scheduled],
-                                    dtype=torch.float32, device=dev).view(len(scheduled), -1),
-            num_decode=num_decode,
+            input_ids=ids_t, positions=pos_t, tok_seq=rows_t, row_start=start_t,
+            block_tables=tables_t.view(B, N, width), stream_lengths=lengths_t.view(B, N),
+            thresholds=thresholds.view(B, -1).to(self.device, non_blocking=True),
+            logit_rows=logit_t, num_decode=num_decode,
             chunk_lens=[s.num_new_tokens for s in scheduled[num_decode:]],
-            stream_blocks=stream_blocks,
-            row_blocks=row_blocks,
-            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev))
+            stream_blocks=stream_blocks, row_blocks=row_blocks, masked_routing=masked_routing)
 
     # ---- device side ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -112,6 +131,7 @@ class ModelRunner:
         routed_counts = torch.zeros(B, cfg.max_extra_steps, dtype=torch.long, device=x.device)
         extra = torch.zeros(T, dtype=torch.long, device=x.device)
         thresholds_tok = batch.thresholds[batch.tok_seq]                 # (T, routed streams)
+        routed_step = self._masked_step if batch.masked_routing else self._gathered_step
         itt_index = 0
         for layer_idx, layer in enumerate(model.layers):
             delta = self._block(layer.block, x, cos, sin, batch.tok_seq, batch.positions,
@@ -123,34 +143,58 @@ class ModelRunner:
             x = x + layer.phi[0] * delta
             for t in range(1, layer.think_steps):
                 k = itt_index * cfg.n_routed_steps + (t - 1)
-                stream = cfg.n_layers + k
                 logits_r = layer.router_logits(t, x)                     # (T,)
-                routed = logits_r.float() > thresholds_tok[:, k]
-                idx = routed.nonzero().squeeze(1)                        # (R,) host sync
-                if idx.numel() == 0:
-                    continue
-                seq_of = batch.tok_seq[idx]
-                counts = torch.bincount(seq_of, minlength=B)             # (B,)
-                # Stream position: stored tokens + rank among this step's routed tokens.
-                starts = torch.cumsum(counts, 0) - counts
-                rank = torch.arange(idx.numel(), device=x.device) - starts[seq_of]
-                spos = batch.stream_lengths[seq_of, stream] + rank
-                blk = batch.block_tables[seq_of, stream,
-                                         torch.div(spos, bs, rounding_mode="floor")]
-                nd = batch.num_decode
-                if batch.chunk_lens:      # mixed batch: how many routed tokens per chunk
-                    n_dec, chunk_counts = int((idx < nd).sum()), counts[nd:].tolist()
-                else:                     # decode only: no further host sync
-                    n_dec, chunk_counts = idx.numel(), []
-                delta = self._block(layer.block, x[idx], cos[idx], sin[idx], seq_of, spos,
-                                    blk * bs + spos % bs, stream, batch, n_dec, chunk_counts)
-                gate = torch.sigmoid(logits_r[idx]).to(x.dtype)[:, None]
-                x = x.index_add(0, idx, gate * (layer.phi[t] * delta))
+                routed = logits_r.float() > thresholds_tok[:, k]         # (T,) bool
+                x, counts = routed_step(layer, t, cfg.n_layers + k, x, cos, sin, logits_r,
+                                        routed, batch)
                 routed_counts[:, k] = counts
-                extra[idx] += 1
+                extra += routed
             itt_index += 1
         h = x[batch.logit_rows]
         return StepOutput(model.output_logits(h), routed_counts, extra[batch.logit_rows])
+
+    def _gathered_step(self, layer, t: int, stream: int, x, cos, sin, logits_r, routed,
+                       batch: StepBatch):
+        """Routed step on exactly the routed tokens. Returns (new x, routed count per row)."""
+        bs, B = self.cache.block_size, batch.block_tables.shape[0]
+        idx = routed.nonzero().squeeze(1)                                # (R,) host sync
+        if idx.numel() == 0:
+            return x, 0
+        seq_of = batch.tok_seq[idx]
+        counts = torch.bincount(seq_of, minlength=B)                     # (B,)
+        # Stream position: stored tokens + rank among this step's routed tokens.
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(idx.numel(), device=x.device) - starts[seq_of]
+        spos = batch.stream_lengths[seq_of, stream] + rank
+        blk = batch.block_tables[seq_of, stream, torch.div(spos, bs, rounding_mode="floor")]
+        nd = batch.num_decode
+        if batch.chunk_lens:      # mixed batch: how many routed tokens per chunk
+            n_dec, chunk_counts = int((idx < nd).sum()), counts[nd:].tolist()
+        else:                     # decode only: no further host sync
+            n_dec, chunk_counts = idx.numel(), []
+        delta = self._block(layer.block, x[idx], cos[idx], sin[idx], seq_of, spos,
+                            blk * bs + spos % bs, stream, batch, n_dec, chunk_counts)
+        gate = torch.sigmoid(logits_r[idx]).to(x.dtype)[:, None]
+        return x.index_add(0, idx, gate * (layer.phi[t] * delta)), counts
+
+    def _masked_step(self, layer, t: int, stream: int, x, cos, sin, logits_r, routed,
+                     batch: StepBatch):
+        """Routed step on every token, keeping routed results only; no host sync."""
+        bs, B = self.cache.block_size, batch.block_tables.shape[0]
+        r = routed.long()
+        counts = torch.zeros(B, dtype=torch.long, device=x.device).index_add_(
+            0, batch.tok_seq, r)
+        # Rank among the routed tokens of the same row (a row's tokens are contiguous).
+        before = torch.cumsum(r, 0) - r
+        rank = before - before[batch.row_start][batch.tok_seq]
+        spos = batch.stream_lengths[batch.tok_seq, stream] + rank
+        blk = batch.block_tables[batch.tok_seq, stream,
+                                 torch.div(spos, bs, rounding_mode="floor")]
+        slots = torch.where(routed, blk * bs + spos % bs, self.cache.scratch_slot)
+        delta = self._block(layer.block, x, cos, sin, batch.tok_seq, spos, slots, stream,
+                            batch, batch.num_decode, batch.chunk_lens)
+        gate = torch.sigmoid(logits_r).to(x.dtype)[:, None]
+        return torch.where(routed[:, None], x + gate * (layer.phi[t] * delta), x), counts
 
     def _block(self, block, x, cos, sin, seq_of, spos, slots, stream, batch: StepBatch,
                n_dec: int, chunk_lens: list[int]) -> torch.Tensor:

@@ -5,13 +5,17 @@ and through preemption. fp32 on CPU."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from itt_runtime.kv_cache.manager import cdiv
 from itt_runtime.llm import LLM
 from itt_runtime.model.itt import ThresholdRouting
 from itt_runtime.model.loader import load_model
+from itt_runtime.runner.cuda_graphs import DecodeGraphs
 from itt_runtime.sampling_params import SamplingParams
 
 from itt_testing import HELDOUT
@@ -75,10 +79,15 @@ def check(outs, cases, expected):
         assert got.finish_reason == "length"
 
 
+TINY_POOL = 61 * 4096              # 60 blocks of 4 KiB + the scratch block
 ENGINES = {
     "chunked-small-budget": dict(max_num_batched_tokens=16),
     "no-chunking": dict(max_num_batched_tokens=512, enable_chunked_prefill=False),
-    "tiny-pool": dict(max_num_batched_tokens=64, kv_cache_memory=60 * 4096),
+    "tiny-pool": dict(max_num_batched_tokens=64, kv_cache_memory=TINY_POOL),
+    # Routed steps on every token, kept where routed (the sync-free GPU path).
+    "masked-chunked": dict(max_num_batched_tokens=16, routed_compute="masked"),
+    "masked-tiny-pool": dict(max_num_batched_tokens=64, kv_cache_memory=TINY_POOL,
+                             routed_compute="masked"),
 }
 
 
@@ -89,7 +98,7 @@ def test_mixed_batch_matches_reference(name, tiny_model_dir, prompts, expected):
     random.Random(1).shuffle(cases)                               # budgets interleaved
     outs = llm.generate([prompts[i] for i, _ in cases], [greedy(b) for _, b in cases])
     check(outs, cases, expected)
-    if name == "tiny-pool":
+    if name.endswith("tiny-pool"):
         assert llm.engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
     assert llm.engine.kv.pool.num_free == llm.engine.kv.pool.num_blocks, "KV blocks leaked"
 
@@ -101,9 +110,68 @@ def test_each_request_alone_matches_reference(tiny_model_dir, prompts, expected)
             check(llm.generate([prompts[i]], greedy(b)), [(i, b)], expected)
 
 
-def test_step_logits_match_reference_within_1e4(tiny_model_dir, reference, prompts, expected):
+def test_padded_decode_steps_match_reference(tiny_model_dir, prompts, expected):
+    """The CUDA-graph decode path, run eagerly: rows padded to batch buckets, block tables
+    to width buckets, padding rows writing only to scratch."""
+    llm = LLM(str(tiny_model_dir), max_num_batched_tokens=2048, max_num_seqs=48,
+              routed_compute="masked")
+    eng = llm.engine
+    graphs = eng.graphs = DecodeGraphs(eng.runner, eng.config.max_num_seqs,
+                                       cdiv(eng.max_model_len, eng.config.block_size),
+                                       capture=False)
+    cases = [(i, b) for i in range(len(prompts)) for b in BUDGETS]
+    random.Random(2).shuffle(cases)
+    # Requests stop after 1 … 6 tokens, so decode batches shrink through many sizes; the
+    # five shortest prompts run longest, so block tables narrow at the end too.
+    shortest = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))[:5]
+    # A long-running request first: it owns block 0, which a padding row must never touch.
+    first = next(c for c in cases if c[0] in shortest and c[1] > 0)
+    cases.remove(first)
+    cases.insert(0, first)
+    lengths = [MAX_NEW if i in shortest else 1 + k % (MAX_NEW - 1)
+               for k, (i, _) in enumerate(cases)]
+    params = [replace(greedy(b), max_tokens=n) for (_, b), n in zip(cases, lengths)]
+    outs = llm.generate([prompts[i] for i, _ in cases], params)
+    for out, case, n in zip(outs, cases, lengths):
+        tokens, extra, _ = expected[case]
+        assert out.outputs[0].token_ids == tokens[:n], f"{case}: tokens differ"
+        assert out.outputs[0].thinking == extra[:n], f"{case}: thinking depth differs"
+    shapes = set(graphs.graphs)
+    assert len({bp for bp, _ in shapes}) >= 4 and len({w for _, w in shapes}) >= 2, shapes
+    assert any(bp not in (1, 2, 4, 8) for bp, _ in shapes), shapes   # a bucket past 8
+    assert eng.kv.pool.num_free == eng.kv.pool.num_blocks, "KV blocks leaked"
+
+
+def test_padded_decode_step_writes_only_its_own_slots(tiny_model_dir, prompts):
+    """A padded decode step changes exactly the cache slots its real rows own (and scratch):
+    at b = 1 every stream gains its next slot, at b = 0 only the base streams do."""
+    llm = LLM(str(tiny_model_dir), routed_compute="masked")
+    eng = llm.engine
+    graphs = eng.graphs = DecodeGraphs(eng.runner, 8, 8, capture=False)
+    budgets = [1.0, 0.0, 1.0]
+    for k, b in enumerate(budgets):
+        eng.add_request(str(k), prompts[k + 1], greedy(b))
+    eng.step()                                                     # the prompts
+    bs, n_layers = eng.config.block_size, eng.model_config.n_layers
+    expected = set()
+    for k, b in enumerate(budgets):
+        kv = eng.kv.get(str(k))
+        streams = range(len(kv.lengths) if b == 1.0 else n_layers)
+        expected |= {kv.block_tables[s][kv.lengths[s] // bs] * bs + kv.lengths[s] % bs
+                     for s in streams}
+    before = eng.cache.k.clone()
+    eng.step()                                                     # one padded decode step
+    assert [bp for bp, _ in graphs.graphs] == [4]                  # 3 rows + 1 padding row
+    changed = (eng.cache.k != before).flatten(2).any(-1).flatten().nonzero()[:, 0].tolist()
+    scratch = range(eng.cache.scratch_slot, eng.cache.scratch_slot + bs)
+    assert {s for s in changed if s not in scratch} == expected
+
+
+@pytest.mark.parametrize("routed_compute", ["gather", "masked"])
+def test_step_logits_match_reference_within_1e4(routed_compute, tiny_model_dir, reference,
+                                                prompts, expected):
     """Spy on the runner: every sampled row's logits equal the reference's for that step."""
-    llm = LLM(str(tiny_model_dir), max_num_batched_tokens=24)
+    llm = LLM(str(tiny_model_dir), max_num_batched_tokens=24, routed_compute=routed_compute)
     runner = llm.engine.runner
     seen: list[torch.Tensor] = []
     real_execute = runner.execute
@@ -127,7 +195,7 @@ def test_step_logits_match_reference_within_1e4(tiny_model_dir, reference, promp
 
 
 def test_no_leaks_after_finish_abort_and_preemption(tiny_model_dir, prompts):
-    llm = LLM(str(tiny_model_dir), max_num_batched_tokens=32, kv_cache_memory=48 * 4096)
+    llm = LLM(str(tiny_model_dir), max_num_batched_tokens=32, kv_cache_memory=49 * 4096)
     eng = llm.engine
     for k, p in enumerate(prompts[:12]):
         eng.add_request(f"r{k}", p, SamplingParams(max_tokens=20, temperature=0.7, seed=k,
@@ -144,3 +212,44 @@ def test_no_leaks_after_finish_abort_and_preemption(tiny_model_dir, prompts):
     assert eng.scheduler.num_preemptions > 0
     assert eng.kv.pool.num_free == eng.kv.pool.num_blocks
     assert eng.kv.num_sequences == 0 and not eng.requests
+
+
+# Ops whose result the host must wait for (a scalar read, or an output sized by data).
+SYNCING_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select",
+               "aten.bincount", "aten._unique", "aten.unique", "aten.repeat_interleave.Tensor")
+
+
+class OpRecorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("routed_compute", ["gather", "masked"])
+def test_masked_decode_step_needs_no_device_sync(routed_compute, tiny_model_dir, prompts):
+    """A decode step with masked routing runs no op that makes the host wait for the device,
+    so on CUDA the step's only sync is the engine reading its results. The gathered
+    step does (the routed count sizes its gather), which shows the check can see one."""
+    llm = LLM(str(tiny_model_dir), routed_compute=routed_compute)
+    eng = llm.engine
+    for k, p in enumerate(prompts[:6]):
+        eng.add_request(str(k), p, greedy(BUDGETS[k % 4]))
+    eng.step()                                                     # the prompts
+    batches = []
+    real_execute = eng.runner.execute
+    eng.runner.execute = lambda batch: batches.append(batch) or real_execute(batch)
+    eng.step()                                                     # a decode step
+    (batch,) = batches
+    assert batch.num_decode == 6 and not batch.chunk_lens
+    with OpRecorder() as rec:
+        out = real_execute(batch)
+    syncing = sorted({op for op in rec.ops if op.startswith(SYNCING_OPS)})
+    if routed_compute == "masked":
+        assert syncing == []
+        assert int(out.routed_counts.sum()) > 0                   # some tokens did route
+    else:
+        assert "aten.nonzero.default" in syncing
