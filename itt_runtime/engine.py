@@ -22,7 +22,7 @@ from itt_runtime.outputs import RequestMetrics, RequestOutput
 from itt_runtime.request import Sequence
 from itt_runtime.runner.attention import KVCache
 from itt_runtime.runner.cuda_graphs import DecodeGraphs
-from itt_runtime.runner.model_runner import ModelRunner
+from itt_runtime.runner.model_runner import ModelRunner, to_device
 from itt_runtime.sampler import Sampler, logprob_entries
 from itt_runtime.sampling_params import ParamError, SamplingParams
 from itt_runtime.scheduler import Scheduler
@@ -255,7 +255,11 @@ class LLMEngine:
                     sample_rows.append(row)
                     sample_seqs.append(s.seq)
                 row += 1
-        tokens, logprobs = (self.sampler(out.logits[sample_rows], sample_seqs) if sample_rows
+        if sample_rows == list(range(len(sample_rows))):          # the usual case: a slice
+            sample_logits = out.logits[:len(sample_rows)]
+        else:
+            sample_logits = out.logits[to_device(sample_rows, self.device)]
+        tokens, logprobs = (self.sampler(sample_logits, sample_seqs) if sample_rows
                             else (out.extra_steps[:0], None))
         # The step's one device-to-host read: sampled tokens, thinking depths, routed counts.
         S, K = len(sample_rows), self.model_config.max_extra_steps

@@ -48,7 +48,13 @@ def run_batch(eng: LLMEngine, prompt_ids, n_seqs: int, max_tokens: int, budget=N
     return tokens / dt, dt / max(steps, 1)
 
 
-def hf_dense_generate(model_dir: Path, prompt_ids, max_tokens: int, repeats: int = 2) -> float:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def hf_dense_generate(model_dir: Path, prompt_ids, max_tokens: int, device: torch.device,
+                      dtype: torch.dtype, repeats: int = 2) -> float:
     """Tokens/s of HF LlamaForCausalLM.generate on the dense version of the weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
     model, _ = load_model(model_dir)
@@ -68,25 +74,29 @@ def hf_dense_generate(model_dir: Path, prompt_ids, max_tokens: int, repeats: int
         for ours, theirs in names.items():
             sd[f"model.layers.{i}.{theirs}.weight"] = getattr(layer.block, ours).weight
     hf.load_state_dict(sd, strict=False)
-    ids = torch.tensor([prompt_ids])
+    hf.to(device=device, dtype=dtype)
+    ids = torch.tensor([prompt_ids], device=device)
     best = 0.0
     with torch.no_grad():
-        for _ in range(repeats):
+        for _ in range(repeats + 1):               # the first run warms up (CUDA: kernels)
+            sync(device)
             t0 = time.perf_counter()
             out = hf.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                               do_sample=False, pad_token_id=0)
+            sync(device)
             best = max(best, (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t0))
     return best
 
 
-def naive_generate(model_dir: Path, prompt_ids, max_tokens: int) -> float:
+def naive_generate(model_dir: Path, prompt_ids, max_tokens: int, device: torch.device,
+                   dtype: torch.dtype) -> float:
     """Tokens/s of greedy decoding that recomputes the full sequence every token."""
-    model, _ = load_model(model_dir)
+    model, _ = load_model(model_dir, device, dtype)
     ids = list(prompt_ids)
     t0 = time.perf_counter()
     with torch.no_grad():
         for _ in range(max_tokens):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            ids.append(int(model(torch.tensor([ids], device=device)).logits[0, -1].argmax()))
     return max_tokens / (time.perf_counter() - t0)
 
 
@@ -126,11 +136,13 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", default="1,8,32,64")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: no CUDA graphs (section 2 on CUDA shows both anyway)")
+    p.add_argument("--routed-compute", default="auto", choices=["auto", "gather", "masked"])
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--sections", default="1,2,3,4", help="which benchmarks to run")
     a = p.parse_args(argv)
-    eng = LLMEngine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype,
-                                 max_num_seqs=128, max_num_batched_tokens=4096))
+    eng = LLMEngine(engine_config(a, a.model, max_num_seqs=128, max_num_batched_tokens=4096))
     model_dir = eng.model_path
     prompt = eng.tokenizer.encode(PROMPT)
     res: dict = {"model": str(model_dir), "device": str(eng.device),
@@ -153,6 +165,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def engine_config(a, model, **overrides) -> EngineConfig:
+    return EngineConfig(**{"model": str(model), "device": a.device, "dtype": a.dtype,
+                           "enforce_eager": a.enforce_eager,
+                           "routed_compute": a.routed_compute, **overrides})
+
+
 def bench_concurrency(eng, prompt, a, res) -> None:
     print("\n## 1. decode throughput vs concurrency (default budget)")
     conc = {}
@@ -166,19 +184,26 @@ def bench_concurrency(eng, prompt, a, res) -> None:
 
 def bench_single_stream(eng, model_dir, prompt, a, res) -> None:
     print("\n## 2. single stream vs HF transformers generate and a no-cache loop (dense)")
+    dev, dtype = eng.device, eng.dtype
     with tempfile.TemporaryDirectory() as tmp:
         dense_dir = dense_copy(model_dir, Path(tmp) / "dense")
-        dense_eng = LLMEngine(EngineConfig(model=str(dense_dir), device=a.device,
-                                           dtype=a.dtype))
-        run_batch(dense_eng, prompt, 1, 8)
-        ours = max(run_batch(dense_eng, prompt, 1, a.tokens)[0] for _ in range(2))
-        hf = hf_dense_generate(dense_dir, prompt, a.tokens) if eng.device.type == "cpu" else None
-        naive = naive_generate(dense_dir, prompt, a.tokens) if eng.device.type == "cpu" else None
-    print(f"  itt engine : {ours:8.1f} tok/s")
-    if hf:
-        print(f"  HF generate: {hf:8.1f} tok/s   engine is x{ours / hf:.2f}")
-        print(f"  no cache   : {naive:8.1f} tok/s   engine is x{ours / naive:.2f}")
-    res["single_stream"] = {"engine": ours, "hf_generate": hf, "naive": naive}
+        engines = {"itt engine": engine_config(a, dense_dir)}
+        if dev.type == "cuda" and not a.enforce_eager:
+            engines["itt engine, eager"] = engine_config(a, dense_dir, enforce_eager=True)
+        figures = {}
+        for name, config in engines.items():
+            dense_eng = LLMEngine(config)
+            run_batch(dense_eng, prompt, 1, 8)
+            figures[name] = max(run_batch(dense_eng, prompt, 1, a.tokens)[0] for _ in range(2))
+        hf = hf_dense_generate(dense_dir, prompt, a.tokens, dev, dtype)
+        naive = naive_generate(dense_dir, prompt, a.tokens, dev, dtype)
+    ours = figures["itt engine"]
+    for name, tps in figures.items():
+        print(f"  {name:<18}: {tps:8.1f} tok/s")
+    print(f"  HF generate       : {hf:8.1f} tok/s   engine is x{ours / hf:.2f}")
+    print(f"  no cache          : {naive:8.1f} tok/s   engine is x{ours / naive:.2f}")
+    res["single_stream"] = {"engine": ours, "hf_generate": hf, "naive": naive,
+                            "engine_eager": figures.get("itt engine, eager")}
 
 
 def bench_budgets(eng, prompt, a, res) -> None:

@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--block-size", type=_positive_int, default=16, help="tokens per KV block")
     a("--kv-cache-memory", type=_bytes, default=None,
       help="KV cache size, e.g. 2GiB (default: half the free GPU memory; 512MiB on CPU)")
+    a("--enforce-eager", action="store_true",
+      help="CUDA: run every step eagerly instead of replaying captured decode steps")
+    a("--routed-compute", choices=["auto", "gather", "masked"], default="auto",
+      help="routed thinking steps on exactly the routed tokens (gather, one device sync "
+           "each) or on every token, masked (no sync); auto: masked for decode steps on CUDA")
     a("--default-think-budget", type=_budget, default=None,
       help="think budget of requests that do not set one (default: the model's)")
     a("--max-queue-len", type=_non_negative_int, default=None,
@@ -138,7 +143,7 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings]:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, default_think_budget=args.default_think_budget,
-        seed=args.seed)
+        enforce_eager=args.enforce_eager, routed_compute=args.routed_compute, seed=args.seed)
     settings = ServerSettings(
         served_model_names=tuple(args.served_model_name or [args.model]),
         api_key=args.api_key, max_queue_len=args.max_queue_len,

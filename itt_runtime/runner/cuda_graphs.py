@@ -14,7 +14,9 @@ step with masked routed steps (see model_runner.py) is such a step once its batc
   * block tables are padded up to a width bucket (powers of two up to the longest sequence),
     the width of every attention gather in the step.
 
-One graph per (batch bucket, width bucket), captured the first time that shape is needed,
+A batch where every row has budget 0 skips the routed steps (the host knows that from the
+thresholds, +inf at b = 0), so it has graphs of its own: one graph per (batch bucket, width
+bucket, any row routable), captured the first time that shape is needed,
 all sharing one memory pool. Inputs are copied into the graph's static buffers with one
 host-to-device copy before each replay. With ``capture=False`` the same padded step runs
 eagerly: that is how the CPU tests check the padding against the reference model.
@@ -68,7 +70,7 @@ class DecodeGraphs:
         self.capture = capture
         self.batch_buckets = batch_buckets(max_batch)
         self.width_buckets = width_buckets(max_blocks)
-        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.graphs: dict[tuple[int, int, bool], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         cfg = runner.cfg
         self.num_streams, self.num_routed = cfg.num_kv_streams, cfg.max_extra_steps
@@ -80,7 +82,9 @@ class DecodeGraphs:
         """One decode step: every scheduled sequence computes one token and samples."""
         B = len(scheduled)
         width = max(len(t) for kv in kvs for t in kv.block_tables)
-        g = self._graph(round_up(B, self.batch_buckets), round_up(width, self.width_buckets))
+        routable = any(t < math.inf for s in scheduled for t in s.seq.thresholds)
+        g = self._graph(round_up(B, self.batch_buckets), round_up(width, self.width_buckets),
+                        routable)
         Bp, N, W = g.batch.block_tables.shape
         pad_rows = Bp - B
         scratch = self.runner.cache.scratch_block
@@ -102,13 +106,13 @@ class DecodeGraphs:
         out = g.output
         return StepOutput(out.logits[:B], out.routed_counts[:B], out.extra_steps[:B])
 
-    def _graph(self, Bp: int, W: int) -> _Graph:
-        g = self.graphs.get((Bp, W))
+    def _graph(self, Bp: int, W: int, routable: bool) -> _Graph:
+        g = self.graphs.get((Bp, W, routable))
         if g is None:
-            g = self.graphs[(Bp, W)] = self._build(Bp, W)
+            g = self.graphs[(Bp, W, routable)] = self._build(Bp, W, routable)
         return g
 
-    def _build(self, Bp: int, W: int) -> _Graph:
+    def _build(self, Bp: int, W: int, routable: bool) -> _Graph:
         dev, N = self.runner.device, self.num_streams
         flat = torch.zeros(2 * Bp + Bp * N * W + Bp * N, dtype=torch.long, device=dev)
         ids, pos, tables, lengths = flat.split([Bp, Bp, Bp * N * W, Bp * N])
@@ -118,7 +122,7 @@ class DecodeGraphs:
             block_tables=tables.view(Bp, N, W), stream_lengths=lengths.view(Bp, N),
             thresholds=torch.full((Bp, self.num_routed), math.inf, device=dev),
             logit_rows=rows, num_decode=Bp, chunk_lens=[], stream_blocks=[W] * N,
-            row_blocks=[], masked_routing=True)
+            row_blocks=[], masked_routing=True, routable=routable)
         g = _Graph(batch, flat)
         if self.capture:
             # Until the first real copy every row is a padding row: writes go to scratch.

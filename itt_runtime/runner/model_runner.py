@@ -24,6 +24,7 @@ and per logit row the extra steps of the position that produced it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,7 @@ class StepBatch:
     stream_blocks: list[int]         # max blocks over rows, per stream (gather width)
     row_blocks: list[list[int]]      # blocks per (row, stream)
     masked_routing: bool = False     # routed steps: masked (no sync) or gathered
+    routable: bool = True            # False: every row has budget 0, routed steps are skipped
 
 
 @dataclass
@@ -107,13 +109,15 @@ class ModelRunner:
         ids_t, pos_t, rows_t, start_t, logit_t, tables_t, lengths_t = flat.split(
             [T, T, T, B, S, B * N * width, B * N])
         thresholds = torch.tensor([s.seq.thresholds for s in scheduled], dtype=torch.float32)
+        routable = any(t < math.inf for s in scheduled for t in s.seq.thresholds)
         return StepBatch(
             input_ids=ids_t, positions=pos_t, tok_seq=rows_t, row_start=start_t,
             block_tables=tables_t.view(B, N, width), stream_lengths=lengths_t.view(B, N),
             thresholds=thresholds.view(B, -1).to(self.device, non_blocking=True),
             logit_rows=logit_t, num_decode=num_decode,
             chunk_lens=[s.num_new_tokens for s in scheduled[num_decode:]],
-            stream_blocks=stream_blocks, row_blocks=row_blocks, masked_routing=masked_routing)
+            stream_blocks=stream_blocks, row_blocks=row_blocks, masked_routing=masked_routing,
+            routable=routable)
 
     # ---- device side ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -141,7 +145,7 @@ class ModelRunner:
                 x = x + delta
                 continue
             x = x + layer.phi[0] * delta
-            for t in range(1, layer.think_steps):
+            for t in range(1, layer.think_steps if batch.routable else 1):
                 k = itt_index * cfg.n_routed_steps + (t - 1)
                 logits_r = layer.router_logits(t, x)                     # (T,)
                 routed = logits_r.float() > thresholds_tok[:, k]         # (T,) bool

@@ -137,8 +137,12 @@ def test_padded_decode_steps_match_reference(tiny_model_dir, prompts, expected):
         assert out.outputs[0].token_ids == tokens[:n], f"{case}: tokens differ"
         assert out.outputs[0].thinking == extra[:n], f"{case}: thinking depth differs"
     shapes = set(graphs.graphs)
-    assert len({bp for bp, _ in shapes}) >= 4 and len({w for _, w in shapes}) >= 2, shapes
-    assert any(bp not in (1, 2, 4, 8) for bp, _ in shapes), shapes   # a bucket past 8
+    assert len({bp for bp, _, _ in shapes}) >= 4 and len({w for _, w, _ in shapes}) >= 2, shapes
+    assert any(bp not in (1, 2, 4, 8) for bp, _, _ in shapes), shapes   # a bucket past 8
+    # Budget-0 rows only: the routed steps are skipped, in graphs of their own.
+    zero = [(i, 0.0) for i in range(0, len(prompts), 2)]
+    check(llm.generate([prompts[i] for i, _ in zero], greedy(0.0)), zero, expected)
+    assert any(not routable for _, _, routable in set(graphs.graphs) - shapes)
     assert eng.kv.pool.num_free == eng.kv.pool.num_blocks, "KV blocks leaked"
 
 
@@ -161,7 +165,7 @@ def test_padded_decode_step_writes_only_its_own_slots(tiny_model_dir, prompts):
                      for s in streams}
     before = eng.cache.k.clone()
     eng.step()                                                     # one padded decode step
-    assert [bp for bp, _ in graphs.graphs] == [4]                  # 3 rows + 1 padding row
+    assert [(bp, r) for bp, _, r in graphs.graphs] == [(4, True)]  # 3 rows + 1 padding row
     changed = (eng.cache.k != before).flatten(2).any(-1).flatten().nonzero()[:, 0].tolist()
     scratch = range(eng.cache.scratch_slot, eng.cache.scratch_slot + bs)
     assert {s for s in changed if s not in scratch} == expected

@@ -11,7 +11,7 @@ import sys
 import pytest
 from live_server import REPO, free_port
 
-from server.cli import build_parser, main
+from server.cli import build_parser, configs, main
 
 
 def test_defaults_serve_the_shipped_model_on_localhost_8000(monkeypatch):
@@ -19,6 +19,14 @@ def test_defaults_serve_the_shipped_model_on_localhost_8000(monkeypatch):
     args = build_parser().parse_args([])
     assert (args.model, args.host, args.port) == ("default", "127.0.0.1", 8000)
     assert args.drain_timeout == 30.0 and args.max_queue_len is None and args.api_key is None
+
+
+def test_engine_flags_reach_the_engine_config():
+    engine, _ = configs(build_parser().parse_args([]))
+    assert (engine.enforce_eager, engine.routed_compute) == (False, "auto")
+    engine, _ = configs(build_parser().parse_args(["--enforce-eager",
+                                                   "--routed-compute", "gather"]))
+    assert (engine.enforce_eager, engine.routed_compute) == (True, "gather")
 
 
 def test_api_key_from_environment(monkeypatch):
@@ -40,6 +48,7 @@ def test_kv_cache_memory_sizes(size, expected):
     (["--kv-cache-memory", "lots"], "--kv-cache-memory"),
     (["--drain-timeout", "-1"], "--drain-timeout"),
     (["--dtype", "float8"], "dtype"),
+    (["--routed-compute", "sometimes"], "--routed-compute"),
     (["--no-such-flag"], "--no-such-flag"),
 ])
 def test_bad_flag_fails_with_one_line(flags, words, capsys):

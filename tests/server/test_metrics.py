@@ -22,7 +22,7 @@ PROMPT = "And God called the light Day"
 def server(tiny_model_dir, tmp_path_factory):
     """A KV cache of 200 blocks (4 KiB each): room for one long request, not three."""
     srv = launch(tiny_model_dir, tmp_path_factory.mktemp("metrics"), "--kv-cache-memory",
-                 f"{KV_BLOCKS * 4}KiB", "--max-num-seqs", "8")
+                 f"{(KV_BLOCKS + 1) * 4}KiB", "--max-num-seqs", "8")   # + scratch
     yield srv
     srv.stop()
 
