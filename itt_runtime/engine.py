@@ -21,7 +21,7 @@ from itt_runtime.output_processor import append_token, make_delta, make_request_
 from itt_runtime.outputs import RequestMetrics, RequestOutput
 from itt_runtime.request import Sequence
 from itt_runtime.runner.attention import KVCache
-from itt_runtime.runner.cuda_graphs import DecodeGraphs
+from itt_runtime.runner.cuda_graphs import CaptureError, DecodeGraphs
 from itt_runtime.runner.model_runner import ModelRunner, to_device
 from itt_runtime.sampler import Sampler, logprob_entries
 from itt_runtime.sampling_params import ParamError, SamplingParams
@@ -241,9 +241,16 @@ class LLMEngine:
             len(scheduled) == sum(s.num_new_tokens for s in scheduled)
         masked = self._masked_routing(decode_only)
         graphs = self.graphs
+        out = None
         if decode_only and masked and graphs is not None and graphs.can_run(len(scheduled)):
-            out = graphs.run(scheduled, kvs)
-        else:
+            try:
+                out = graphs.run(scheduled, kvs)
+            except CaptureError:
+                # Nothing of the step was written: serve it and all later ones eagerly.
+                log.warning("CUDA graph capture failed; running every step eagerly",
+                            exc_info=True)
+                self.graphs = None
+        if out is None:
             batch = self.runner.prepare(scheduled, kvs, logit_pos, masked_routing=masked)
             out = self.runner.execute(batch)
         self._prompt_logprobs(scheduled, logit_pos, out.logits)

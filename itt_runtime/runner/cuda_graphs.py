@@ -25,7 +25,9 @@ eagerly: that is how the CPU tests check the padding against the reference model
 from __future__ import annotations
 
 import bisect
+import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +35,12 @@ import torch
 from itt_runtime.kv_cache.manager import SequenceKV
 from itt_runtime.runner.model_runner import ModelRunner, StepBatch, StepOutput, to_device
 from itt_runtime.scheduler import ScheduledSeq
+
+log = logging.getLogger("itt_runtime")
+
+
+class CaptureError(RuntimeError):
+    """Capturing a decode step failed; nothing of the step was computed or written."""
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -79,7 +87,8 @@ class DecodeGraphs:
         return num_seqs <= self.batch_buckets[-1]
 
     def run(self, scheduled: list[ScheduledSeq], kvs: list[SequenceKV]) -> StepOutput:
-        """One decode step: every scheduled sequence computes one token and samples."""
+        """One decode step: every scheduled sequence computes one token and samples.
+        Raises CaptureError, before any of the step's K/V is written, if a capture fails."""
         B = len(scheduled)
         width = max(len(t) for kv in kvs for t in kv.block_tables)
         routable = any(t < math.inf for s in scheduled for t in s.seq.thresholds)
@@ -127,7 +136,15 @@ class DecodeGraphs:
         if self.capture:
             # Until the first real copy every row is a padding row: writes go to scratch.
             tables.fill_(self.runner.cache.scratch_block)
-            self._capture(g)
+            start = time.perf_counter()
+            try:
+                self._capture(g)
+            except RuntimeError as e:
+                raise CaptureError(f"capturing a decode step of {Bp} rows, {W} blocks wide, "
+                                   f"failed: {e}") from e
+            log.info("captured a CUDA graph for decode steps of %d rows, %d blocks wide%s "
+                     "in %.0f ms", Bp, W, "" if routable else " (budget 0)",
+                     (time.perf_counter() - start) * 1e3)
         return g
 
     def _capture(self, g: _Graph) -> None:

@@ -171,6 +171,25 @@ def test_padded_decode_step_writes_only_its_own_slots(tiny_model_dir, prompts):
     assert {s for s in changed if s not in scratch} == expected
 
 
+def test_failed_capture_falls_back_to_eager_steps(tiny_model_dir, prompts, expected, caplog):
+    """If capturing a CUDA graph fails (simulated here: CPU cannot capture), the step runs
+    eagerly, later steps too, and the output is still the reference's."""
+    llm = LLM(str(tiny_model_dir), routed_compute="masked")
+    eng = llm.engine
+    graphs = eng.graphs = DecodeGraphs(eng.runner, 8, 8, capture=False)
+    graphs.capture = True
+
+    def failing_capture(g):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs._capture = failing_capture
+    cases = [(i, b) for i in (2, 5, 9) for b in (0.25, 1.0)]
+    outs = llm.generate([prompts[i] for i, _ in cases], [greedy(b) for _, b in cases])
+    check(outs, cases, expected)
+    assert eng.graphs is None and not graphs.graphs
+    assert "CUDA graph capture failed" in caplog.text
+
+
 @pytest.mark.parametrize("routed_compute", ["gather", "masked"])
 def test_step_logits_match_reference_within_1e4(routed_compute, tiny_model_dir, reference,
                                                 prompts, expected):
