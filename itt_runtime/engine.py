@@ -7,7 +7,6 @@ and ``LLM`` drives it for offline use.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 

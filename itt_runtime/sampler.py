@@ -82,7 +82,7 @@ class Sampler:
         return logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        S, V = logits.shape
+        V = logits.shape[1]
         dev = logits.device
         temp = torch.tensor([max(s.params.temperature, 1e-5) for s in seqs], device=dev)
         logits = logits / temp[:, None]

@@ -68,7 +68,7 @@ class _Graph:
     batch: StepBatch                 # static buffers the graph reads
     flat: torch.Tensor               # ids | positions | block tables | lengths, one buffer
     output: StepOutput | None = None
-    graph: "torch.cuda.CUDAGraph | None" = None
+    graph: torch.cuda.CUDAGraph | None = None
 
 
 class DecodeGraphs:
@@ -107,7 +107,8 @@ class DecodeGraphs:
                      non_blocking=True)
         thresholds = [t for s in scheduled for t in s.seq.thresholds]
         thresholds += [math.inf] * (pad_rows * self.num_routed)
-        g.batch.thresholds.copy_(torch.tensor(thresholds).view(Bp, self.num_routed), non_blocking=True)
+        g.batch.thresholds.copy_(torch.tensor(thresholds).view(Bp, self.num_routed),
+                                 non_blocking=True)
         if g.graph is not None:
             g.graph.replay()
         else:

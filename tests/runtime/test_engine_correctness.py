@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from itt_testing import HELDOUT
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from itt_runtime.kv_cache.manager import cdiv
@@ -17,8 +18,6 @@ from itt_runtime.model.itt import ThresholdRouting
 from itt_runtime.model.loader import load_model
 from itt_runtime.runner.cuda_graphs import DecodeGraphs
 from itt_runtime.sampling_params import SamplingParams
-
-from itt_testing import HELDOUT
 
 BUDGETS = [0.0, 0.25, 0.5, 1.0]
 MAX_NEW = 6
