@@ -149,14 +149,15 @@ class DecodeGraphs:
         return g
 
     def _capture(self, g: _Graph) -> None:
-        # Warm up on a side stream first (lazy cuBLAS / attention-kernel initialisation must
-        # not happen inside the capture), as the torch.cuda.graphs documentation advises.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.runner.execute(g.batch)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            g.output = self.runner.execute(g.batch)
+        with torch.cuda.device(self.runner.device):        # streams of the model's GPU
+            # Warm up on a side stream first (lazy cuBLAS / attention-kernel initialisation
+            # must not happen inside the capture), as the torch.cuda.graphs docs advise.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.runner.execute(g.batch)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                g.output = self.runner.execute(g.batch)
         g.graph = graph
