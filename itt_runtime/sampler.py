@@ -17,17 +17,21 @@ from itt_runtime.request import Sequence
 def logprob_entries(logprobs: torch.Tensor, chosen: torch.Tensor, ks: list[int]) \
         -> list[dict[int, float]]:
     """Rows of {token_id: logprob}: the chosen token first, then row i's top ``ks[i]``.
-    logprobs (N, V); chosen (N,) token ids."""
-    chosen_lp = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
-    k = max(ks, default=0)
-    top = logprobs.topk(k, dim=-1) if k else None
-    top_ids = top.indices.tolist() if k else [[]] * len(ks)
-    top_vals = top.values.tolist() if k else [[]] * len(ks)
+    logprobs (N, V); chosen (N,) token ids. Reads from the device once: ids and values travel
+    together as float64 (exact for both)."""
+    N, k = len(ks), max(ks, default=0)
+    parts = [chosen, logprobs.gather(1, chosen[:, None])[:, 0]]
+    if k:
+        top = logprobs.topk(k, dim=-1)
+        parts += [top.indices.flatten(), top.values.flatten()]
+    host = torch.cat([p.double() for p in parts]).tolist()
+    tokens, chosen_lp = host[:N], host[N:2 * N]
+    top_ids, top_vals = host[2 * N:2 * N + N * k], host[2 * N + N * k:]
     out = []
-    for i, (tok, lp) in enumerate(zip(chosen.tolist(), chosen_lp)):
-        entry = {tok: lp}
-        for tid, v in zip(top_ids[i][: ks[i]], top_vals[i][: ks[i]]):
-            entry.setdefault(tid, v)
+    for i in range(N):
+        entry = {int(tokens[i]): chosen_lp[i]}
+        for j in range(i * k, i * k + ks[i]):
+            entry.setdefault(int(top_ids[j]), top_vals[j])
         out.append(entry)
     return out
 

@@ -61,16 +61,18 @@ def test_cuda_bf16_batch_runs_and_frees_blocks(tiny_model_dir):
 
 
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
-def test_cuda_decode_step_syncs_once(tiny_model_dir, enforce_eager):
+@pytest.mark.parametrize("logprobs, expected_syncs", [(None, 1), (3, 2)])
+def test_cuda_decode_step_syncs_once(tiny_model_dir, enforce_eager, logprobs, expected_syncs):
     """With routed steps masked, a greedy decode step's only synchronising call is the
-    engine reading its results (counted by PyTorch's CUDA sync debug mode)."""
+    engine reading its results (counted by PyTorch's CUDA sync debug mode); asking for
+    logprobs adds one read for them."""
     llm = LLM(str(tiny_model_dir), device="cuda", dtype="bfloat16",
               enforce_eager=enforce_eager, routed_compute="masked")
     eng = llm.engine
     for k, p in enumerate(PROMPTS):
         eng.add_request(str(k), eng.tokenizer.encode(p),
                         SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
-                                       think_budget=k / 3))
+                                       think_budget=k / 3, logprobs=logprobs))
     eng.step()                                    # prompts
     eng.step()                                    # first decode step (captures a graph)
     torch.cuda.synchronize()
@@ -82,4 +84,4 @@ def test_cuda_decode_step_syncs_once(tiny_model_dir, enforce_eager):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    assert len(syncs) == expected_syncs, [str(w.message) for w in syncs]
