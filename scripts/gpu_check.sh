@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The engine's GPU checks in one run, for a machine with an NVIDIA GPU (about 5 minutes on an
-# H200, estimated): the CUDA tests, then itt-bench on CUDA with CUDA graphs and masked routed steps, and
-# once more eager with gathered routed steps for the comparison.
+# H200, estimated): the CUDA tests, then itt-bench on CUDA with CUDA graphs and masked routed
+# steps, and once more eager with gathered routed steps for the comparison.
 #
 #   OUT=/tmp/gpu bash scripts/gpu_check.sh
 #
