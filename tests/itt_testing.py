@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from itt_runtime.config import ModelConfig
-from itt_runtime.model.itt import ITTModel
+from itt_runtime.model.itt import ITTModel, ThresholdRouting
 from itt_runtime.model.loader import save_model
 from itt_runtime.tokenizer import Tokenizer
 from itt_runtime.training.calibrate import calibrate
@@ -45,3 +45,16 @@ def build_tiny_model(tokenizer_file: Path, out_dir: Path, seed: int = 0, **overr
         windows = eval_windows(encode_corpus(tok, HELDOUT), 64, limit=32)[:, :-1]
         model.cfg = dataclasses.replace(cfg, calibration=calibrate(model, windows))
     return save_model(model, tokenizer_file, out_dir, dtype=torch.float32)
+
+
+@torch.no_grad()
+def reference_greedy(model, ids, budget, n):
+    """Greedy decode by recomputing the full sequence (no cache). Returns (tokens, extra
+    steps of the position that produced each token, logits of each step)."""
+    ids, extra, logits = list(ids), [], []
+    for _ in range(n):
+        out = model(torch.tensor([ids]), routing=ThresholdRouting.for_budgets(model.cfg, [budget]))
+        logits.append(out.logits[0, -1])
+        ids.append(int(out.logits[0, -1].argmax()))
+        extra.append(int(out.routed[0, -1].sum()))
+    return ids[-n:], extra, logits

@@ -33,7 +33,14 @@ from dataclasses import dataclass
 import torch
 
 from itt_runtime.kv_cache.manager import SequenceKV
-from itt_runtime.runner.model_runner import ModelRunner, StepBatch, StepOutput, to_device
+from itt_runtime.runner.model_runner import (
+    ModelRunner,
+    StepBatch,
+    StepOutput,
+    any_routable,
+    padded_tables,
+    to_device,
+)
 from itt_runtime.scheduler import ScheduledSeq
 
 log = logging.getLogger("itt_runtime")
@@ -91,15 +98,14 @@ class DecodeGraphs:
         Raises CaptureError, before any of the step's K/V is written, if a capture fails."""
         B = len(scheduled)
         width = max(len(t) for kv in kvs for t in kv.block_tables)
-        routable = any(t < math.inf for s in scheduled for t in s.seq.thresholds)
         g = self._graph(round_up(B, self.batch_buckets), round_up(width, self.width_buckets),
-                        routable)
+                        any_routable(scheduled))
         Bp, N, W = g.batch.block_tables.shape
         pad_rows = Bp - B
         scratch = self.runner.cache.scratch_block
         ids = [s.seq.all_token_ids[s.seq.num_computed_tokens] for s in scheduled]
         pos = [s.seq.num_computed_tokens for s in scheduled]
-        tables = [b for kv in kvs for t in kv.block_tables for b in t + [0] * (W - len(t))]
+        tables = padded_tables(kvs, W)
         lengths = [n for kv in kvs for n in kv.lengths]
         g.flat.copy_(to_device(ids + [0] * pad_rows + pos + [0] * pad_rows
                                + tables + [scratch] * (pad_rows * N * W)

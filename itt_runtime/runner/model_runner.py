@@ -71,6 +71,16 @@ def to_device(values: list[int], device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def padded_tables(kvs: list[SequenceKV], width: int) -> list[int]:
+    """Every row's block table of every stream, padded with block 0 to ``width``, flat."""
+    return [b for kv in kvs for t in kv.block_tables for b in t + [0] * (width - len(t))]
+
+
+def any_routable(scheduled: list[ScheduledSeq]) -> bool:
+    """Whether any row can take a routed step (θ = +inf, budget 0, never routes)."""
+    return any(t < math.inf for s in scheduled for t in s.seq.thresholds)
+
+
 class ModelRunner:
     def __init__(self, model: ITTModel, cache: KVCache) -> None:
         for layer in model.layers:
@@ -101,7 +111,7 @@ class ModelRunner:
         row_blocks = [[len(t) for t in kv.block_tables] for kv in kvs]
         stream_blocks = [max(col) for col in zip(*row_blocks)]
         width = max(stream_blocks)
-        tables = [b for kv in kvs for t in kv.block_tables for b in t + [0] * (width - len(t))]
+        tables = padded_tables(kvs, width)
         lengths = [n for kv in kvs for n in kv.lengths]
         B, T, S, N = len(scheduled), len(ids), len(logit_rows), self.cfg.num_kv_streams
         flat = to_device(ids + pos + rows + row_start + logit_rows + tables + lengths,
@@ -109,7 +119,6 @@ class ModelRunner:
         ids_t, pos_t, rows_t, start_t, logit_t, tables_t, lengths_t = flat.split(
             [T, T, T, B, S, B * N * width, B * N])
         thresholds = torch.tensor([s.seq.thresholds for s in scheduled], dtype=torch.float32)
-        routable = any(t < math.inf for s in scheduled for t in s.seq.thresholds)
         return StepBatch(
             input_ids=ids_t, positions=pos_t, tok_seq=rows_t, row_start=start_t,
             block_tables=tables_t.view(B, N, width), stream_lengths=lengths_t.view(B, N),
@@ -117,7 +126,7 @@ class ModelRunner:
             logit_rows=logit_t, num_decode=num_decode,
             chunk_lens=[s.num_new_tokens for s in scheduled[num_decode:]],
             stream_blocks=stream_blocks, row_blocks=row_blocks, masked_routing=masked_routing,
-            routable=routable)
+            routable=any_routable(scheduled))
 
     # ---- device side ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -160,7 +169,7 @@ class ModelRunner:
     def _gathered_step(self, layer, t: int, stream: int, x, cos, sin, logits_r, routed,
                        batch: StepBatch):
         """Routed step on exactly the routed tokens. Returns (new x, routed count per row)."""
-        bs, B = self.cache.block_size, batch.block_tables.shape[0]
+        B = batch.block_tables.shape[0]
         idx = routed.nonzero().squeeze(1)                                # (R,) host sync
         if idx.numel() == 0:
             return x, 0
@@ -170,21 +179,21 @@ class ModelRunner:
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.arange(idx.numel(), device=x.device) - starts[seq_of]
         spos = batch.stream_lengths[seq_of, stream] + rank
-        blk = batch.block_tables[seq_of, stream, torch.div(spos, bs, rounding_mode="floor")]
         nd = batch.num_decode
         if batch.chunk_lens:      # mixed batch: how many routed tokens per chunk
             n_dec, chunk_counts = int((idx < nd).sum()), counts[nd:].tolist()
         else:                     # decode only: no further host sync
             n_dec, chunk_counts = idx.numel(), []
         delta = self._block(layer.block, x[idx], cos[idx], sin[idx], seq_of, spos,
-                            blk * bs + spos % bs, stream, batch, n_dec, chunk_counts)
+                            self._slots(batch, seq_of, stream, spos), stream, batch, n_dec,
+                            chunk_counts)
         gate = torch.sigmoid(logits_r[idx]).to(x.dtype)[:, None]
         return x.index_add(0, idx, gate * (layer.phi[t] * delta)), counts
 
     def _masked_step(self, layer, t: int, stream: int, x, cos, sin, logits_r, routed,
                      batch: StepBatch):
         """Routed step on every token, keeping routed results only; no host sync."""
-        bs, B = self.cache.block_size, batch.block_tables.shape[0]
+        B = batch.block_tables.shape[0]
         r = routed.long()
         counts = torch.zeros(B, dtype=torch.long, device=x.device).index_add_(
             0, batch.tok_seq, r)
@@ -192,13 +201,18 @@ class ModelRunner:
         before = torch.cumsum(r, 0) - r
         rank = before - before[batch.row_start][batch.tok_seq]
         spos = batch.stream_lengths[batch.tok_seq, stream] + rank
-        blk = batch.block_tables[batch.tok_seq, stream,
-                                 torch.div(spos, bs, rounding_mode="floor")]
-        slots = torch.where(routed, blk * bs + spos % bs, self.cache.scratch_slot)
+        slots = torch.where(routed, self._slots(batch, batch.tok_seq, stream, spos),
+                            self.cache.scratch_slot)
         delta = self._block(layer.block, x, cos, sin, batch.tok_seq, spos, slots, stream,
                             batch, batch.num_decode, batch.chunk_lens)
         gate = torch.sigmoid(logits_r).to(x.dtype)[:, None]
         return torch.where(routed[:, None], x + gate * (layer.phi[t] * delta), x), counts
+
+    def _slots(self, batch: StepBatch, rows, stream: int, spos) -> torch.Tensor:
+        """Flat cache slots of stream positions ``spos`` in ``stream`` of batch ``rows``."""
+        bs = self.cache.block_size
+        blk = batch.block_tables[rows, stream, torch.div(spos, bs, rounding_mode="floor")]
+        return blk * bs + spos % bs
 
     def _block(self, block, x, cos, sin, seq_of, spos, slots, stream, batch: StepBatch,
                n_dec: int, chunk_lens: list[int]) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 For each budget b of a grid, one forward pass over held-out text fixes τ_{l,t}(b) step by
 step, in model order: at routed step t of ITT layer l the threshold is the (1 − b) quantile of
-that step's router logits (thresholds live in logit space, θ = logit(τ); see model/itt.py), and the tokens above it are routed before the next step is scored. This
-is sequential because later steps see the routing of earlier ones.
+that step's router logits (thresholds live in logit space, θ = logit(τ); see model/itt.py),
+and the tokens above it are routed before the next step is scored. This is sequential because
+later steps see the routing of earlier ones.
 """
 
 from __future__ import annotations

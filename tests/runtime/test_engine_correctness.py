@@ -9,12 +9,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-from itt_testing import HELDOUT
+from itt_testing import HELDOUT, reference_greedy
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from itt_runtime.kv_cache.manager import cdiv
 from itt_runtime.llm import LLM
-from itt_runtime.model.itt import ThresholdRouting
 from itt_runtime.model.loader import load_model
 from itt_runtime.runner.cuda_graphs import DecodeGraphs
 from itt_runtime.sampling_params import SamplingParams
@@ -42,19 +41,6 @@ def prompts(reference):
             out.append(ids[: rng.randint(2, min(len(ids), 120))])
     assert len(out) == 20
     return out
-
-
-@torch.no_grad()
-def reference_greedy(model, ids, budget, n):
-    """Greedy decode by recomputing the full sequence (no cache). Returns (tokens, extra
-    steps of the position that produced each token, logits of each step)."""
-    ids, extra, logits = list(ids), [], []
-    for _ in range(n):
-        out = model(torch.tensor([ids]), routing=ThresholdRouting.for_budgets(model.cfg, [budget]))
-        logits.append(out.logits[0, -1])
-        ids.append(int(out.logits[0, -1].argmax()))
-        extra.append(int(out.routed[0, -1].sum()))
-    return ids[-n:], extra, logits
 
 
 @pytest.fixture(scope="module")

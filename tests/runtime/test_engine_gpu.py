@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from itt_runtime.llm import LLM
-from itt_runtime.model.itt import ThresholdRouting
 from itt_runtime.model.loader import load_model
 from itt_runtime.sampling_params import SamplingParams
+
+from itt_testing import reference_greedy
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -20,16 +21,6 @@ pytestmark = [pytest.mark.gpu,
 PROMPTS = ["And God said, Let there be light: and there was light.",
            "In the beginning", "The LORD is my shepherd; I shall not want.",
            "And it came to pass, when the king heard these words, that he rent his clothes"]
-
-
-def reference_greedy(model, ids, budget, n):
-    ids = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            out = model(torch.tensor([ids]),
-                        routing=ThresholdRouting.for_budgets(model.cfg, [budget]))
-            ids.append(int(out.logits[0, -1].argmax()))
-    return ids[-n:]
 
 
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
@@ -43,7 +34,7 @@ def test_cuda_fp32_greedy_matches_cpu_reference(tiny_model_dir, enforce_eager):
                         [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
                                         think_budget=b) for _, b in cases])
     for out, (p, b) in zip(outs, cases):
-        assert out.outputs[0].token_ids == reference_greedy(model, tok.encode(p), b, 12), (p, b)
+        assert out.outputs[0].token_ids == reference_greedy(model, tok.encode(p), b, 12)[0], (p, b)
     graphs = llm.engine.graphs
     assert (graphs is None) == enforce_eager
     if graphs is not None:
