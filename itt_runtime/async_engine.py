@@ -31,6 +31,11 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped because of an error; the server should report 503."""
 
 
+class RequestFailedError(RuntimeError):
+    """Serving this one request raised inside the engine; the engine goes on (the server
+    reports a 500 that does not echo the internal message)."""
+
+
 class AsyncLLMEngine:
     def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None):
         self.engine = engine or LLMEngine(config or EngineConfig())
@@ -44,6 +49,8 @@ class AsyncLLMEngine:
         self.last_step_time = time.time()
         self._stats = self.engine.stats()
         self.finished_callbacks: list = []      # fn(RequestOutput) on the engine thread
+        # fn(exception) on the engine thread when the loop dies; the server exits non-zero.
+        self.death_callbacks: list = []
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -112,10 +119,12 @@ class AsyncLLMEngine:
                 self._stats = eng.stats()
                 self.last_step_time = time.time()
         except BaseException as e:            # noqa: BLE001 - the loop must report any death
-            log.exception("engine loop died")
+            log.critical("engine loop died: %s: %s", type(e).__name__, e, exc_info=e)
             self.error = e
             for loop, q in list(self._streams.values()):
-                loop.call_soon_threadsafe(q.put_nowait, EngineDeadError(f"engine died: {e!r}"))
+                loop.call_soon_threadsafe(q.put_nowait, EngineDeadError("the engine died"))
+            for cb in self.death_callbacks:
+                cb(e)
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -136,9 +145,14 @@ class AsyncLLMEngine:
                 return
             try:
                 self.engine.add_request(rid, ids, params, arrival_time=arrival)
-            except ValueError as e:
+            except ValueError as e:           # ParamError: a 400 naming the parameter
                 loop, q = self._streams[rid]
                 loop.call_soon_threadsafe(q.put_nowait, e)
+            except Exception as e:            # noqa: BLE001 - add_request queues nothing then
+                log.error("request %s could not be added: %s: %s", rid, type(e).__name__, e,
+                          exc_info=e)
+                loop, q = self._streams[rid]
+                loop.call_soon_threadsafe(q.put_nowait, RequestFailedError(rid))
         elif cmd[0] == "abort":
             out = self.engine.abort(cmd[1])
             if out is not None:
@@ -152,4 +166,5 @@ class AsyncLLMEngine:
         stream = self._streams.get(out.request_id)
         if stream is not None:
             loop, q = stream
-            loop.call_soon_threadsafe(q.put_nowait, out)
+            item = RequestFailedError(out.request_id) if out.error is not None else out
+            loop.call_soon_threadsafe(q.put_nowait, item)

@@ -24,7 +24,7 @@ from itt_runtime.runner.cuda_graphs import CaptureError, DecodeGraphs
 from itt_runtime.runner.model_runner import ModelRunner, to_device
 from itt_runtime.sampler import Sampler, logprob_entries
 from itt_runtime.sampling_params import ParamError, SamplingParams
-from itt_runtime.scheduler import Scheduler
+from itt_runtime.scheduler import ScheduledSeq, Scheduler
 
 log = logging.getLogger("itt_runtime")
 
@@ -99,6 +99,18 @@ class EngineStats:
     routed_tokens: list[int] = field(default_factory=list)   # per routed stream
 
 
+class EngineBrokenError(RuntimeError):
+    """The engine itself can no longer run steps (not one request's fault)."""
+
+
+@dataclass
+class StepResult:
+    """What ``_execute`` read back from the device for one step, on the host."""
+    scheduled: list[ScheduledSeq]                     # in the order the runner laid them out
+    routed_counts: list[list[int]]                    # per scheduled row, per routed stream
+    sampled: list[tuple[Sequence, int, int, dict]]    # (seq, token, extra steps, logprobs)
+
+
 @dataclass
 class _Request:
     request_id: str
@@ -168,6 +180,10 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
             raise ParamError("prompt", f"prompt token ids must be integers in [0, {vocab})")
+        bad_stop = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad_stop:
+            raise ParamError("stop_token_ids", f"stop_token_ids must be in [0, {vocab}), got "
+                             f"{bad_stop[0]}")
         if n >= self.max_model_len:
             raise ParamError("prompt", f"this model's maximum context length is "
                              f"{self.max_model_len} tokens, but the prompt has {n} tokens")
@@ -191,8 +207,8 @@ class LLMEngine:
         seqs = []
         for i in range(params.n):
             gen = None
-            if params.seed is not None:
-                gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            if params.seed is not None:     # child i: seed + i, reduced to the unsigned 64 bits
+                gen = torch.Generator(device=self.device).manual_seed((params.seed + i) % 2**64)
             seq = Sequence(
                 seq_id=request_id if params.n == 1 else f"{request_id}#{i}",
                 request_id=request_id, index=i, prompt_token_ids=list(prompt_token_ids),
@@ -201,6 +217,7 @@ class LLMEngine:
             if params.prompt_logprobs is not None:
                 seq.prompt_logprobs = [None] * len(prompt_token_ids)
             seqs.append(seq)
+        for seq in seqs:            # all or nothing: every child is built before any is queued
             self.scheduler.add(seq)
         self.requests[request_id] = _Request(request_id, seqs)
 
@@ -221,11 +238,25 @@ class LLMEngine:
 
     # ---- one step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule, execute, update. A failure while executing the batch is contained: the
+        batch is re-run one request at a time, a request that fails on its own is failed alone
+        (its blocks freed, an output with ``error`` set), and the others go on. If even a
+        throwaway one-token probe fails afterwards, the engine itself is broken and
+        ``EngineBrokenError`` is raised."""
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
+        try:
+            result = self._execute(plan.scheduled)
+        except Exception as error:               # noqa: BLE001 - contained, see _isolate
+            return self._isolate(plan.scheduled, error)
+        return self._update(result)
+
+    def _execute(self, scheduled: list[ScheduledSeq]) -> StepResult:
+        """Run the model and the sampler on ``scheduled`` and read the results to the host.
+        Writes K/V and prompt logprobs but no engine bookkeeping, so it can be re-run."""
         # Single-token rows first: the runner attends over them in one call.
-        scheduled = sorted(plan.scheduled, key=lambda s: s.num_new_tokens != 1)
+        scheduled = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)
         logit_pos: list[list[int]] = []
         for s in scheduled:
             c, n, seq = s.seq.num_computed_tokens, s.num_new_tokens, s.seq
@@ -270,24 +301,96 @@ class LLMEngine:
         # The step's one device-to-host read: sampled tokens, thinking depths, routed counts.
         S, K = len(sample_rows), self.model_config.max_extra_steps
         host = torch.cat([tokens, out.extra_steps, out.routed_counts.flatten()]).tolist()
-        tokens, extra, counts = host[:S], host[S:S + row], host[S + row:]
+        extra = host[S:S + row]
+        counts = host[S + row:]
+        return StepResult(
+            scheduled=scheduled,
+            routed_counts=[counts[b * K:(b + 1) * K] for b in range(len(scheduled))],
+            sampled=[(seq, tok, extra[r], logprobs[j] if logprobs is not None else {})
+                     for j, (seq, tok, r) in enumerate(zip(sample_seqs, host[:S],
+                                                           sample_rows))])
 
-        for b, s in enumerate(scheduled):
-            seq_counts = counts[b * K:(b + 1) * K]
+    def _update(self, result: StepResult) -> list[RequestOutput]:
+        """Commit the step's K/V, append the sampled tokens, finish what is done."""
+        for s, seq_counts in zip(result.scheduled, result.routed_counts):
             self.kv.commit(s.seq.seq_id, s.num_new_tokens, seq_counts)
             for k, cnt in enumerate(seq_counts):
                 self.routed_tokens[k] += cnt
             self.tokens_computed += s.num_new_tokens
             s.seq.num_computed_tokens += s.num_new_tokens
-        for j, (seq, tok) in enumerate(zip(sample_seqs, tokens)):
-            lp = logprobs[j] if logprobs is not None else {}
-            append_token(seq, tok, extra[sample_rows[j]], lp, self.tokenizer, self.max_model_len)
+        failed: dict[str, Exception] = {}
+        for seq, tok, extra, lp in result.sampled:
+            if seq.request_id in failed:
+                continue
+            try:
+                append_token(seq, tok, extra, lp, self.tokenizer, self.max_model_len)
+            except Exception as error:           # noqa: BLE001 - fails this request only
+                failed[seq.request_id] = error
+                continue
             if seq.finish_reason is not None:
                 seq.metrics.finished_time = time.time()
                 self.scheduler.finish(seq)
-        touched = dict.fromkeys(s.seq.request_id for s in scheduled)
-        outputs = [o for rid in touched if (o := self._output(self.requests[rid]))]
+        outputs = [self._fail(rid, e) for rid, e in failed.items()]
+        touched = dict.fromkeys(s.seq.request_id for s in result.scheduled
+                                if s.seq.request_id not in failed)
+        return outputs + [o for rid in touched if (o := self._output(self.requests[rid]))]
+
+    # ---- fault containment ----------------------------------------------------------------
+    def _isolate(self, scheduled: list[ScheduledSeq], error: Exception) \
+            -> list[RequestOutput]:
+        """The batch failed: run each request of it alone; fail the ones that fail alone."""
+        by_request: dict[str, list[ScheduledSeq]] = {}
+        for s in scheduled:
+            by_request.setdefault(s.seq.request_id, []).append(s)
+        if len(by_request) == 1:
+            outputs = [self._fail(next(iter(by_request)), error)]
+        else:
+            log.warning("a step of %d requests failed (%s: %s); re-running them one at a "
+                        "time", len(by_request), type(error).__name__, error)
+            outputs = []
+            for rid, group in by_request.items():
+                try:
+                    outputs += self._update(self._execute(group))
+                except Exception as e:           # noqa: BLE001 - this request's own failure
+                    outputs.append(self._fail(rid, e))
+        if not self._probe():
+            raise EngineBrokenError("the engine cannot run even a one-token probe step; "
+                                    f"the first failure was {type(error).__name__}: {error}") \
+                from error
         return outputs
+
+    def _fail(self, request_id: str, error: Exception) -> RequestOutput:
+        """End a request because serving it raised: free its blocks, report ``error``."""
+        log.error("request %s failed and was ended: %s: %s", request_id,
+                  type(error).__name__, error, exc_info=error)
+        req = self.requests.pop(request_id)
+        for seq in req.seqs:
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
+                seq.metrics.finished_time = time.time()
+            self.scheduler.finish(seq)
+        out = make_request_output(request_id, req.seqs, [], False)
+        out.error = f"{type(error).__name__}: {error}"
+        return out
+
+    def _probe(self) -> bool:
+        """Run one token of a throwaway sequence through the model and the sampler; False if
+        that fails too (the engine, not a request, is broken). True if there is no room."""
+        seq = Sequence(seq_id="\x00probe", request_id="\x00probe", index=0,
+                       prompt_token_ids=[self.tokenizer.bos_token_id],
+                       params=SamplingParams(max_tokens=1, temperature=0.0),
+                       think_budget=1.0, thresholds=self.model_config.thresholds_for(1.0))
+        if not self.kv.can_allocate(seq.seq_id, 1):
+            return True
+        self.kv.allocate(seq.seq_id, 1)
+        try:
+            self._execute([ScheduledSeq(seq, 1)])
+            return True
+        except Exception:                        # noqa: BLE001 - the answer is the point
+            log.exception("the probe step failed")
+            return False
+        finally:
+            self.kv.free(seq.seq_id)
 
     def _masked_routing(self, decode_only: bool) -> bool:
         mode = self.config.routed_compute

@@ -54,7 +54,14 @@ class LLM:
             self.engine.add_request(rid, tokens, p)
             ids.append(rid)
         results: dict[str, RequestOutput] = {}
+        errors: dict[str, str] = {}
         while self.engine.has_unfinished():
             for out in self.engine.step():
+                if out.error is not None:
+                    errors[out.request_id] = out.error
                 results[out.request_id] = merge(results.get(out.request_id), out)
+        if errors:
+            rid, error = next(iter(errors.items()))
+            raise RuntimeError(f"{len(errors)} of {len(ids)} prompts failed; prompt "
+                               f"{ids.index(rid)}: {error}")
         return [results[r] for r in ids]

@@ -39,3 +39,5 @@ class RequestOutput:
     metrics: RequestMetrics
     # One entry per prompt token (the first is None): {token_id: logprob} as in CompletionOutput.
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    # Set when serving this request raised: the request was ended, the engine goes on.
+    error: str | None = None

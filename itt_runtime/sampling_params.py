@@ -6,6 +6,11 @@ import math
 from dataclasses import dataclass, field
 
 
+# Seeds: signed or unsigned 64-bit. A sequence's generator takes (seed + i) mod 2**64, where
+# i is its index among the request's n completions.
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1
+
+
 class ParamError(ValueError):
     """An invalid request parameter. ``param`` names it (the server turns this into a 400)."""
 
@@ -38,6 +43,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
 
     MAX_LOGPROBS = 20
+    MAX_STOP_TOKEN_IDS = 1024
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -75,8 +81,8 @@ class SamplingParams:
              f"top_k must be -1 (disabled) or a non-negative integer, got {self.top_k!r}")
         need(is_num(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p",
              f"min_p must be in [0, 1], got {self.min_p!r}")
-        need(self.seed is None or is_int(self.seed), "seed",
-             f"seed must be an integer, got {self.seed!r}")
+        need(self.seed is None or (is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
+             "seed", f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             need(is_num(v) and -2.0 <= v <= 2.0, name, f"{name} must be in [-2, 2], got {v!r}")
@@ -87,6 +93,8 @@ class SamplingParams:
              "stop must be a non-empty string or a list of non-empty strings")
         need(all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
              "stop_token_ids must be a list of non-negative integers")
+        need(len(self.stop_token_ids) <= self.MAX_STOP_TOKEN_IDS, "stop_token_ids",
+             f"at most {self.MAX_STOP_TOKEN_IDS} stop_token_ids are allowed")
         need(is_int(self.n) and 1 <= self.n <= 16, "n", f"n must be in [1, 16], got {self.n!r}")
         need(not (self.n > 1 and self.greedy), "n",
              "n > 1 needs sampling (temperature > 0): greedy choices would all be identical")
