@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from itt_runtime.tokenizer import Tokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
 FILES = ("config.json", "model.safetensors", "tokenizer.model")
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 class CheckpointError(ConfigError):
@@ -63,39 +65,79 @@ def load_tokenizer(path: str | Path | None, cfg: ModelConfig | None = None) -> T
     return tok
 
 
+# The most positions a config may ask for: the RoPE tables are allocated for all of them.
+MAX_POSITIONS = 1 << 20
+
+
+def read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, dtype)}`` of a safetensors file, from its header only."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
+                    for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: unreadable ({e})") from None
+
+
+def check_size(cfg: ModelConfig, header: dict, file: Path) -> None:
+    """Refuse a config that implies far more weights than the file holds (more than twice:
+    anything closer gets the exact per-tensor message), before anything of that size is
+    built, even on the meta device. The embedding and the MLPs alone are a lower bound."""
+    held = sum(math.prod(shape) for shape, _ in header.values())
+    implied = cfg.vocab_size * cfg.d_model + cfg.n_layers * 3 * cfg.d_model * cfg.ffn_dim
+    if implied > 2 * held:
+        raise CheckpointError(f"{file.parent / 'config.json'} implies at least {implied:,} "
+                              f"parameters but {file.name} holds {held:,}")
+    if cfg.max_position_embeddings > MAX_POSITIONS:
+        raise CheckpointError(f"'max_position_embeddings' {cfg.max_position_embeddings} is "
+                              f"more than {MAX_POSITIONS} positions")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The model's tensor shapes, from a model built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in ITTModel(cfg).state_dict().items()}
+
+
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> tuple[ITTModel, Tokenizer]:
-    """Load a model directory (default: the shipped model). Returns (model in eval mode, tok)."""
+    """Load a model directory (default: the shipped model). Returns (model in eval mode, tok).
+    The config is checked against the weights file's header before the model is allocated."""
     path = resolve_model_path(path)
     cfg = load_config(path)
     tok = load_tokenizer(path, cfg)
+    file = path / "model.safetensors"
+    header = read_header(file)
+    check_size(cfg, header, file)
+    expected = expected_shapes(cfg)
+    unknown = sorted(set(header) - set(expected))
+    missing = sorted(set(expected) - set(header))
+    if unknown:
+        raise CheckpointError(f"model.safetensors has unknown tensor(s) {unknown[:5]}"
+                              f"{' …' if len(unknown) > 5 else ''} for this config")
+    if missing:
+        raise CheckpointError(f"model.safetensors is missing tensor(s) {missing[:5]}"
+                              f"{' …' if len(missing) > 5 else ''}")
+    for k in sorted(header):
+        shape, file_dtype = header[k]
+        if shape != expected[k]:
+            raise CheckpointError(f"model.safetensors: tensor {k!r} has shape {list(shape)}, "
+                                  f"config.json implies {list(expected[k])}")
+        if file_dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"model.safetensors: tensor {k!r} is {file_dtype}, not "
+                                  "finite floating point")
     model = ITTModel(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state = {}
+    state = model.state_dict()
     try:
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            keys = set(f.keys())
-            unknown = sorted(keys - set(expected))
-            missing = sorted(set(expected) - keys)
-            if unknown:
-                raise CheckpointError(f"model.safetensors has unknown tensor(s) {unknown[:5]}"
-                                      f"{' …' if len(unknown) > 5 else ''} for this config")
-            if missing:
-                raise CheckpointError(f"model.safetensors is missing tensor(s) {missing[:5]}"
-                                      f"{' …' if len(missing) > 5 else ''}")
-            for k in sorted(keys):
-                shape = tuple(f.get_slice(k).get_shape())
-                if shape != expected[k]:
-                    raise CheckpointError(f"model.safetensors: tensor {k!r} has shape "
-                                          f"{list(shape)}, config.json implies "
-                                          f"{list(expected[k])}")
-                state[k] = f.get_tensor(k)
+        with safe_open(str(file), framework="pt") as f, torch.no_grad():
+            for k in sorted(header):
+                v = f.get_tensor(k)
+                if not torch.isfinite(v).all():
+                    raise CheckpointError(f"model.safetensors: tensor {k!r} is not finite "
+                                          "floating point")
+                state[k].copy_(v)
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path / 'model.safetensors'}: unreadable ({e})") from None
-    for k, v in state.items():
-        if not v.is_floating_point() or not torch.isfinite(v.float()).all():
-            raise CheckpointError(f"model.safetensors: tensor {k!r} is not finite floating point")
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+        raise CheckpointError(f"{file}: unreadable ({e})") from None
     return model.to(device=device, dtype=dtype).eval(), tok
 
 
