@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import sentencepiece as spm
@@ -25,6 +26,11 @@ class Tokenizer:
     @property
     def bos_token(self) -> str:
         return self.sp.id_to_piece(self.bos_token_id)
+
+    @functools.cached_property
+    def max_piece_chars(self) -> int:
+        """The most characters one token can stand for (a byte piece: one)."""
+        return max(1, max(len(self.sp.id_to_piece(i)) for i in range(self.vocab_size)))
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
         ids = self.sp.encode(text)

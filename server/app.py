@@ -13,6 +13,7 @@ from server.completion import CompletionHandler
 from server.config import ServerSettings
 from server.engine_client import EngineClient
 from server.errors import install_error_handlers
+from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 from server.middleware import APIKeyMiddleware, BodyLimitMiddleware, HTTPMetricsMiddleware
 from server.routes import routers
@@ -21,13 +22,15 @@ from server.state import ServerState
 
 def create_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     names = list(settings.served_model_names)
+    lifecycle = Lifecycle()
     metrics = Metrics(names[0], engine)
     client = EngineClient(engine, metrics, settings.max_queue_len)
     app = FastAPI(title="itt-server", version=__version__,
                   description="OpenAI-compatible server for Inner Thinking Transformer models")
     app.state.server = ServerState(settings=settings, client=client, metrics=metrics,
-                                   completions=CompletionHandler(client, names),
-                                   chat=ChatHandler(client, names))
+                                   completions=CompletionHandler(client, names, lifecycle),
+                                   chat=ChatHandler(client, names, lifecycle),
+                                   lifecycle=lifecycle)
     for router in routers:
         app.include_router(router)
     install_error_handlers(app)

@@ -15,6 +15,7 @@ from itt_runtime.sampling_params import SamplingParams
 from server import chat_template
 from server.engine_client import EngineClient
 from server.generation import UsageCounter, check_model, new_id, sampling_params
+from server.lifecycle import Lifecycle
 from server.logprobs import ChatLogprobsBuilder
 from server.protocol import ChatCompletionRequest
 from server.responses import (
@@ -26,8 +27,8 @@ from server.responses import (
     ChatLogprobs,
     ChatMessageOut,
 )
-from server.streaming import sse_response, until_disconnected
-from server.tokens import encode
+from server.streaming import shutting_down, sse_response, until_disconnected
+from server.tokens import check_size, encode
 
 
 @dataclass
@@ -43,14 +44,20 @@ class _Run:
 
 
 class ChatHandler:
-    def __init__(self, client: EngineClient, served_models: list[str]) -> None:
+    def __init__(self, client: EngineClient, served_models: list[str],
+                 lifecycle: Lifecycle) -> None:
         self.client = client
+        self.lifecycle = lifecycle
         self.served_models = served_models
 
     async def create(self, req: ChatCompletionRequest, request: Request) -> Response:
+        if self.lifecycle.draining:
+            raise shutting_down()
         req.check()
         model = check_model(req.model, self.served_models)
-        ids = encode(self.client.tokenizer, chat_template.render(req.messages))
+        text = chat_template.render(req.messages)
+        check_size(self.client.tokenizer, text, self.client.max_model_len, "messages")
+        ids = encode(self.client.tokenizer, text)
         # Like vLLM: without max_tokens the reply may use the rest of the context.
         max_tokens = req.max_new_tokens
         if max_tokens is None:
@@ -59,13 +66,17 @@ class ChatHandler:
         params = sampling_params(req, max_tokens, logprobs=top,
                                  extra_stop=[chat_template.STOP])
         self.client.validate(ids, params)
-        self.client.admit(params.n)
         usage = UsageCounter(self.client.budget(params), self.client.model_config.max_extra_steps)
         usage.add_prompt(len(ids))
         run = _Run(req, model, ids, params, usage)
+        ticket = self.client.admit(params.n)
+        stopping = self.lifecycle.stopping
         if req.stream:
-            return sse_response(self._stream(run))
-        body = await until_disconnected(request, self._complete(run))
+            return sse_response(self._stream(run), stopping, ticket.release)
+        try:
+            body = await until_disconnected(request, self._complete(run), stopping)
+        finally:
+            ticket.release()
         return JSONResponse(body.model_dump(mode="json"))
 
     async def _complete(self, run: _Run) -> ChatCompletion:

@@ -3,9 +3,11 @@
 Every startup failure (bad flag, bad model directory, busy port) is one line on stderr and a
 non-zero exit: 2 for a bad flag, 1 for anything found while starting.
 
-SIGTERM drains: the listening socket closes at once, in-flight requests get up to
-``--drain-timeout`` seconds to finish (then they are cancelled, which aborts them in the
-engine), and the process exits 0.
+SIGTERM drains: /health answers 503 at once and new generation requests get 503, in-flight
+requests get up to ``--drain-timeout`` seconds to finish (then streams end with a
+``server_shutdown`` error chunk and ``[DONE]``, other requests with a 503 body, and their
+engine requests are aborted), the listener closes and the process exits 0. If the engine loop dies, the process
+exits 1 so that Docker or Kubernetes restart it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import re
 import signal
 import socket
 import sys
+import time
 from types import FrameType
 
 import uvicorn
@@ -27,6 +30,8 @@ from itt_runtime.config import ConfigError
 from itt_runtime.engine import EngineConfig
 from server.app import create_app
 from server.config import ServerSettings
+from server.connections import guarded_h11
+from server.lifecycle import Lifecycle
 
 log = logging.getLogger("server")
 PROG = "itt-server"
@@ -129,7 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--api-key", default=os.environ.get("ITT_API_KEY") or None,
       help="require 'Authorization: Bearer KEY' on /v1 routes (default: $ITT_API_KEY)")
     a("--drain-timeout", type=_seconds, default=30.0,
-      help="seconds in-flight requests get to finish after SIGTERM (default: %(default)s)")
+      help="seconds in-flight requests get to finish after SIGTERM; then streams end with a "
+           "server_shutdown error chunk, other requests with 503 (default: %(default)s)")
+    a("--timeout-keep-alive", type=_seconds, default=5.0,
+      help="close a keep-alive connection idle this long (default: %(default)s)")
+    a("--timeout-request-header", type=_seconds, default=10.0,
+      help="close a connection whose request headers are not complete this long after it "
+           "became ready for a request (default: %(default)s)")
+    a("--max-connections", type=_positive_int, default=1024,
+      help="open connections beyond this get 503 and are closed (default: %(default)s)")
     a("--seed", type=_non_negative_int, default=0, help="seed of unseeded sampling")
     a("--log-level", default="info",
       choices=["critical", "error", "warning", "info", "debug"], help="(default: info)")
@@ -147,25 +160,53 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings]:
     settings = ServerSettings(
         served_model_names=tuple(args.served_model_name or [args.model]),
         api_key=args.api_key, max_queue_len=args.max_queue_len,
-        max_request_bytes=args.max_request_bytes, drain_timeout=args.drain_timeout)
+        max_request_bytes=args.max_request_bytes, drain_timeout=args.drain_timeout,
+        timeout_keep_alive=args.timeout_keep_alive,
+        timeout_request_header=args.timeout_request_header,
+        max_connections=args.max_connections)
     return engine, settings
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, but SIGTERM is a clean, draining exit (status 0) instead of being re-raised
-    after shutdown, and /health turns 503 while the server drains."""
+    """uvicorn with a drain: SIGTERM turns /health 503 at once (load balancers stop routing
+    here) and new generation requests get 503, while the listener stays open and in-flight
+    requests get ``drain_timeout`` seconds; whatever still runs then ends cleanly (see
+    server/lifecycle.py), and the process exits 0 instead of re-raising the signal."""
 
-    def __init__(self, config: uvicorn.Config, on_drain) -> None:
+    # After the drain deadline: time for the ending chunks and 503s to reach the clients.
+    GRACE_SECONDS = 2.0
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle,
+                 drain_timeout: float) -> None:
         super().__init__(config)
-        self.on_drain = on_drain
+        self.lifecycle = lifecycle
+        self.drain_timeout = drain_timeout
+        self.drain_deadline: float | None = None
+        self.exit_code = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig != signal.SIGTERM:
             return super().handle_exit(sig, frame)
-        if not self.should_exit:
-            log.info("SIGTERM: no new connections; draining in-flight requests for up to "
-                     "%g s", self.config.timeout_graceful_shutdown)
-            self.on_drain()
+        self.lifecycle.draining = True          # on_tick, on the event loop, does the rest
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.lifecycle.draining and not self.should_exit:
+            now = time.monotonic()
+            if self.drain_deadline is None:
+                log.info("SIGTERM: draining; in-flight requests get up to %g s",
+                         self.drain_timeout)
+                self.drain_deadline = now + self.drain_timeout
+                self.lifecycle.stop_after(self.drain_timeout)
+            if not self.server_state.tasks or now > self.drain_deadline + self.GRACE_SECONDS:
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+    def stop_engine_dead(self, error: BaseException) -> None:
+        """From the engine thread: the engine cannot run any more, so exit non-zero and let
+        the orchestrator restart the process rather than serve 503s forever."""
+        log.critical("exiting: the engine died (%s: %s)", type(error).__name__, error)
+        self.exit_code = 1
+        self.lifecycle.draining = True
         self.should_exit = True
 
 
@@ -215,14 +256,17 @@ def main(argv: list[str] | None = None) -> int:
              engine_config.block_size, eng.max_model_len, eng.default_budget, args.host,
              sock.getsockname()[1])
     app = create_app(engine, settings)
-    config = uvicorn.Config(app, log_level=args.log_level,
-                            timeout_graceful_shutdown=settings.drain_timeout)
-    server = DrainingServer(config, on_drain=lambda: setattr(app.state.server, "draining",
-                                                             True))
+    config = uvicorn.Config(
+        app, log_level=args.log_level,
+        timeout_graceful_shutdown=DrainingServer.GRACE_SECONDS,
+        timeout_keep_alive=settings.timeout_keep_alive,
+        http=guarded_h11(settings.timeout_request_header, settings.max_connections))
+    server = DrainingServer(config, app.state.server.lifecycle, settings.drain_timeout)
+    engine.death_callbacks.append(server.stop_engine_dead)
     engine.start()
     try:
         server.run(sockets=[sock])
     finally:
         engine.shutdown()
-    log.info("stopped")
-    return 0
+    log.info("stopped" if server.exit_code == 0 else "stopped after the engine died")
+    return server.exit_code

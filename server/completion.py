@@ -15,11 +15,12 @@ from itt_runtime.sampling_params import SamplingParams
 from server.engine_client import EngineClient
 from server.errors import bad_request
 from server.generation import UsageCounter, check_model, new_id, sampling_params
+from server.lifecycle import Lifecycle
 from server.logprobs import CompletionLogprobsBuilder, extend
 from server.protocol import MAX_PROMPTS, CompletionRequest
 from server.responses import Completion, CompletionChoice, CompletionLogprobs
-from server.streaming import sse_response, until_disconnected
-from server.tokens import encode
+from server.streaming import shutting_down, sse_response, until_disconnected
+from server.tokens import check_size, encode
 
 
 @dataclass
@@ -42,11 +43,15 @@ class _Run:
 
 
 class CompletionHandler:
-    def __init__(self, client: EngineClient, served_models: list[str]) -> None:
+    def __init__(self, client: EngineClient, served_models: list[str],
+                 lifecycle: Lifecycle) -> None:
         self.client = client
+        self.lifecycle = lifecycle
         self.served_models = served_models
 
     async def create(self, req: CompletionRequest, request: Request) -> Response:
+        if self.lifecycle.draining:
+            raise shutting_down()
         req.check()
         model = check_model(req.model, self.served_models)
         prompts = self._prompts(req.prompt)
@@ -55,14 +60,18 @@ class CompletionHandler:
                                  logprobs=req.logprobs, prompt_logprobs=echo_lp)
         for p in prompts:
             self.client.validate(p.ids, params)
-        self.client.admit(len(prompts) * params.n)
         usage = UsageCounter(self.client.budget(params), self.client.model_config.max_extra_steps)
         for p in prompts:
             usage.add_prompt(len(p.ids))
         run = _Run(req, model, prompts, params, usage)
+        ticket = self.client.admit(len(prompts) * params.n)
+        stopping = self.lifecycle.stopping
         if req.stream:
-            return sse_response(self._stream(run))
-        body = await until_disconnected(request, self._complete(run))
+            return sse_response(self._stream(run), stopping, ticket.release)
+        try:
+            body = await until_disconnected(request, self._complete(run), stopping)
+        finally:
+            ticket.release()
         return JSONResponse(body.model_dump(mode="json"))
 
     # ---- prompts --------------------------------------------------------------------------
@@ -81,6 +90,7 @@ class CompletionHandler:
             if not p:
                 raise bad_request("the prompt is empty", "prompt")
             if isinstance(p, str):
+                check_size(tok, p, self.client.max_model_len, "prompt")
                 out.append(Prompt(encode(tok, p), p))
             else:
                 self.client.validate(p, SamplingParams(max_tokens=1))   # ids in range

@@ -11,13 +11,25 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from itt_runtime.async_engine import AsyncLLMEngine, EngineDeadError
+from itt_runtime.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError
 from itt_runtime.outputs import RequestOutput
 from itt_runtime.sampling_params import ParamError, SamplingParams
-from server.errors import APIError, from_param_error, unavailable
+from server.errors import APIError, from_param_error, internal_error, unavailable
 from server.metrics import Metrics
 
 RETRY_AFTER_SECONDS = 1
+
+
+class Ticket:
+    """Admitted sequences; ``release`` (idempotent) hands them back."""
+
+    def __init__(self, client: EngineClient, num_seqs: int) -> None:
+        self.client = client
+        self.num_seqs = num_seqs
+
+    def release(self) -> None:
+        self.client.in_flight_seqs -= self.num_seqs
+        self.num_seqs = 0
 
 
 class EngineClient:
@@ -31,28 +43,31 @@ class EngineClient:
         self.max_model_len: int = engine.engine.max_model_len
         self.default_budget: float = engine.engine.default_budget
         self.max_num_seqs: int = engine.engine.config.max_num_seqs
-        self.in_flight_seqs = 0          # sequences admitted and not yet finished
+        self.in_flight_seqs = 0          # sequences admitted and not yet released
 
     @property
     def is_alive(self) -> bool:
         return self.engine.is_alive
 
-    def admit(self, num_seqs: int) -> None:
-        """Raise 429 when admitting ``num_seqs`` more sequences would leave more than
-        ``max_queue_len`` waiting. The engine's own waiting count covers KV pressure; our
-        in-flight count covers requests not yet seen by the engine thread."""
+    def admit(self, num_seqs: int) -> Ticket:
+        """Admit ``num_seqs`` sequences or raise 429 if that would leave more than
+        ``max_queue_len`` waiting. Admission counts at once (no await between the check and
+        the count), so a burst of simultaneous requests cannot all pass the same check; the
+        caller releases the ticket when the request is over. The engine's own waiting count
+        covers KV pressure (sequences that wait although slots are free)."""
         if not self.engine.is_alive:
             raise unavailable("the engine is not running", "engine_dead")
-        if self.max_queue_len is None:
-            return
-        waiting_now = self.engine.stats().num_waiting
-        beyond_slots = self.in_flight_seqs + num_seqs - self.max_num_seqs
-        would_wait = max(beyond_slots, waiting_now + num_seqs if waiting_now else 0)
-        if would_wait > self.max_queue_len:
-            raise APIError(429, f"the server is overloaded: {would_wait} sequences would be "
-                           f"waiting, the limit is {self.max_queue_len}; retry later",
-                           type="rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        if self.max_queue_len is not None:
+            waiting_now = self.engine.stats().num_waiting
+            beyond_slots = self.in_flight_seqs + num_seqs - self.max_num_seqs
+            would_wait = max(beyond_slots, waiting_now + num_seqs if waiting_now else 0)
+            if would_wait > self.max_queue_len:
+                raise APIError(429, f"the server is overloaded: {would_wait} sequences would "
+                               f"be waiting, the limit is {self.max_queue_len}; retry later",
+                               type="rate_limit_error", code="queue_full",
+                               headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        self.in_flight_seqs += num_seqs
+        return Ticket(self, num_seqs)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """The engine's own checks (context length, token ids) as a 400."""
@@ -68,7 +83,6 @@ class EngineClient:
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Delta outputs of one request (see AsyncLLMEngine.generate), observed by metrics."""
         tracker = self.metrics.track(len(prompt_token_ids), params.n, self.budget(params))
-        self.in_flight_seqs += params.n
         try:
             async with aclosing(self.engine.generate(prompt_token_ids, params,
                                                      request_id)) as outputs:
@@ -79,8 +93,9 @@ class EngineClient:
             raise from_param_error(e) from None
         except EngineDeadError as e:
             raise unavailable(str(e), "engine_dead") from None
+        except RequestFailedError:       # the engine logged the cause under this request id
+            raise internal_error(request_id) from None
         finally:
-            self.in_flight_seqs -= params.n
             tracker.close()
 
     async def generate_all(self, prompts: list[list[int]], params: SamplingParams,

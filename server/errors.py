@@ -9,6 +9,7 @@ routes and unexpected exceptions into that body.
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -69,6 +70,18 @@ def from_validation_error(errors: list[dict]) -> APIError:
     return bad_request(f"{'.'.join(loc)}: {msg}" if loc else msg, param=param)
 
 
+def internal_error(request_id: str) -> APIError:
+    """A 500 that names the request id under which the server logged the cause, and never
+    the internal exception text."""
+    return APIError(500, f"internal server error while serving request {request_id}; the "
+                    "server log has the details under this id", "server_error",
+                    code="internal_error")
+
+
+def new_error_id() -> str:
+    return f"err-{uuid.uuid4().hex[:16]}"
+
+
 def unavailable(message: str, code: str) -> APIError:
     return APIError(503, message, type="server_error", code=code)
 
@@ -102,7 +115,8 @@ def install_error_handlers(app: FastAPI) -> None:
                         headers=getattr(e, "headers", None)).response()
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return APIError(500, f"internal server error: {type(e).__name__}: {e}",
-                        "server_error").response()
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        error_id = new_error_id()
+        log.error("unhandled error %s in %s %s: %s: %s", error_id, request.method,
+                  request.url.path, type(e).__name__, e, exc_info=e)
+        return internal_error(error_id).response()

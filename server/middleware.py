@@ -71,9 +71,14 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
+# Routes outside /v1 that still need the key: they cost CPU per byte of input.
+KEYED_PATHS = ("/tokenize", "/detokenize")
+
+
 class APIKeyMiddleware:
     """401 unless ``Authorization: Bearer <key>`` matches, for the OpenAI routes (``/v1/…``),
-    as vLLM does; health, metrics and tokenizer routes stay open for probes and scrapers.
+    as vLLM does, and for the tokenizer routes (``KEYED_PATHS``: they cost CPU per byte of
+    input); health, version, metrics and tokenizer_info stay open for probes and scrapers.
     The comparison takes the same time wherever the first wrong byte is."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
@@ -81,7 +86,8 @@ class APIKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+        if scope["type"] != "http" or not (scope["path"].startswith("/v1")
+                                           or scope["path"] in KEYED_PATHS):
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(given, self.expected):

@@ -15,12 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from server.errors import bad_request, from_validation_error
 
-Int = Annotated[int, Field(strict=True)]
+# Every integer is bounded (a JSON number can have any number of digits): to int64, except
+# seeds, which may also be unsigned 64-bit (see SamplingParams).
+Int = Annotated[int, Field(strict=True, ge=-2**63, le=2**63 - 1)]
+Seed = Annotated[int, Field(strict=True, ge=-2**63, le=2**64 - 1)]
 Float = Annotated[float, Field(strict=True)]
 Bool = Annotated[bool, Field(strict=True)]
 
 MAX_PROMPTS = 128          # prompts in one /v1/completions request
 MAX_STOP = 16              # stop strings in one request
+MAX_JSON_DEPTH = 32        # nesting of a request body (ours need 4)
 
 
 class _Body(BaseModel):
@@ -48,7 +52,7 @@ class GenerationRequest(_Body):
     top_p: Float = 1.0
     n: Int = 1
     stop: str | list[str] | None = None
-    seed: Int | None = None
+    seed: Seed | None = None
     presence_penalty: Float = 0.0
     frequency_penalty: Float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -182,9 +186,46 @@ async def parse_body(request: Request, cls: type[Body]) -> Body:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise bad_request(f"the request body is nested deeper than {MAX_JSON_DEPTH} "
+                          "levels") from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
+    check_json(data)
     try:
         return cls.model_validate(data)
     except ValidationError as e:
         raise from_validation_error(e.errors()) from None
+
+
+def check_json(data: dict) -> None:
+    """400 for a body nested deeper than MAX_JSON_DEPTH or holding a string that is not valid
+    Unicode (JSON lets ``"\\ud800"`` through, a lone surrogate that no encoder can write).
+    Iterative, so no body can exhaust the stack here."""
+    todo: list[tuple[Any, tuple, int]] = [(data, (), 1)]
+    while todo:
+        value, path, depth = todo.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise bad_request(f"the request body is nested deeper than {MAX_JSON_DEPTH} "
+                              "levels", _param(path))
+        if isinstance(value, dict):
+            for k, v in value.items():
+                _check_text(k, path + (k,))
+                todo.append((v, path + (k,), depth + 1))
+        elif isinstance(value, list):
+            todo.extend((v, path + (i,), depth + 1) for i, v in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path)
+
+
+def _check_text(text: str, path: tuple) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        where = ".".join(str(p) for p in path) or "body"
+        raise bad_request(f"{where}: the string is not valid Unicode (a lone UTF-16 "
+                          "surrogate)", _param(path)) from None
+
+
+def _param(path: tuple) -> str | None:
+    return str(path[0]) if path else None

@@ -10,6 +10,7 @@ from server.chat import ChatHandler
 from server.completion import CompletionHandler
 from server.config import ServerSettings
 from server.engine_client import EngineClient
+from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 
 
@@ -20,7 +21,7 @@ class ServerState:
     metrics: Metrics
     completions: CompletionHandler
     chat: ChatHandler
-    draining: bool = False
+    lifecycle: Lifecycle
 
 
 def state(request: Request) -> ServerState:

@@ -2,7 +2,8 @@
 
 Streams are ``data: {chunk}`` lines, then ``data: [DONE]``. An error after the response has
 started cannot change the status any more, so it is sent as one ``data: {"error": …}`` chunk
-before ``[DONE]`` (the openai SDK raises it as an APIError).
+before ``[DONE]`` (the openai SDK raises it as an APIError). That includes the drain deadline:
+a stream still running when it passes ends with a ``server_shutdown`` error chunk.
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
+from starlette.background import BackgroundTask
 
-from server.errors import APIError, error_body
+from server.errors import APIError, internal_error, new_error_id
 
 log = logging.getLogger("server")
 T = TypeVar("T")
@@ -27,24 +29,51 @@ T = TypeVar("T")
 CLIENT_CLOSED = 499
 
 
-def sse_response(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
-    return StreamingResponse(_events(chunks), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def sse_response(chunks: AsyncIterator[BaseModel], stopping: asyncio.Event,
+                 release: Callable[[], None]) -> StreamingResponse:
+    """Stream ``chunks`` as SSE. ``stopping`` set (the drain deadline passed) ends the stream
+    with a ``server_shutdown`` error chunk and ``[DONE]``. ``release`` runs once the stream
+    is over, however it ends (also when it never started)."""
+    return StreamingResponse(_events(chunks, stopping, release), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                             background=BackgroundTask(release))
 
 
-async def _events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down; retry on another replica",
+                    "server_error", code="server_shutdown")
+
+
+async def _events(chunks: AsyncIterator[BaseModel], stopping: asyncio.Event,
+                  release: Callable[[], None]) -> AsyncIterator[str]:
+    stop = asyncio.ensure_future(stopping.wait())
     try:
-        async for chunk in chunks:
+        it = aiter(chunks)
+        while True:
+            nxt = asyncio.ensure_future(anext(it))
+            await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done():
+                nxt.cancel()
+                await asyncio.gather(nxt, return_exceptions=True)
+                raise shutting_down()
+            try:
+                chunk = nxt.result()
+            except StopAsyncIteration:
+                break
             yield f"data: {chunk.model_dump_json()}\n\n"
     except APIError as e:
         yield f"data: {_json(e.body())}\n\n"
     except Exception as e:
-        log.exception("error in stream")
-        yield f"data: {_json(error_body(f'internal server error: {e}', 'server_error'))}\n\n"
+        error_id = new_error_id()
+        log.error("unhandled error %s in a stream: %s: %s", error_id, type(e).__name__, e,
+                  exc_info=e)
+        yield f"data: {_json(internal_error(error_id).body())}\n\n"
     finally:
+        stop.cancel()
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
+        release()
     yield "data: [DONE]\n\n"
 
 
@@ -52,9 +81,11 @@ def _json(obj: dict) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+async def until_disconnected(request: Request, work: Awaitable[T],
+                             stopping: asyncio.Event) -> T:
     """Await ``work`` but cancel it if the client disconnects first (the engine request is
-    then aborted by the generator's cleanup). Needs the body to have been read already."""
+    then aborted by the generator's cleanup), or with a 503 ``server_shutdown`` when the
+    drain deadline passes. Needs the body to have been read already."""
     task = asyncio.ensure_future(work)
 
     async def watch() -> None:
@@ -62,13 +93,17 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
             pass
 
     watcher = asyncio.ensure_future(watch())
+    stop = asyncio.ensure_future(stopping.wait())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher, stop}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         if not task.done():
             task.cancel()
         watcher.cancel()
-        await asyncio.gather(task, watcher, return_exceptions=True)
+        stop.cancel()
+        await asyncio.gather(task, watcher, stop, return_exceptions=True)
     if task.cancelled():
+        if stopping.is_set():
+            raise shutting_down()
         raise APIError(CLIENT_CLOSED, "client closed the connection", code="client_closed")
     return task.result()

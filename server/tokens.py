@@ -6,8 +6,23 @@ from __future__ import annotations
 import re
 
 from itt_runtime.tokenizer import Tokenizer
+from server.errors import bad_request
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+# Normalisation (NFKC) can merge a few characters into one before pieces are matched.
+_NORMALISATION_SLACK = 4
+
+
+def check_size(tok: Tokenizer, text: str, max_model_len: int, param: str) -> None:
+    """400 for text that could never fit in the context, before spending CPU on encoding it:
+    every token covers at most ``max_piece_chars`` characters (times the normalisation
+    slack), so longer text has more than ``max_model_len`` tokens for sure."""
+    limit = max_model_len * tok.max_piece_chars * _NORMALISATION_SLACK
+    if len(text) > limit:
+        raise bad_request(f"{param} has {len(text)} characters, more than the {max_model_len}"
+                          f"-token context of this model could hold (at most {limit})", param)
 
 
 def encode(tok: Tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:

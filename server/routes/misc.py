@@ -13,7 +13,7 @@ router = APIRouter()
 async def health(request: Request) -> Response:
     """200 while the engine loop runs; 503 when it died or the server is draining."""
     s = state(request)
-    if s.draining:
+    if s.lifecycle.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
     if not s.client.is_alive:
         return JSONResponse({"status": "engine dead"}, status_code=503)

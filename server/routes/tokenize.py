@@ -7,7 +7,7 @@ from server.errors import bad_request
 from server.generation import check_model
 from server.protocol import DetokenizeRequest, TokenizeRequest, parse_body
 from server.state import state
-from server.tokens import encode
+from server.tokens import check_size, encode
 
 router = APIRouter()
 
@@ -22,6 +22,8 @@ async def tokenize(request: Request) -> dict:
     text = req.prompt if req.prompt is not None else \
         chat_template.render(req.messages, req.add_generation_prompt)
     tok = s.client.tokenizer
+    check_size(tok, text, s.client.max_model_len, "prompt" if req.prompt is not None
+               else "messages")
     ids = encode(tok, text, req.add_special_tokens)
     return {"count": len(ids), "max_model_len": s.client.max_model_len, "tokens": ids,
             "token_strs": [tok.id_to_piece(i) for i in ids] if req.return_token_strs else None}
