@@ -189,16 +189,16 @@ async def parse_body(request: Request, cls: type[Body]) -> Body:
     except RecursionError:
         raise bad_request(f"the request body is nested deeper than {MAX_JSON_DEPTH} "
                           "levels") from None
+    check_json(data)
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
-    check_json(data)
     try:
         return cls.model_validate(data)
     except ValidationError as e:
         raise from_validation_error(e.errors()) from None
 
 
-def check_json(data: dict) -> None:
+def check_json(data: Any) -> None:
     """400 for a body nested deeper than MAX_JSON_DEPTH or holding a string that is not valid
     Unicode (JSON lets ``"\\ud800"`` through, a lone surrogate that no encoder can write).
     Iterative, so no body can exhaust the stack here."""
@@ -222,10 +222,15 @@ def _check_text(text: str, path: tuple) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        where = ".".join(str(p) for p in path) or "body"
+        where = _printable(".".join(str(p) for p in path)) or "body"
         raise bad_request(f"{where}: the string is not valid Unicode (a lone UTF-16 "
                           "surrogate)", _param(path)) from None
 
 
 def _param(path: tuple) -> str | None:
-    return str(path[0]) if path else None
+    return _printable(str(path[0])) if path else None
+
+
+def _printable(text: str) -> str:
+    """``text`` with lone surrogates escaped, so that an error body can carry it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

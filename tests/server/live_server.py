@@ -73,12 +73,14 @@ def metric(samples: dict, name: str, **labels) -> float:
 
 
 def launch(model_dir: Path | str, log_dir: Path, *flags: str, env: dict | None = None,
-           served_name: str | None = MODEL_NAME, ready_timeout: float = 90) -> Server:
+           served_name: str | None = MODEL_NAME, ready_timeout: float = 90,
+           entry: tuple[str, ...] = ("-m", "server")) -> Server:
     """Start ``python -m server --model DIR --port P FLAGS…`` and wait for /health. Runs on
-    the CPU unless FLAGS say otherwise, so results do not depend on the machine."""
+    the CPU unless FLAGS say otherwise, so results do not depend on the machine. ``entry``
+    replaces ``-m server`` (a script that wraps the server's ``main``)."""
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "server", "--model", str(model_dir), "--port", str(port),
+    cmd = [sys.executable, *entry, "--model", str(model_dir), "--port", str(port),
            *(["--served-model-name", served_name] if served_name else []),
            *([] if "--device" in flags else ["--device", "cpu"]), *flags]
     with open(log_path, "w") as log:
