@@ -18,25 +18,32 @@ DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))       # 0.05 … 
 
 
 class CalibratingRouting(Routing):
-    def __init__(self, budget: float) -> None:
+    def __init__(self, budget: float, valid: torch.Tensor | None = None) -> None:
         self.budget = budget
+        self.valid = valid                  # (N, T) bool: tokens that count (padding does not)
         self.thresholds: dict[int, float] = {}
 
     def select(self, stream: int, logits: torch.Tensor) -> torch.Tensor:
-        theta = torch.quantile(logits.float().flatten(), 1.0 - self.budget).item()
+        scores = logits.float() if self.valid is None else logits.float()[self.valid]
+        theta = torch.quantile(scores.flatten(), 1.0 - self.budget).item()
         self.thresholds[stream] = theta
         return logits.float() > theta
 
 
 @torch.no_grad()
 def calibrate(model: ITTModel, windows: torch.Tensor,
-              grid: tuple[float, ...] = DEFAULT_GRID) -> RoutingCalibration:
-    """windows (N, T) of held-out token ids; returns the thresholds for ``grid``."""
+              grid: tuple[float, ...] = DEFAULT_GRID,
+              valid: torch.Tensor | None = None) -> RoutingCalibration:
+    """windows (N, T) of held-out token ids; returns the thresholds for ``grid``.
+
+    ``valid`` (N, T) bool marks the real tokens of right-padded sequences (one problem per
+    row); only they set the quantiles. Padding sits after every real token, so under causal
+    attention it cannot change how a real token is routed."""
     cfg = model.cfg
     model.eval()
     per_budget = []
     for b in grid:
-        routing = CalibratingRouting(b)
+        routing = CalibratingRouting(b, valid)
         model(windows, routing=routing)
         per_budget.append(routing.thresholds)
     thresholds = tuple(

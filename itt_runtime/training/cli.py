@@ -1,4 +1,5 @@
-"""itt-train: train a sentencepiece tokenizer and an ITT (or dense) model from text files."""
+"""itt-train: train a sentencepiece tokenizer and an ITT (or dense) model from text files,
+or (``--task arith``) from the synthetic arithmetic stream of training/tasks.py."""
 
 from __future__ import annotations
 
@@ -30,8 +31,22 @@ def train_tokenizer(text_files: list[Path], vocab_size: int, out_prefix: Path) -
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="itt-train", description=__doc__)
-    p.add_argument("--train", type=Path, nargs="+", required=True, help="training text files")
-    p.add_argument("--heldout", type=Path, required=True, help="held-out text file (evaluation)")
+    p.add_argument("--train", type=Path, nargs="+", help="training text files")
+    p.add_argument("--heldout", type=Path, help="held-out text file (evaluation)")
+    p.add_argument("--task", choices=["arith"],
+                   help="train on synthetic arithmetic instead of text (see training/tasks.py)")
+    p.add_argument("--max-add-digits", type=int, default=4, help="--task: largest addend")
+    p.add_argument("--max-mul-digits", type=int, default=0,
+                   help="--task: largest multiplicand (× one digit); 0 = no multiplication")
+    p.add_argument("--curriculum", action=argparse.BooleanOptionalAction, default=True,
+                   help="--task: open digit counts gradually over the first half")
+    p.add_argument("--max-wall-s", type=float, default=0.0,
+                   help="--task: stop after this many seconds and ship (0 = no limit)")
+    p.add_argument("--capacities", default="",
+                   help="--task: comma-separated capacities cycled step by step (elastic "
+                        "training); default: --train-capacity every step")
+    p.add_argument("--eval-problems", type=int, default=200,
+                   help="--task: problems per setting in the periodic exact-match check")
     p.add_argument("--calib", type=Path, help="text for routing calibration (default: --heldout)")
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     p.add_argument("--work-dir", type=Path, help="checkpoints and tokenizer (default OUT.work)")
@@ -59,6 +74,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.task:
+        from itt_runtime.training.task_cli import run_task
+        return run_task(a)
+    if not a.train or not a.heldout:
+        print("itt-train: --train and --heldout are required (or --task)", file=sys.stderr)
+        return 2
     work = a.work_dir or a.out.with_name(a.out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()

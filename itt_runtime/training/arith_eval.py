@@ -1,0 +1,135 @@
+"""Exact-match accuracy of arithmetic models per task and digit count, against think budget.
+
+    python -m itt_runtime.training.arith_eval --model arith \\
+        --control dense=DIR --control loop=DIR [--n 1000] [--json out.json]
+
+Problems are fresh: the ``eval`` split of training/tasks.py, which no training or calibration
+problem falls in. Every model runs in serving mode: the reference forward with causal
+threshold routing (ITT_SPEC "Serving and evaluation"). A problem counts as correct when every
+answer token and the EOS after it is the greedy choice given the prompt and the correct
+answer so far — the same event as greedy generation reproducing the answer exactly, computed
+in one forward pass. ``--engine-check K`` also runs the first K problems of each setting
+through the real engine (``LLM.generate``, greedy) and reports how many outcomes agree.
+
+Compute per token is the mean number of block applications per real token (prompt and
+answer): n_layers plus the routed steps taken; "routed" is that extra divided by its maximum,
+the measured counterpart of the budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from itt_runtime.model.itt import ThresholdRouting
+from itt_runtime.model.loader import load_model
+from itt_runtime.training import tasks
+from itt_runtime.training.task_trainer import exact_match
+
+BUDGETS = (0.0, 0.25, 0.5, 0.75, 1.0)
+SETTINGS = ("add2", "add3", "add4", "add5", "mul2", "mul3")
+EVAL_SEED = 0
+
+
+def parse_setting(s: str) -> tuple[str, int]:
+    task, digits = s.rstrip("0123456789"), s[len(s.rstrip("0123456789")):]
+    if task not in tasks.TASKS or not digits:
+        raise argparse.ArgumentTypeError(f"setting {s!r}: want e.g. add4 or mul3")
+    return task, int(digits)
+
+
+def evaluate_model(path: str, settings: list[tuple[str, int]], budgets: list[float | None],
+                   n: int, engine_check: int = 0) -> list[dict]:
+    """Rows {setting, budget, accuracy, problems, blocks_per_token, routed[, engine_agree]}."""
+    model, tok = load_model(path)
+    cfg = model.cfg
+    rows = []
+    llm = None
+    for task, digits in settings:
+        problems = tasks.take("eval", EVAL_SEED, task, digits, n)
+        for b in budgets:
+            if cfg.is_itt:
+                budget = cfg.default_budget if b is None else b
+                route = (lambda lengths, T, bb=budget:
+                         ThresholdRouting.for_budgets(cfg, [bb] * len(lengths)))
+            else:
+                budget, route = None, None
+            acc, extra = exact_match(model, tok, problems, route)
+            row = {"setting": f"{task}{digits}", "budget": budget, "accuracy": acc,
+                   "problems": len(problems), "blocks_per_token": cfg.n_layers + extra,
+                   "routed": extra / cfg.max_extra_steps if cfg.is_itt else None}
+            if engine_check:
+                llm = llm or _llm(path)
+                row["engine_agree"] = _engine_agreement(model, tok, llm, problems[:engine_check],
+                                                        budget, route)
+            rows.append(row)
+    return rows
+
+
+def _llm(path: str):
+    from itt_runtime.llm import LLM
+    return LLM(model=path, device="cpu", dtype="float32")
+
+
+def _engine_agreement(model, tok, llm, problems, budget, route) -> str:
+    """'agree/total': problems where engine greedy exact match == the forward's verdict."""
+    from itt_runtime.sampling_params import SamplingParams
+    params = SamplingParams(max_tokens=12, temperature=0.0, think_budget=budget)
+    outs = llm.generate([p.prompt for p in problems], params)
+    agree = 0
+    for p, out in zip(problems, outs):
+        ref, _ = exact_match(model, tok, [p], route)
+        agree += (out.outputs[0].text == p.answer) == (ref == 1.0)
+    return f"{agree}/{len(problems)}"
+
+
+def format_table(results: dict[str, list[dict]]) -> str:
+    lines = [f"{'model':<8} {'setting':<7} {'budget':>6} {'accuracy':>9} {'blocks/tok':>10} "
+             f"{'routed':>7} {'n':>5}"]
+    for name, rows in results.items():
+        for r in rows:
+            b = "-" if r["budget"] is None else f"{r['budget']:.2f}"
+            routed = "-" if r["routed"] is None else f"{r['routed']:.3f}"
+            extra = f"  engine {r['engine_agree']}" if "engine_agree" in r else ""
+            lines.append(f"{name:<8} {r['setting']:<7} {b:>6} {100 * r['accuracy']:>8.1f}% "
+                         f"{r['blocks_per_token']:>10.2f} {routed:>7} {r['problems']:>5}{extra}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m itt_runtime.training.arith_eval",
+                                description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="arith", help="the ITT model (swept over --budgets)")
+    p.add_argument("--control", action="append", default=[], metavar="NAME=DIR",
+                   help="a control model: dense (no ITT layers) runs once; an ITT model "
+                        "trained at capacity 1 (uniform loop) runs at budget 1")
+    p.add_argument("--settings", default=",".join(SETTINGS),
+                   help=f"comma-separated task+digits (default {','.join(SETTINGS)})")
+    p.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    p.add_argument("--n", type=int, default=1000, help="problems per setting")
+    p.add_argument("--engine-check", type=int, default=0, metavar="K",
+                   help="also run K problems per setting and budget through the real engine")
+    p.add_argument("--json", help="write the rows to this file")
+    a = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+    settings = [parse_setting(s) for s in a.settings.split(",") if s]
+    budgets = [float(b) for b in a.budgets.split(",")]
+    results = {"itt": evaluate_model(a.model, settings, budgets, a.n, a.engine_check)}
+    for spec in a.control:
+        name, _, path = spec.partition("=")
+        model, _ = load_model(path)
+        control_budgets = [1.0] if model.cfg.is_itt else [None]
+        results[name] = evaluate_model(path, settings, control_budgets, a.n, a.engine_check)
+    print(format_table(results))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""``itt-train --task arith``: tokenizer, training, calibration and shipping for the task stream.
+
+Calibration uses problems of the ``calib`` split drawn from the final training mix, one
+problem per row, padding excluded from the quantiles (calibrate.py ``valid``). The sequence
+calibrated is what serving computes: BOS, prompt and answer (the final EOS is never an input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from itt_runtime.config import ModelConfig
+from itt_runtime.model.itt import ITTModel
+from itt_runtime.model.loader import save_model
+from itt_runtime.tokenizer import Tokenizer
+from itt_runtime.training import tasks
+from itt_runtime.training.calibrate import calibrate
+from itt_runtime.training.task_trainer import (TaskTrainConfig, encode_problems,
+                                               train_char_tokenizer, train_tasks)
+
+CALIB_PROBLEMS = 4000
+
+
+def calibration_batch(tok: Tokenizer, tc: TaskTrainConfig, n: int = CALIB_PROBLEMS):
+    """(ids (n, T), valid (n, T)) from the calib split, in the final training mix."""
+    gen = tasks.stream("calib", tc.seed, tasks.curriculum_mix(1.0, tc.max_digits))
+    ids, _, lengths = encode_problems(tok, [next(gen) for _ in range(n)])
+    return ids, torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+
+
+def run_task(a: argparse.Namespace) -> int:
+    work = a.work_dir or a.out.with_name(a.out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    tok_file = a.tokenizer or work / "tokenizer.model"
+    if not Path(tok_file).exists():
+        tok_file = train_char_tokenizer(work / "tokenizer")
+    tok = Tokenizer(tok_file)
+    if a.itt_layers == "odd":
+        itt_layers = tuple(range(1, a.n_layers, 2))
+    elif a.itt_layers == "none":
+        itt_layers = ()
+    else:
+        itt_layers = tuple(int(x) for x in a.itt_layers.split(","))
+    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=a.d_model, n_layers=a.n_layers,
+                      n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, ffn_dim=a.ffn_dim,
+                      max_position_embeddings=a.max_positions, itt_layers=itt_layers,
+                      think_steps=a.think_steps if itt_layers else 1,
+                      train_capacity=a.train_capacity,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    tc = TaskTrainConfig(
+        max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr, min_lr_ratio=a.min_lr_ratio,
+        warmup_steps=a.warmup_steps, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
+        eval_every=a.eval_every, eval_problems=a.eval_problems,
+        checkpoint_every=a.checkpoint_every, seed=a.seed, max_add_digits=a.max_add_digits,
+        max_mul_digits=a.max_mul_digits, curriculum=a.curriculum, stop_at=a.stop_at,
+        max_wall_s=a.max_wall_s,
+        capacities=tuple(float(c) for c in a.capacities.split(",") if c))
+    n_params = sum(p.numel() for p in ITTModel(cfg).parameters())
+    print(f"{n_params / 1e6:.3f}M parameters; {tc.max_steps} steps × {tc.batch_size} problems",
+          file=sys.stderr)
+    model = train_tasks(cfg, tc, tok, work, log=lambda m: print(m, file=sys.stderr, flush=True))
+    if not model.finished:
+        print(f"stopped at step {tc.stop_at}; run again without --stop-at to resume",
+              file=sys.stderr)
+        return 0
+    ship_dtype = getattr(torch, a.ship_dtype)
+    with torch.no_grad():       # calibrate the weights as they will ship
+        for t in model.parameters():
+            t.copy_(t.to(ship_dtype).float())
+    if cfg.is_itt:
+        print("calibrating routing thresholds on held-out problems …", file=sys.stderr)
+        ids, valid = calibration_batch(tok, tc)
+        model.cfg = dataclasses.replace(cfg, calibration=calibrate(model, ids, valid=valid))
+    model.cfg = dataclasses.replace(model.cfg, extra={"_training": {
+        "task": "arith", "train_config": dataclasses.asdict(tc), "parameters": n_params,
+        "steps_done": model.steps_done,
+        "problems_seen": model.steps_done * tc.batch_size,
+        "wall_time_s": round(time.time() - t_start), "history": model.history}})
+    save_model(model, tok_file, a.out, dtype=ship_dtype)
+    print(f"wrote {a.out}", file=sys.stderr)
+    return 0
