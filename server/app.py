@@ -7,7 +7,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from itt_runtime.async_engine import AsyncLLMEngine
-from server import __version__
+from server import __version__, openapi
 from server.chat import ChatHandler
 from server.completion import CompletionHandler
 from server.config import ServerSettings
@@ -34,6 +34,7 @@ def create_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     for router in routers:
         app.include_router(router)
     install_error_handlers(app)
+    openapi.install(app)
     # Added innermost first: requests pass metrics → size limit → API key → routes.
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)

@@ -19,6 +19,17 @@ from server.errors import bad_request, from_validation_error
 # seeds, which may also be unsigned 64-bit (see SamplingParams).
 Int = Annotated[int, Field(strict=True, ge=-2**63, le=2**63 - 1)]
 Seed = Annotated[int, Field(strict=True, ge=-2**63, le=2**64 - 1)]
+
+
+def documented(lo: float | None = None, hi: float | None = None, exclusive_lo: bool = False):
+    """Publish a range in the OpenAPI schema only: SamplingParams checks it, once, with a
+    message naming the parameter (pydantic would word it differently per field)."""
+    extra: dict[str, float] = {}
+    if lo is not None:
+        extra["exclusiveMinimum" if exclusive_lo else "minimum"] = lo
+    if hi is not None:
+        extra["maximum"] = hi
+    return Field(json_schema_extra=extra)
 Float = Annotated[float, Field(strict=True)]
 Bool = Annotated[bool, Field(strict=True)]
 
@@ -47,29 +58,29 @@ class GenerationRequest(_Body):
     """Fields shared by completions and chat: OpenAI's, vLLM's extensions, and ITT's."""
 
     model: str | None = None
-    max_tokens: Int | None = None
-    temperature: Float = 1.0
-    top_p: Float = 1.0
-    n: Int = 1
+    max_tokens: Annotated[Int | None, documented(1)] = None
+    temperature: Annotated[Float, documented(0, 2)] = 1.0
+    top_p: Annotated[Float, documented(0, 1, exclusive_lo=True)] = 1.0
+    n: Annotated[Int, documented(1, 16)] = 1
     stop: str | list[str] | None = None
     seed: Seed | None = None
-    presence_penalty: Float = 0.0
-    frequency_penalty: Float = 0.0
+    presence_penalty: Annotated[Float, documented(-2, 2)] = 0.0
+    frequency_penalty: Annotated[Float, documented(-2, 2)] = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     stream: Bool = False
     stream_options: StreamOptions | None = None
     # vLLM extensions
-    top_k: Int = -1
-    min_p: Float = 0.0
-    repetition_penalty: Float = 1.0
-    min_tokens: Int = 0
+    top_k: Annotated[Int, documented(-1)] = -1
+    min_p: Annotated[Float, documented(0, 1)] = 0.0
+    repetition_penalty: Annotated[Float, documented(0, 2, exclusive_lo=True)] = 1.0
+    min_tokens: Annotated[Int, documented(0)] = 0
     ignore_eos: Bool = False
     stop_token_ids: list[Int] | None = None
     skip_special_tokens: Bool = True
     include_stop_str_in_output: Bool = False
     # ITT extensions
-    think_budget: Float | None = None
+    think_budget: Annotated[Float | None, documented(0, 1)] = None
     return_thinking: Bool = False
 
     @property
@@ -100,7 +111,7 @@ PromptField = str | list[str] | list[Int] | list[list[Int]]
 class CompletionRequest(GenerationRequest):
     prompt: PromptField
     echo: Bool = False
-    logprobs: Int | None = None
+    logprobs: Annotated[Int | None, documented(0, 20)] = None
     best_of: Int | None = None
     suffix: str | None = None
 
@@ -134,7 +145,7 @@ class ChatMessage(_Body):
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage]
     logprobs: Bool = False
-    top_logprobs: Int | None = None
+    top_logprobs: Annotated[Int | None, documented(0, 20)] = None
     max_completion_tokens: Int | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None

@@ -6,13 +6,15 @@ from server import chat_template
 from server.errors import bad_request
 from server.generation import check_model
 from server.protocol import DetokenizeRequest, TokenizeRequest, parse_body
+from server.openapi import error_responses, json_body
 from server.state import state
 from server.tokens import check_size, encode
 
 router = APIRouter()
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", openapi_extra=json_body(TokenizeRequest),
+             responses=error_responses())
 async def tokenize(request: Request) -> dict:
     s = state(request)
     req = await parse_body(request, TokenizeRequest)
@@ -29,7 +31,8 @@ async def tokenize(request: Request) -> dict:
             "token_strs": [tok.id_to_piece(i) for i in ids] if req.return_token_strs else None}
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", openapi_extra=json_body(DetokenizeRequest),
+             responses=error_responses())
 async def detokenize(request: Request) -> dict:
     s = state(request)
     req = await parse_body(request, DetokenizeRequest)
