@@ -9,12 +9,13 @@ an evaluation problem is never a training problem, even for 1-digit sums where t
 is seen many times. Streams never end; the same (split, seed, mix) gives the same problems.
 
 Usage: python -m itt_runtime.training.tasks [--split eval] [--seed 0] [--task add] \
-           [--digits 4] [-n 10]      prints one "prompt answer" line per problem
+           [--digits 4] [-n 10] [--jsonl]   one "prompt answer" line (or JSON object) per problem
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import zlib
@@ -129,9 +130,15 @@ def main(argv=None) -> int:
     p.add_argument("--task", choices=TASKS, default="add")
     p.add_argument("--digits", type=int, default=4)
     p.add_argument("-n", type=int, default=10)
+    p.add_argument("--jsonl", action="store_true",
+                   help='one {"prompt", "answer", "task", "digits"} object per line')
     a = p.parse_args(argv)
     for prob in take(a.split, a.seed, a.task, a.digits, a.n):
-        print(prob.prompt, prob.answer)
+        if a.jsonl:
+            print(json.dumps({"prompt": prob.prompt, "answer": prob.answer, "task": prob.task,
+                              "digits": prob.digits}))
+        else:
+            print(prob.prompt, prob.answer)
     return 0
 
 
