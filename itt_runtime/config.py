@@ -1,4 +1,4 @@
-"""Model configuration: the LLaMA backbone plus the ITT part (see shared ITT_SPEC.md).
+"""Model configuration: the LLaMA backbone plus the ITT part (see docs/ITT_SPEC.md).
 
 One frozen dataclass, validated once in ``__post_init__``; derived values are properties.
 ``ModelConfig.from_dict`` is the only place that reads ``config.json`` content, and every

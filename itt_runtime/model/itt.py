@@ -1,4 +1,4 @@
-"""The reference ITT model: a plain full-sequence computation of ITT_SPEC, no cache.
+"""The reference ITT model: docs/ITT_SPEC.md as a plain full-sequence computation, no cache.
 
 Reads top to bottom like the spec:
 

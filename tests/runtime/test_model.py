@@ -1,4 +1,4 @@
-"""The reference ITT model (itt_runtime/model/itt.py) against ITT_SPEC.
+"""The reference ITT model (itt_runtime/model/itt.py) against docs/ITT_SPEC.md.
 
 Everything here is checked against something computed independently: a prefix run, a run
 alone, a dense copy, a slow literal implementation of the spec written below, or HF
