@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -163,7 +161,88 @@ def test_engine_rejects_requests_it_cannot_serve(llm):
 def test_thinking_depth_tracks_budget(llm):
     cfg = llm.engine.model_config
     depth = {b: sample(llm, max_tokens=24, temperature=0, think_budget=b).thinking
-             for b in (0.0, 1.0)}
+             for b in (0.0, 0.5, 1.0)}
     assert depth[0.0] == [0] * 24
     assert depth[1.0] == [cfg.max_extra_steps] * 24
-    assert not math.isnan(sum(depth[1.0]))
+    assert len(depth[0.5]) == 24 and all(0 <= d <= cfg.max_extra_steps for d in depth[0.5])
+    assert depth[0.5] != depth[0.0] and depth[0.5] != depth[1.0]      # partial routing
+
+
+# ---- the sampler's masks and distribution, on hand-made logits -------------------------------
+# The exponential race argmax(p / E), E ~ Exp(1), picks token i with probability exactly p_i.
+# N identical rows give N independent draws; the frequencies must match the masked,
+# renormalised distribution within 5 standard errors (deterministic: the sampler is seeded).
+
+PROBS = torch.tensor([0.40, 0.25, 0.15, 0.10, 0.06, 0.04])
+N_DRAWS = 20000
+
+
+def draws(**params) -> torch.Tensor:
+    seq = Sequence("s", "s", 0, [1], SamplingParams(**params), 0.0, [])
+    logits = PROBS.log().expand(N_DRAWS, -1).contiguous()
+    tokens, logprobs = Sampler(eos_token_id=0, seed=0)(logits, [seq] * N_DRAWS)
+    assert logprobs is None
+    return torch.bincount(tokens, minlength=len(PROBS)).double() / N_DRAWS
+
+
+def assert_distribution(freq: torch.Tensor, weights: torch.Tensor) -> None:
+    p = (weights / weights.sum()).double()
+    assert ((freq > 0) == (p > 0)).all(), (freq, p)          # exactly the kept tokens occur
+    tolerance = 5 * (p * (1 - p) / N_DRAWS).sqrt() + 1e-12
+    assert ((freq - p).abs() <= tolerance).all(), (freq, p)
+
+
+def test_temperature_1_samples_the_model_distribution():
+    assert_distribution(draws(temperature=1.0), PROBS)
+
+
+def test_temperature_sharpens_and_flattens_exactly():
+    for t in (0.5, 2.0):
+        assert_distribution(draws(temperature=t), PROBS ** (1 / t))
+
+
+@pytest.mark.parametrize("top_k,kept", [(1, 1), (3, 3), (6, 6)])
+def test_top_k_keeps_exactly_the_k_most_likely(top_k, kept):
+    mask = torch.arange(len(PROBS)) < kept
+    assert_distribution(draws(temperature=1.0, top_k=top_k), PROBS * mask)
+
+
+@pytest.mark.parametrize("top_p,kept", [(0.3, 1), (0.5, 2), (0.7, 3), (0.95, 5), (0.99, 6)])
+def test_top_p_keeps_the_smallest_prefix_reaching_p(top_p, kept):
+    # Cumulative mass 0.40, 0.65, 0.80, 0.90, 0.96, 1.00: the prefix ends at the first >= p.
+    mask = torch.arange(len(PROBS)) < kept
+    assert_distribution(draws(temperature=1.0, top_p=top_p), PROBS * mask)
+
+
+@pytest.mark.parametrize("min_p,kept", [(0.2, 4), (0.5, 2), (0.9, 1)])
+def test_min_p_drops_tokens_below_min_p_times_the_top(min_p, kept):
+    # Thresholds 0.08, 0.20, 0.36 against PROBS.
+    mask = torch.arange(len(PROBS)) < kept
+    assert_distribution(draws(temperature=1.0, min_p=min_p), PROBS * mask)
+
+
+def test_masks_compose_top_k_then_top_p_then_min_p():
+    # top_k 4 -> 0.40 .25 .15 .10 (renormalised .444 .278 .167 .111); top_p 0.8 keeps 3
+    # (mass before the 4th is .889); min_p 0.5 then keeps p >= .222: two tokens.
+    mask = torch.arange(len(PROBS)) < 2
+    assert_distribution(draws(temperature=1.0, top_k=4, top_p=0.8, min_p=0.5), PROBS * mask)
+
+
+def test_seeded_rows_draw_the_same_tokens_in_any_batch():
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+
+    def seeded(seed):
+        s = Sequence("s", "s", 0, [1], SamplingParams(temperature=1.0, seed=seed), 0.0, [])
+        s.generator = torch.Generator().manual_seed(seed)
+        return s
+
+    def unseeded():
+        return Sequence("u", "u", 0, [1], SamplingParams(temperature=1.0), 0.0, [])
+
+    alone = [int(Sampler(0, seed=1)(logits[i:i + 1], [seeded(i)])[0]) for i in range(5)]
+    for sampler_seed in (1, 2):
+        batch = [seeded(i) if i % 2 == 0 else unseeded() for i in range(5)]
+        tokens = Sampler(0, seed=sampler_seed)(logits, batch)[0].tolist()
+        assert tokens[0::2] == alone[0::2]
+    again = [seeded(i) for i in range(5)]
+    assert Sampler(0, seed=3)(logits, again)[0].tolist() == alone
