@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from itt_runtime.kv_cache.manager import cdiv
 from itt_runtime.llm import LLM
 from itt_runtime.model.loader import load_model
+from itt_runtime.request import Status
 from itt_runtime.runner.cuda_graphs import DecodeGraphs
 from itt_runtime.sampling_params import SamplingParams
 
@@ -101,7 +102,7 @@ def test_padded_decode_steps_match_reference(tiny_model_dir, prompts, expected):
     llm = LLM(str(tiny_model_dir), max_num_batched_tokens=2048, max_num_seqs=48,
               routed_compute="masked")
     eng = llm.engine
-    graphs = eng.graphs = DecodeGraphs(eng.runner, eng.config.max_num_seqs,
+    graphs = eng.runner.graphs = DecodeGraphs(eng.runner.forward, eng.config.max_num_seqs,
                                        cdiv(eng.max_model_len, eng.config.block_size),
                                        capture=False)
     cases = [(i, b) for i in range(len(prompts)) for b in BUDGETS]
@@ -136,7 +137,7 @@ def test_padded_decode_step_writes_only_its_own_slots(tiny_model_dir, prompts):
     at b = 1 every stream gains its next slot, at b = 0 only the base streams do."""
     llm = LLM(str(tiny_model_dir), routed_compute="masked")
     eng = llm.engine
-    graphs = eng.graphs = DecodeGraphs(eng.runner, 8, 8, capture=False)
+    graphs = eng.runner.graphs = DecodeGraphs(eng.runner.forward, 8, 8, capture=False)
     budgets = [1.0, 0.0, 1.0]
     for k, b in enumerate(budgets):
         eng.add_request(str(k), prompts[k + 1], greedy(b))
@@ -161,7 +162,7 @@ def test_failed_capture_falls_back_to_eager_steps(tiny_model_dir, prompts, expec
     eagerly, later steps too, and the output is still the reference's."""
     llm = LLM(str(tiny_model_dir), routed_compute="masked")
     eng = llm.engine
-    graphs = eng.graphs = DecodeGraphs(eng.runner, 8, 8, capture=False)
+    graphs = eng.runner.graphs = DecodeGraphs(eng.runner.forward, 8, 8, capture=False)
     graphs.capture = True
 
     def failing_capture(g):
@@ -171,7 +172,7 @@ def test_failed_capture_falls_back_to_eager_steps(tiny_model_dir, prompts, expec
     cases = [(i, b) for i in (2, 5, 9) for b in (0.25, 1.0)]
     outs = llm.generate([prompts[i] for i, _ in cases], [greedy(b) for _, b in cases])
     check(outs, cases, expected)
-    assert eng.graphs is None and not graphs.graphs
+    assert eng.runner.graphs is None and not graphs.graphs
     assert "CUDA graph capture failed" in caplog.text
 
 
@@ -180,7 +181,7 @@ def test_step_logits_match_reference_within_1e4(routed_compute, tiny_model_dir, 
                                                 prompts, expected):
     """Spy on the runner: every sampled row's logits equal the reference's for that step."""
     llm = LLM(str(tiny_model_dir), max_num_batched_tokens=24, routed_compute=routed_compute)
-    runner = llm.engine.runner
+    runner = llm.engine.runner.forward
     seen: list[torch.Tensor] = []
     real_execute = runner.execute
 
@@ -213,8 +214,17 @@ def test_no_leaks_after_finish_abort_and_preemption(tiny_model_dir, prompts):
         eng.step()
         steps += 1
         if steps == 3:
-            eng.abort("r1")                                        # running
-            eng.abort("r11")                                       # probably still waiting
+            # The 32-token budget has not reached r11 yet; r1 is in the batch.
+            (r1,), (r11,) = eng.requests["r1"].seqs, eng.requests["r11"].seqs
+            assert r1.status is Status.RUNNING and r11.status is Status.WAITING
+            assert r11.num_computed_tokens == 0
+            free, held = eng.kv.pool.num_free, eng.kv.get("r1").num_blocks
+            for rid in ("r1", "r11"):
+                out = eng.abort(rid)
+                assert out.finished and out.outputs[0].finish_reason == "abort"
+                assert rid not in eng.requests
+            assert r1.finished and r11.finished
+            assert eng.kv.pool.num_free == free + held > free
         if steps == 8:
             eng.abort("r4")
     assert eng.scheduler.num_preemptions > 0
@@ -246,7 +256,7 @@ def test_masked_steps_need_no_device_sync(routed_compute, tiny_model_dir, prompt
     llm = LLM(str(tiny_model_dir), routed_compute=routed_compute, max_num_batched_tokens=40)
     eng = llm.engine
     seen: list[tuple[str, set[str]]] = []
-    real_execute = eng.runner.execute
+    real_execute = eng.runner.forward.execute
 
     def recorded(batch):
         with OpRecorder() as rec:
@@ -255,7 +265,7 @@ def test_masked_steps_need_no_device_sync(routed_compute, tiny_model_dir, prompt
         seen.append((kind, {op for op in rec.ops if op.startswith(SYNCING_OPS)}))
         return out
 
-    eng.runner.execute = recorded
+    eng.runner.forward.execute = recorded
     llm.generate(prompts[1:9], [greedy(BUDGETS[1 + k % 3]) for k in range(8)])
     assert {kind for kind, _ in seen} == {"decode", "mixed", "prefill"}
     syncing = set().union(*(ops for _, ops in seen))
