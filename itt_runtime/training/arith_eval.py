@@ -30,11 +30,13 @@ from itt_runtime.training import tasks
 from itt_runtime.training.task_trainer import exact_match
 
 BUDGETS = (0.0, 0.25, 0.5, 0.75, 1.0)
-SETTINGS = ("add2", "add3", "add4", "add5", "mul2", "mul3")
+SETTINGS = ("add2", "add3", "mul3", "mix")
 EVAL_SEED = 0
 
 
 def parse_setting(s: str) -> tuple[str, int]:
+    if s == "mix":
+        return "mix", 0
     task, digits = s.rstrip("0123456789"), s[len(s.rstrip("0123456789")):]
     if task not in tasks.TASKS or not digits:
         raise argparse.ArgumentTypeError(f"setting {s!r}: want e.g. add4 or mul3")
@@ -43,13 +45,22 @@ def parse_setting(s: str) -> tuple[str, int]:
 
 def evaluate_model(path: str, settings: list[tuple[str, int]], budgets: list[float | None],
                    n: int, engine_check: int = 0) -> list[dict]:
-    """Rows {setting, budget, accuracy, problems, blocks_per_token, routed[, engine_agree]}."""
+    """Rows {setting, budget, accuracy, problems, blocks_per_token, routed, routed_per_step
+    (the fraction at each routed step of each ITT layer)[, engine_agree]}."""
     model, tok = load_model(path)
     cfg = model.cfg
     rows = []
     llm = None
     for task, digits in settings:
-        problems = tasks.take("eval", EVAL_SEED, task, digits, n)
+        if task == "mix":         # the held-out problems in the training mix: what was calibrated
+            tc = cfg.extra.get("_training", {}).get("train_config", {})
+            top = {"add": tc.get("max_add_digits", 3)}
+            if tc.get("max_mul_digits"):
+                top["mul"] = tc["max_mul_digits"]
+            gen = tasks.stream("eval", EVAL_SEED, tasks.curriculum_mix(1.0, top))
+            problems = [next(gen) for _ in range(n)]
+        else:
+            problems = tasks.take("eval", EVAL_SEED, task, digits, n)
         for b in budgets:
             if cfg.is_itt:
                 budget = cfg.default_budget if b is None else b
@@ -57,15 +68,17 @@ def evaluate_model(path: str, settings: list[tuple[str, int]], budgets: list[flo
                          ThresholdRouting.for_budgets(cfg, [bb] * len(lengths)))
             else:
                 budget, route = None, None
-            acc, extra = exact_match(model, tok, problems, route)
-            row = {"setting": f"{task}{digits}", "budget": budget, "accuracy": acc,
+            acc, extra, per_stream = exact_match(model, tok, problems, route)
+            row = {"setting": task if task == "mix" else f"{task}{digits}", "budget": budget, "accuracy": acc,
                    "problems": len(problems), "blocks_per_token": cfg.n_layers + extra,
-                   "routed": extra / cfg.max_extra_steps if cfg.is_itt else None}
+                   "routed": extra / cfg.max_extra_steps if cfg.is_itt else None,
+                   "routed_per_step": per_stream}
             if engine_check:
                 llm = llm or _llm(path)
                 row["engine_agree"] = _engine_agreement(model, tok, llm, problems[:engine_check],
                                                         budget, route)
             rows.append(row)
+            print(_line(path.split("/")[-1], row), file=sys.stderr, flush=True)
     return rows
 
 
@@ -81,21 +94,43 @@ def _engine_agreement(model, tok, llm, problems, budget, route) -> str:
     outs = llm.generate([p.prompt for p in problems], params)
     agree = 0
     for p, out in zip(problems, outs):
-        ref, _ = exact_match(model, tok, [p], route)
+        ref = exact_match(model, tok, [p], route)[0]
         agree += (out.outputs[0].text == p.answer) == (ref == 1.0)
     return f"{agree}/{len(problems)}"
 
 
+HEADER = (f"{'model':<8} {'setting':<7} {'budget':>6} {'accuracy':>9} {'blocks/tok':>10} "
+          f"{'routed':>7} {'max|step-b|':>11} {'n':>5}")
+
+
+def _line(name: str, r: dict) -> str:
+    b = "-" if r["budget"] is None else f"{r['budget']:.2f}"
+    routed = "-" if r["routed"] is None else f"{r['routed']:.3f}"
+    dev = "-" if r["budget"] is None or not r["routed_per_step"] else \
+        f"{max(abs(f - r['budget']) for f in r['routed_per_step']):.3f}"
+    extra = f"  engine {r['engine_agree']}" if "engine_agree" in r else ""
+    return (f"{name:<8} {r['setting']:<7} {b:>6} {100 * r['accuracy']:>8.1f}% "
+            f"{r['blocks_per_token']:>10.2f} {routed:>7} {dev:>11} {r['problems']:>5}{extra}")
+
+
 def format_table(results: dict[str, list[dict]]) -> str:
-    lines = [f"{'model':<8} {'setting':<7} {'budget':>6} {'accuracy':>9} {'blocks/tok':>10} "
-             f"{'routed':>7} {'n':>5}"]
+    return "\n".join([HEADER] + [_line(name, r) for name, rows in results.items() for r in rows])
+
+
+def format_markdown(results: dict[str, list[dict]]) -> str:
+    """One row per (model, budget), one accuracy column per setting, compute beside it."""
+    settings = list(dict.fromkeys(r["setting"] for r in results["itt"]))
+    head = ["model", "budget", "blocks / token (mix)", "routed (mix)", *settings]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rows in results.items():
-        for r in rows:
-            b = "-" if r["budget"] is None else f"{r['budget']:.2f}"
-            routed = "-" if r["routed"] is None else f"{r['routed']:.3f}"
-            extra = f"  engine {r['engine_agree']}" if "engine_agree" in r else ""
-            lines.append(f"{name:<8} {r['setting']:<7} {b:>6} {100 * r['accuracy']:>8.1f}% "
-                         f"{r['blocks_per_token']:>10.2f} {routed:>7} {r['problems']:>5}{extra}")
+        for b in dict.fromkeys(r["budget"] for r in rows):
+            sel = {r["setting"]: r for r in rows if r["budget"] == b}
+            any_row = sel.get("mix") or next(iter(sel.values()))
+            routed = "-" if any_row["routed"] is None else f"{any_row['routed']:.3f}"
+            cells = [name, "-" if b is None else f"{b:g}",
+                     f"{any_row['blocks_per_token']:.2f}", routed]
+            cells += [f"{100 * sel[s]['accuracy']:.1f} %" if s in sel else "" for s in settings]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -114,6 +149,7 @@ def main(argv=None) -> int:
     p.add_argument("--engine-check", type=int, default=0, metavar="K",
                    help="also run K problems per setting and budget through the real engine")
     p.add_argument("--json", help="write the rows to this file")
+    p.add_argument("--markdown", action="store_true", help="print a markdown table instead")
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)
     settings = [parse_setting(s) for s in a.settings.split(",") if s]
@@ -124,7 +160,7 @@ def main(argv=None) -> int:
         model, _ = load_model(path)
         control_budgets = [1.0] if model.cfg.is_itt else [None]
         results[name] = evaluate_model(path, settings, control_budgets, a.n, a.engine_check)
-    print(format_table(results))
+    print(format_markdown(results) if a.markdown else format_table(results))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -111,13 +111,15 @@ class PaddedTopKRouting(Routing):
 
 @torch.no_grad()
 def exact_match(model: ITTModel, tok: Tokenizer, problems: list[tasks.Problem],
-                routing_for=None, batch_size: int = 500) -> tuple[float, float]:
+                routing_for=None, batch_size: int = 500) -> tuple[float, float, list[float]]:
     """Teacher-forced exact match (= greedy exact match: greedy reproduces the answer iff
-    every answer token, EOS included, is the argmax given the correct prefix) and the mean
-    extra block applications per real token. ``routing_for(lengths, T)`` -> Routing or None
+    every answer token, EOS included, is the argmax given the correct prefix), the mean
+    extra block applications per real token, and the routed fraction of real tokens at each
+    routed stream (empty for a dense model). ``routing_for(lengths, T)`` -> Routing or None
     (None: causal thresholds at the model's default budget)."""
     model.eval()
-    correct, extra, count = 0, 0.0, 0
+    correct, count = 0, 0
+    routed = torch.zeros(model.cfg.max_extra_steps)
     for i in range(0, len(problems), batch_size):
         ids, tgt, lengths = encode_problems(tok, problems[i: i + batch_size])
         routing = routing_for(lengths, ids.shape[1]) if routing_for else None
@@ -126,9 +128,12 @@ def exact_match(model: ITTModel, tok: Tokenizer, problems: list[tasks.Problem],
         ok = ((pred == tgt) | (tgt == IGNORE)).all(1)
         correct += int(ok.sum())
         valid = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
-        extra += float(out.extra_steps[valid].float().sum())
+        if out.routed is not None:
+            routed += out.routed[valid].float().sum(0)
         count += int(valid.sum())
-    return correct / max(1, len(problems)), extra / max(1, count)
+    per_stream = (routed / max(1, count)).tolist()
+    extra = float(routed.sum()) / max(1, count)
+    return correct / max(1, len(problems)), extra, per_stream
 
 
 def train_tasks(cfg: ModelConfig, tc: TaskTrainConfig, tok: Tokenizer, work_dir: Path,
