@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from server_proc import SERVED_MODEL_NAME, query, running_prometheus, running_server
+from live_server import MODEL_NAME, query, running_prometheus, running_server
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "itt-server.json"
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None,
 
 
 def substitute(expr: str) -> str:
-    return (expr.replace("$model_name", SERVED_MODEL_NAME)
+    return (expr.replace("$model_name", MODEL_NAME)
             .replace("$__rate_interval", f"{RATE_INTERVAL_S}s")
             .replace("$__interval", f"{INTERVAL_S}s"))
 
@@ -61,7 +61,7 @@ class Traffic(threading.Thread):
             for i in itertools.count():
                 if self.done.is_set():
                     return
-                body = {"model": SERVED_MODEL_NAME, "max_tokens": 6 + i % 5,
+                body = {"model": MODEL_NAME, "max_tokens": 6 + i % 5,
                         "temperature": 0.0, "stream": i % 2 == 0, "return_thinking": True}
                 budget = next(budgets)
                 if budget is not None:
@@ -88,7 +88,8 @@ class Traffic(threading.Thread):
 def live(tiny_model_dir, tmp_path_factory):
     """(server URL, Prometheus URL) with traffic flowing and several scrapes taken."""
     work = tmp_path_factory.mktemp("dashboard")
-    with running_server(tiny_model_dir, work) as server_url:
+    with running_server(tiny_model_dir, work) as server:
+        server_url = server.url
         target = server_url.removeprefix("http://")
         with running_prometheus(target, work, SCRAPE_S) as prom_url:
             traffic = Traffic(server_url)
@@ -103,7 +104,7 @@ def live(tiny_model_dir, tmp_path_factory):
 
 def wait_for_scrapes(prom_url: str, traffic: Traffic, timeout_s: float = 90) -> None:
     """Until Prometheus has seen generated tokens grow over a whole rate window."""
-    sel = f'{{model_name="{SERVED_MODEL_NAME}"}}'
+    sel = f'{{model_name="{MODEL_NAME}"}}'
     expr = (f"min_over_time(itt_generation_tokens_total{sel}[{RATE_INTERVAL_S + 2}s])"
             f" > 0 and count_over_time(itt_generation_tokens_total{sel}"
             f"[{RATE_INTERVAL_S + 2}s]) >= {RATE_INTERVAL_S + 1}")

@@ -8,22 +8,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
+from live_server import MODEL_NAME, REPO, running_server
 from prometheus_client.parser import text_string_to_metric_families
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))   # shared helper
-from server_proc import REPO, SERVED_MODEL_NAME, running_server  # noqa: E402
 
 LATENCY_KEYS = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
 
 
 @pytest.fixture(scope="module")
 def server_url(tiny_model_dir, tmp_path_factory):
-    with running_server(tiny_model_dir, tmp_path_factory.mktemp("loadtest_server")) as url:
-        yield url
+    with running_server(tiny_model_dir, tmp_path_factory.mktemp("loadtest_server")) as server:
+        yield server.url
 
 
 def counters(base_url: str) -> dict[str, float]:
@@ -34,7 +31,7 @@ def counters(base_url: str) -> dict[str, float]:
     out = dict.fromkeys(wanted, 0.0)
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name in wanted and s.labels.get("model_name") == SERVED_MODEL_NAME:
+            if s.name in wanted and s.labels.get("model_name") == MODEL_NAME:
                 out[s.name] += s.value
     return out
 
@@ -97,7 +94,7 @@ def test_closed_loop_sweep_matches_the_server(server_url, tmp_path):
                     "--out", str(out), "--plots", str(tmp_path / "plots"), "--no-progress")
     after = counters(server_url)
     result = json.loads(out.read_text())
-    assert result["config"]["model"] == SERVED_MODEL_NAME
+    assert result["config"]["model"] == MODEL_NAME
     assert [r["label"] for r in result["runs"]] == ["c=1", "c=4"]
     for run in result["runs"]:
         check_run(run, streaming=True)
