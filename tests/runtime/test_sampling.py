@@ -8,9 +8,9 @@ import torch
 from itt_runtime.llm import LLM
 from itt_runtime.model.itt import ThresholdRouting
 from itt_runtime.model.loader import load_model
+from itt_runtime.request import Sequence
 from itt_runtime.sampler import Sampler
 from itt_runtime.sampling_params import ParamError, SamplingParams
-from itt_runtime.request import Sequence
 
 
 @pytest.fixture(scope="module")
