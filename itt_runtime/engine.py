@@ -16,22 +16,19 @@ from itt_runtime.config import ConfigError
 from itt_runtime.kv_cache.block_pool import BlockPool
 from itt_runtime.kv_cache.manager import KVCacheManager, cdiv
 from itt_runtime.model.loader import load_model, resolve_model_path
-from itt_runtime.output_processor import append_token, make_delta, make_request_output
+from itt_runtime.output_processor import make_delta, make_request_output
 from itt_runtime.outputs import RequestMetrics, RequestOutput
 from itt_runtime.request import Sequence
 from itt_runtime.runner.attention import KVCache
-from itt_runtime.runner.cuda_graphs import CaptureError, DecodeGraphs
-from itt_runtime.runner.model_runner import ModelRunner, to_device
-from itt_runtime.sampler import Sampler, logprob_entries
+from itt_runtime.runner.model_runner import ROUTED_COMPUTE, ModelRunner
+from itt_runtime.sampler import Sampler
 from itt_runtime.sampling_params import ParamError, SamplingParams
-from itt_runtime.scheduler import ScheduledSeq, Scheduler
+from itt_runtime.scheduler import RunnerOutput, ScheduledSeq, Scheduler, SchedulerOutput
 
 log = logging.getLogger("itt_runtime")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-ROUTED_COMPUTE = ("auto", "gather", "masked")
 
 
 @dataclass(frozen=True)
@@ -104,14 +101,6 @@ class EngineBrokenError(RuntimeError):
 
 
 @dataclass
-class StepResult:
-    """What ``_execute`` read back from the device for one step, on the host."""
-    scheduled: list[ScheduledSeq]                     # in the order the runner laid them out
-    routed_counts: list[list[int]]                    # per scheduled row, per routed stream
-    sampled: list[tuple[Sequence, int, int, dict]]    # (seq, token, extra steps, logprobs)
-
-
-@dataclass
 class _Request:
     request_id: str
     seqs: list[Sequence]
@@ -124,7 +113,8 @@ class LLMEngine:
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
         self.model_path = resolve_model_path(config.model)
-        self.model, self.tokenizer = load_model(self.model_path, self.device, self.dtype)
+        self.model, self.tokenizer = load_model(self.model_path, self.device, self.dtype,
+                                                fuse=True)
         mc = self.model_config = self.model.cfg
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if not 1 <= self.max_model_len <= mc.max_position_embeddings:
@@ -145,18 +135,14 @@ class LLMEngine:
         self.kv = KVCacheManager(BlockPool(num_blocks), config.block_size, mc.num_kv_streams,
                                  mc.n_layers)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.enable_chunked_prefill)
-        self.runner = ModelRunner(self.model, self.cache)
-        # Decode steps from CUDA graphs: needs masked routed steps (a gather syncs).
-        self.graphs: DecodeGraphs | None = None
-        if (self.device.type == "cuda" and not config.enforce_eager
-                and config.routed_compute != "gather"):
-            self.graphs = DecodeGraphs(self.runner, config.max_num_seqs,
-                                       cdiv(self.max_model_len, config.block_size))
-        self.sampler = Sampler(self.tokenizer.eos_token_id, config.seed)
+                                   config.enable_chunked_prefill, self.tokenizer,
+                                   self.max_model_len)
+        self.runner = ModelRunner(
+            self.model, self.cache, Sampler(self.tokenizer.eos_token_id, config.seed),
+            config.routed_compute,
+            use_graphs=self.device.type == "cuda" and not config.enforce_eager,
+            max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
         self.requests: dict[str, _Request] = {}
-        self.tokens_computed = 0
-        self.routed_tokens = [0] * mc.max_extra_steps
         log.info("loaded %s (%s, %d layers, ITT layers %s x%d) on %s as %s; %d KV blocks of "
                  "%d tokens (%.1f MiB)", self.model_path, "ITT" if mc.is_itt else "dense",
                  mc.n_layers, list(mc.itt_layers), mc.think_steps, self.device,
@@ -238,119 +224,38 @@ class LLMEngine:
 
     # ---- one step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, execute, update. A failure while executing the batch is contained: the
-        batch is re-run one request at a time, a request that fails on its own is failed alone
-        (its blocks freed, an output with ``error`` set), and the others go on. If even a
-        throwaway one-token probe fails afterwards, the engine itself is broken and
-        ``EngineBrokenError`` is raised."""
+        """Schedule, execute, update. A failure while executing is contained (``_isolate``)."""
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
         try:
-            result = self._execute(plan.scheduled)
+            output = self.runner.execute_model(plan)
         except Exception as error:               # noqa: BLE001 - contained, see _isolate
-            return self._isolate(plan.scheduled, error)
-        return self._update(result)
+            return self._isolate(plan, error)
+        return self._update(plan, output)
 
-    def _execute(self, scheduled: list[ScheduledSeq]) -> StepResult:
-        """Run the model and the sampler on ``scheduled`` and read the results to the host.
-        Writes K/V and prompt logprobs but no engine bookkeeping, so it can be re-run."""
-        # Single-token rows first: the runner attends over them in one call.
-        scheduled = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)
-        logit_pos: list[list[int]] = []
-        for s in scheduled:
-            c, n, seq = s.seq.num_computed_tokens, s.num_new_tokens, s.seq
-            wanted = []
-            if seq.wants_prompt_logprobs:     # positions that predict the next prompt token
-                wanted = [i for i in range(n) if c + i < seq.num_prompt_tokens - 1]
-            if s.samples and (not wanted or wanted[-1] != n - 1):
-                wanted.append(n - 1)
-            logit_pos.append(wanted)
-        kvs = [self.kv.get(s.seq.seq_id) for s in scheduled]
-        decode_only = all(pos == [0] for pos in logit_pos) and \
-            len(scheduled) == sum(s.num_new_tokens for s in scheduled)
-        masked = self._masked_routing(decode_only)
-        graphs = self.graphs
-        out = None
-        if decode_only and masked and graphs is not None and graphs.can_run(len(scheduled)):
-            try:
-                out = graphs.run(scheduled, kvs)
-            except CaptureError:
-                # Nothing of the step was written: serve it and all later ones eagerly.
-                log.warning("CUDA graph capture failed; running every step eagerly",
-                            exc_info=True)
-                self.graphs = None
-        if out is None:
-            batch = self.runner.prepare(scheduled, kvs, logit_pos, masked_routing=masked)
-            out = self.runner.execute(batch)
-        self._prompt_logprobs(scheduled, logit_pos, out.logits)
-
-        sample_rows, sample_seqs, row = [], [], 0
-        for b, s in enumerate(scheduled):
-            for i in logit_pos[b]:
-                if s.samples and i == s.num_new_tokens - 1:
-                    sample_rows.append(row)
-                    sample_seqs.append(s.seq)
-                row += 1
-        if sample_rows == list(range(len(sample_rows))):          # the usual case: a slice
-            sample_logits = out.logits[:len(sample_rows)]
-        else:
-            sample_logits = out.logits[to_device(sample_rows, self.device)]
-        tokens, logprobs = (self.sampler(sample_logits, sample_seqs) if sample_rows
-                            else (out.extra_steps[:0], None))
-        # The step's one device-to-host read: sampled tokens, thinking depths, routed counts.
-        S, K = len(sample_rows), self.model_config.max_extra_steps
-        host = torch.cat([tokens, out.extra_steps, out.routed_counts.flatten()]).tolist()
-        extra = host[S:S + row]
-        counts = host[S + row:]
-        return StepResult(
-            scheduled=scheduled,
-            routed_counts=[counts[b * K:(b + 1) * K] for b in range(len(scheduled))],
-            sampled=[(seq, tok, extra[r], logprobs[j] if logprobs is not None else {})
-                     for j, (seq, tok, r) in enumerate(zip(sample_seqs, host[:S],
-                                                           sample_rows))])
-
-    def _update(self, result: StepResult) -> list[RequestOutput]:
-        """Commit the step's K/V, append the sampled tokens, finish what is done."""
-        for s, seq_counts in zip(result.scheduled, result.routed_counts):
-            self.kv.commit(s.seq.seq_id, s.num_new_tokens, seq_counts)
-            for k, cnt in enumerate(seq_counts):
-                self.routed_tokens[k] += cnt
-            self.tokens_computed += s.num_new_tokens
-            s.seq.num_computed_tokens += s.num_new_tokens
-        failed: dict[str, Exception] = {}
-        for seq, tok, extra, lp in result.sampled:
-            if seq.request_id in failed:
-                continue
-            try:
-                append_token(seq, tok, extra, lp, self.tokenizer, self.max_model_len)
-            except Exception as error:           # noqa: BLE001 - fails this request only
-                failed[seq.request_id] = error
-                continue
-            if seq.finish_reason is not None:
-                seq.metrics.finished_time = time.time()
-                self.scheduler.finish(seq)
-        outputs = [self._fail(rid, e) for rid, e in failed.items()]
-        touched = dict.fromkeys(s.seq.request_id for s in result.scheduled
-                                if s.seq.request_id not in failed)
-        return outputs + [o for rid in touched if (o := self._output(self.requests[rid]))]
+    def _update(self, plan: SchedulerOutput, output: RunnerOutput) -> list[RequestOutput]:
+        failed = self.scheduler.update_from_output(plan, output)
+        return [self._fail(rid, e) for rid, e in failed.items()] + \
+            [o for rid in plan.request_ids
+             if rid not in failed and (o := self._output(self.requests[rid]))]
 
     # ---- fault containment ----------------------------------------------------------------
-    def _isolate(self, scheduled: list[ScheduledSeq], error: Exception) \
-            -> list[RequestOutput]:
-        """The batch failed: run each request of it alone; fail the ones that fail alone."""
-        by_request: dict[str, list[ScheduledSeq]] = {}
-        for s in scheduled:
-            by_request.setdefault(s.seq.request_id, []).append(s)
-        if len(by_request) == 1:
-            outputs = [self._fail(next(iter(by_request)), error)]
+    def _isolate(self, plan: SchedulerOutput, error: Exception) -> list[RequestOutput]:
+        """The plan failed: run each of its requests alone; fail the ones that fail alone,
+        then check with a probe that the engine itself still runs (EngineBrokenError if
+        not). The plan's K/V writes are overwritten by the re-runs; nothing else changed."""
+        request_ids = plan.request_ids
+        if len(request_ids) == 1:
+            outputs = [self._fail(request_ids[0], error)]
         else:
             log.warning("a step of %d requests failed (%s: %s); re-running them one at a "
-                        "time", len(by_request), type(error).__name__, error)
+                        "time", len(request_ids), type(error).__name__, error)
             outputs = []
-            for rid, group in by_request.items():
+            for rid in request_ids:
+                part = plan.only(rid)
                 try:
-                    outputs += self._update(self._execute(group))
+                    outputs += self._update(part, self.runner.execute_model(part))
                 except Exception as e:           # noqa: BLE001 - this request's own failure
                     outputs.append(self._fail(rid, e))
         if not self._probe():
@@ -382,37 +287,15 @@ class LLMEngine:
                        think_budget=1.0, thresholds=self.model_config.thresholds_for(1.0))
         if not self.kv.can_allocate(seq.seq_id, 1):
             return True
-        self.kv.allocate(seq.seq_id, 1)
+        probe = ScheduledSeq(seq, 1, self.kv.allocate(seq.seq_id, 1), logit_positions=[0])
         try:
-            self._execute([ScheduledSeq(seq, 1)])
+            self.runner.execute_model(SchedulerOutput([probe]))
             return True
         except Exception:                        # noqa: BLE001 - the answer is the point
             log.exception("the probe step failed")
             return False
         finally:
             self.kv.free(seq.seq_id)
-
-    def _masked_routing(self, decode_only: bool) -> bool:
-        mode = self.config.routed_compute
-        if mode == "auto":
-            return decode_only and self.device.type == "cuda"
-        return mode == "masked"
-
-    def _prompt_logprobs(self, scheduled, logit_pos, logits: torch.Tensor) -> None:
-        row = 0
-        for b, s in enumerate(scheduled):
-            seq, c = s.seq, s.seq.num_computed_tokens
-            rows = [(row + j, c + i) for j, i in enumerate(logit_pos[b])
-                    if seq.wants_prompt_logprobs and c + i < seq.num_prompt_tokens - 1]
-            row += len(logit_pos[b])
-            if not rows:
-                continue
-            lp = torch.log_softmax(logits[[r for r, _ in rows]], dim=-1)
-            targets = torch.tensor([seq.prompt_token_ids[p + 1] for _, p in rows],
-                                   device=lp.device)
-            entries = logprob_entries(lp, targets, [seq.params.prompt_logprobs] * len(rows))
-            for (_, p), entry in zip(rows, entries):
-                seq.prompt_logprobs[p + 1] = entry
 
     def _output(self, req: _Request) -> RequestOutput | None:
         deltas = [d for seq in req.seqs if (d := make_delta(seq)) is not None]
@@ -435,9 +318,10 @@ class LLMEngine:
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_usage=self.kv.pool.usage, num_blocks=self.kv.pool.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,
-            tokens_computed=self.tokens_computed,
-            block_applications=self.tokens_computed * mc.n_layers + sum(self.routed_tokens),
-            routed_tokens=list(self.routed_tokens))
+            tokens_computed=self.scheduler.tokens_computed,
+            block_applications=(self.scheduler.tokens_computed * mc.n_layers
+                                + sum(self.scheduler.routed_tokens)),
+            routed_tokens=list(self.scheduler.routed_tokens))
 
     def kv_bytes_per_token(self, budget: float) -> float:
         """ITT_SPEC formula: (n_layers + b·(S−1)·|itt|) · 2 · kv_heads · head_dim · size."""

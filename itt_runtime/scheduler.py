@@ -2,26 +2,36 @@
 
 Every step each request asks to compute ``num_tokens - num_computed_tokens`` tokens (a whole
 or chunked prompt, or the one new token). Running requests are served first, in order, then
-waiting ones (FCFS) while the token budget, ``max_num_seqs`` and free KV blocks allow. When
-blocks run out, the most recently admitted running request is preempted: its blocks are freed
-and it goes back to the front of the queue to be recomputed later (same output, since causal
-routing and seeded sampling do not depend on batching).
+waiting ones (FCFS) while the step's token budget, ``max_num_seqs`` and free KV blocks allow.
+When blocks run out, the most recently admitted running request is preempted: its blocks are
+freed and it goes back to the front of the queue to be recomputed later (same output, since
+causal routing and seeded sampling do not depend on batching).
+
+A step is ``schedule()`` → the runner's ``execute_model(plan)`` → ``update_from_output(plan,
+output)``: the plan carries everything the runner needs (KV streams, logit positions), and
+the update commits the KV, appends the sampled tokens and finishes sequences.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from itt_runtime.kv_cache.manager import KVCacheManager
+from itt_runtime.kv_cache.manager import KVCacheManager, SequenceKV
+from itt_runtime.output_processor import append_token
 from itt_runtime.request import Sequence, Status
+from itt_runtime.tokenizer import Tokenizer
 
 
 @dataclass
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int          # tokens computed this step, starting at seq.num_computed_tokens
+    kv: SequenceKV | None = None                 # its KV streams, allocated for this step
+    # Indices within this step's new tokens whose logits are needed: the last one when the
+    # step samples, and the prompt positions whose next-token logprobs were asked for.
+    logit_positions: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
@@ -29,26 +39,64 @@ class ScheduledSeq:
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
+def logit_positions(seq: Sequence, num_new_tokens: int, samples: bool) -> list[int]:
+    c, n = seq.num_computed_tokens, num_new_tokens
+    wanted = []
+    if seq.wants_prompt_logprobs:           # positions that predict the next prompt token
+        wanted = [i for i in range(n) if c + i < seq.num_prompt_tokens - 1]
+    if samples and (not wanted or wanted[-1] != n - 1):
+        wanted.append(n - 1)
+    return wanted
+
+
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSeq]
-    preempted: list[Sequence]
 
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
 
+    def only(self, request_id: str) -> SchedulerOutput:
+        """The part of this plan that belongs to one request."""
+        return SchedulerOutput([s for s in self.scheduled if s.seq.request_id == request_id])
+
+    @property
+    def request_ids(self) -> list[str]:
+        return list(dict.fromkeys(s.seq.request_id for s in self.scheduled))
+
+
+@dataclass
+class SampledToken:
+    seq: Sequence
+    token: int
+    extra_steps: int                         # routed steps the position took (thinking depth)
+    logprobs: dict[int, float]
+
+
+@dataclass
+class RunnerOutput:
+    """What the runner read back from the device for one plan, as host values."""
+    routed_counts: dict[str, list[int]]      # seq_id -> tokens routed to each routed stream
+    sampled: list[SampledToken]
+    prompt_logprobs: list[tuple[Sequence, int, dict[int, float]]]   # (seq, position, entry)
+
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True) -> None:
+                 enable_chunked_prefill: bool = True, tokenizer: Tokenizer | None = None,
+                 max_model_len: int | None = None) -> None:
         self.kv = kv
+        self.tokenizer = tokenizer                  # for update_from_output (detokenizing)
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.tokens_computed = 0                    # every token the model ran
+        self.routed_tokens = [0] * kv.num_routed_streams    # per routed stream
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -57,48 +105,79 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.max_num_batched_tokens
+        token_budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
-        preempted: list[Sequence] = []
+        preempted = False
 
         # 1. running requests, oldest first; preempt from the back when blocks run out
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and token_budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(seq.num_tokens - seq.num_computed_tokens, token_budget)
             while not self.kv.can_allocate(seq.seq_id, n):
                 victim = self.running.pop()
                 self._preempt(victim)
-                preempted.append(victim)
+                preempted = True
                 if victim is seq:
                     break
             else:
-                self.kv.allocate(seq.seq_id, n)
-                scheduled.append(ScheduledSeq(seq, n))
-                budget -= n
+                scheduled.append(ScheduledSeq(seq, n, self.kv.allocate(seq.seq_id, n)))
+                token_budget -= n
                 i += 1
                 continue
             break                                   # seq itself was preempted
 
         # 2. waiting requests, first come first served; none if anything was preempted
-        while self.waiting and budget > 0 and not preempted \
+        while self.waiting and token_budget > 0 and not preempted \
                 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             remaining = seq.num_tokens - seq.num_computed_tokens
-            n = min(remaining, budget)
+            n = min(remaining, token_budget)
             if n < remaining and not self.enable_chunked_prefill:
                 break
             if not self.kv.can_allocate(seq.seq_id, n):
                 break
             self.waiting.popleft()
-            self.kv.allocate(seq.seq_id, n)
+            kv = self.kv.allocate(seq.seq_id, n)
             seq.status = Status.RUNNING
             if seq.metrics.first_scheduled_time is None:
                 seq.metrics.first_scheduled_time = time.time()
             self.running.append(seq)
-            scheduled.append(ScheduledSeq(seq, n))
-            budget -= n
-        return SchedulerOutput(scheduled, preempted)
+            scheduled.append(ScheduledSeq(seq, n, kv))
+            token_budget -= n
+        for s in scheduled:
+            s.logit_positions = logit_positions(s.seq, s.num_new_tokens, s.samples)
+        return SchedulerOutput(scheduled)
+
+    def update_from_output(self, plan: SchedulerOutput,
+                           output: RunnerOutput) -> dict[str, Exception]:
+        """Commit the step's K/V, record prompt logprobs, append the sampled tokens and
+        finish the sequences that are done. Returns the requests whose output processing
+        raised (they are left for the engine to fail; nothing else is affected)."""
+        for s in plan.scheduled:
+            counts = output.routed_counts[s.seq.seq_id]
+            self.kv.commit(s.seq.seq_id, s.num_new_tokens, counts)
+            for k, count in enumerate(counts):
+                self.routed_tokens[k] += count
+            self.tokens_computed += s.num_new_tokens
+            s.seq.num_computed_tokens += s.num_new_tokens
+        for seq, position, entry in output.prompt_logprobs:
+            seq.prompt_logprobs[position] = entry
+        failed: dict[str, Exception] = {}
+        for t in output.sampled:
+            seq = t.seq
+            if seq.request_id in failed:
+                continue
+            try:
+                append_token(seq, t.token, t.extra_steps, t.logprobs, self.tokenizer,
+                             self.max_model_len)
+            except Exception as error:           # noqa: BLE001 - fails this request only
+                failed[seq.request_id] = error
+                continue
+            if seq.finish_reason is not None:
+                seq.metrics.finished_time = time.time()
+                self.finish(seq)
+        return failed
 
     def _preempt(self, seq: Sequence) -> None:
         """Free everything and requeue at the front; it will recompute prompt + output."""

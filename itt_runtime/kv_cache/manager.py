@@ -24,8 +24,6 @@ class SequenceKV:
 
     block_tables: list[list[int]]
     lengths: list[int]
-    # Blocks per stream after the last allocate(); the runner sizes its gathers with it.
-    reserved_tokens: int = 0
 
     @classmethod
     def empty(cls, num_streams: int) -> "SequenceKV":
@@ -43,6 +41,10 @@ class KVCacheManager:
     num_streams: int
     num_base_streams: int
     _tables: dict[str, SequenceKV] = field(default_factory=dict)
+
+    @property
+    def num_routed_streams(self) -> int:
+        return self.num_streams - self.num_base_streams
 
     def get(self, seq_id: str) -> SequenceKV:
         return self._tables[seq_id]
@@ -64,7 +66,6 @@ class KVCacheManager:
         for table, n in zip(kv.block_tables, needed):
             table.extend(blocks[start:start + n])
             start += n
-        kv.reserved_tokens = num_new
         return kv
 
     def commit(self, seq_id: str, num_new: int, routed_counts: list[int]) -> None:
@@ -80,7 +81,6 @@ class KVCacheManager:
             if len(kv.block_tables[s]) > keep:
                 self.pool.free(kv.block_tables[s][keep:])
                 del kv.block_tables[s][keep:]
-        kv.reserved_tokens = 0
 
     def free(self, seq_id: str) -> None:
         kv = self._tables.pop(seq_id, None)

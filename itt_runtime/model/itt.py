@@ -91,6 +91,16 @@ class ITTLayer(nn.Module):
             self.phi = nn.Parameter(torch.ones(think_steps, cfg.d_model))   # φ_0 … φ_{S−1}
             self.routers = nn.ModuleList(nn.Linear(cfg.d_model, 1) for _ in range(think_steps - 1))
 
+    def base_update(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """y_0 = x + φ_0 ⊙ Δ(x); a dense layer is x + Δ(x). ``delta`` is Δ(x)."""
+        return x + delta if self.think_steps == 1 else x + self.phi[0] * delta
+
+    def routed_increment(self, step: int, score: torch.Tensor,
+                         delta: torch.Tensor) -> torch.Tensor:
+        """s_t · φ_t ⊙ Δ(y_{t−1}) of routed tokens: score (...,), delta (..., d). The caller
+        adds it to the routed tokens' y_{t−1} (unrouted tokens are carried over)."""
+        return score.to(delta.dtype)[..., None] * (self.phi[step] * delta)
+
     def router_logits(self, step: int, y: torch.Tensor) -> torch.Tensor:
         """r_t(y_{t−1}), (..., d) -> (...,); the score is s_t = sigmoid of this."""
         return self.routers[step - 1](y).squeeze(-1)
@@ -134,11 +144,9 @@ class ITTModel(nn.Module):
         routed = []
         itt_index = 0
         for layer in self.layers:
-            delta = layer.block.delta(x, cos, sin, mask=None)
+            x = layer.base_update(x, layer.block.delta(x, cos, sin, mask=None))  # base step
             if layer.think_steps == 1:
-                x = x + delta
                 continue
-            x = x + layer.phi[0] * delta                                  # base step
             for t in range(1, layer.think_steps):
                 stream = cfg.routed_stream_index(itt_index, t)
                 logits = layer.router_logits(t, x)                        # (B, T)
@@ -170,6 +178,5 @@ class ITTModel(nn.Module):
         attn_mask = (causal & valid[:, None, :]) | torch.eye(K, dtype=torch.bool,
                                                              device=y.device)
         delta = layer.block.delta(x_r, cos, sin, mask=attn_mask[:, None])  # (B, K, d)
-        gate = (s.gather(1, order) * valid).to(y.dtype)[..., None]       # (B, K, 1)
-        update = gate * (layer.phi[t] * delta)
+        update = layer.routed_increment(t, s.gather(1, order) * valid, delta)  # (B, K, d)
         return y.scatter_add(1, order[..., None].expand(B, K, d), update)

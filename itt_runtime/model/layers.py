@@ -74,10 +74,21 @@ class Block(nn.Module):
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
-        """For inference: one matmul for q|k|v and one for gate|up (fewer, larger kernels).
-        Copies of the weights; call again after changing them."""
-        self.fused = (torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]),
-                      torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+        """For inference, once, after the weights are loaded and placed: q|k|v and gate|up
+        become one weight each (one matmul instead of three and two), and the separate
+        projections' weights become views into them, so every weight is held once. Moving
+        the block afterwards (``.to``) would copy the views apart: fuse last."""
+        if self.fused is not None:
+            return
+        nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        ffn = self.gate_proj.weight.shape[0]
+        for proj, w in zip((self.q_proj, self.k_proj, self.v_proj), qkv.split([nq, nkv, nkv])):
+            proj.weight = nn.Parameter(w, requires_grad=False)
+        for proj, w in zip((self.gate_proj, self.up_proj), gate_up.split([ffn, ffn])):
+            proj.weight = nn.Parameter(w, requires_grad=False)
+        self.fused = (qkv, gate_up)
 
     def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x (..., d) -> q (..., H, D), k (..., KV, D), v (..., KV, D); RoPE applied to q, k."""

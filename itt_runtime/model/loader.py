@@ -19,7 +19,9 @@ from itt_runtime.config import ConfigError, ModelConfig
 from itt_runtime.model.itt import ITTModel
 from itt_runtime.tokenizer import Tokenizer
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODEL_DIR = MODELS_DIR / "default"
+SHIPPED_MODELS = ("default", "arith")      # names that load a model shipped in the package
 FILES = ("config.json", "model.safetensors", "tokenizer.model")
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
@@ -29,9 +31,12 @@ class CheckpointError(ConfigError):
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
-    """``None`` or ``"default"`` -> the model shipped inside the package."""
-    if model is None or str(model) == "default":
+    """``None`` or a shipped model's name (``SHIPPED_MODELS``) -> its directory inside the
+    package; anything else is a path."""
+    if model is None:
         return DEFAULT_MODEL_DIR
+    if str(model) in SHIPPED_MODELS:
+        return MODELS_DIR / str(model)
     return Path(model).expanduser()
 
 
@@ -100,9 +105,11 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[ITTModel, Tokenizer]:
+               dtype: torch.dtype = torch.float32,
+               fuse: bool = False) -> tuple[ITTModel, Tokenizer]:
     """Load a model directory (default: the shipped model). Returns (model in eval mode, tok).
-    The config is checked against the weights file's header before the model is allocated."""
+    The config is checked against the weights file's header before the model is allocated.
+    ``fuse``: for serving, fuse each block's projections once (``Block.fuse_projections``)."""
     path = resolve_model_path(path)
     cfg = load_config(path)
     tok = load_tokenizer(path, cfg)
@@ -138,7 +145,11 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
                 state[k].copy_(v)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: unreadable ({e})") from None
-    return model.to(device=device, dtype=dtype).eval(), tok
+    model = model.to(device=device, dtype=dtype).eval()
+    if fuse:
+        for layer in model.layers:
+            layer.block.fuse_projections()
+    return model, tok
 
 
 def save_model(model: ITTModel, tokenizer_file: str | Path, out_dir: str | Path,

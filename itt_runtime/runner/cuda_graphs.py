@@ -5,7 +5,7 @@ Python costs more than running them. As in vLLM, a decode-only step is captured 
 padded shape and then replayed with one call.
 
 Capturing needs a step whose shapes and control flow do not depend on data. A decode-only
-step with masked routed steps (see model_runner.py) is such a step once its batch is padded:
+step with masked routed steps (see forward.py) is such a step once its batch is padded:
 
   * rows are padded up to a batch bucket (1, 2, 4, 8, 16, 24, 32, 40, 48, …). A padding row
     reads token 0 at position 0 through a block table made only of the cache's scratch block,
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from itt_runtime.kv_cache.manager import SequenceKV
-from itt_runtime.runner.model_runner import (
-    ModelRunner,
+from itt_runtime.runner.forward import (
+    PagedForward,
     StepBatch,
     StepOutput,
     any_routable,
@@ -79,15 +79,15 @@ class _Graph:
 
 
 class DecodeGraphs:
-    def __init__(self, runner: ModelRunner, max_batch: int, max_blocks: int,
+    def __init__(self, forward: PagedForward, max_batch: int, max_blocks: int,
                  capture: bool = True) -> None:
-        self.runner = runner
+        self.forward = forward
         self.capture = capture
         self.batch_buckets = batch_buckets(max_batch)
         self.width_buckets = width_buckets(max_blocks)
         self.graphs: dict[tuple[int, int, bool], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
-        cfg = runner.cfg
+        cfg = forward.cfg
         self.num_streams, self.num_routed = cfg.num_kv_streams, cfg.max_extra_steps
 
     def can_run(self, num_seqs: int) -> bool:
@@ -102,14 +102,14 @@ class DecodeGraphs:
                         any_routable(scheduled))
         Bp, N, W = g.batch.block_tables.shape
         pad_rows = Bp - B
-        scratch = self.runner.cache.scratch_block
+        scratch = self.forward.cache.scratch_block
         ids = [s.seq.all_token_ids[s.seq.num_computed_tokens] for s in scheduled]
         pos = [s.seq.num_computed_tokens for s in scheduled]
         tables = padded_tables(kvs, W)
         lengths = [n for kv in kvs for n in kv.lengths]
         g.flat.copy_(to_device(ids + [0] * pad_rows + pos + [0] * pad_rows
                                + tables + [scratch] * (pad_rows * N * W)
-                               + lengths + [0] * (pad_rows * N), self.runner.device),
+                               + lengths + [0] * (pad_rows * N), self.forward.device),
                      non_blocking=True)
         thresholds = [t for s in scheduled for t in s.seq.thresholds]
         thresholds += [math.inf] * (pad_rows * self.num_routed)
@@ -118,7 +118,7 @@ class DecodeGraphs:
         if g.graph is not None:
             g.graph.replay()
         else:
-            g.output = self.runner.execute(g.batch)
+            g.output = self.forward.execute(g.batch)
         out = g.output
         return StepOutput(out.logits[:B], out.routed_counts[:B], out.extra_steps[:B])
 
@@ -129,7 +129,7 @@ class DecodeGraphs:
         return g
 
     def _build(self, Bp: int, W: int, routable: bool) -> _Graph:
-        dev, N = self.runner.device, self.num_streams
+        dev, N = self.forward.device, self.num_streams
         flat = torch.zeros(2 * Bp + Bp * N * W + Bp * N, dtype=torch.long, device=dev)
         ids, pos, tables, lengths = flat.split([Bp, Bp, Bp * N * W, Bp * N])
         rows = torch.arange(Bp, device=dev)
@@ -142,7 +142,7 @@ class DecodeGraphs:
         g = _Graph(batch, flat)
         if self.capture:
             # Until the first real copy every row is a padding row: writes go to scratch.
-            tables.fill_(self.runner.cache.scratch_block)
+            tables.fill_(self.forward.cache.scratch_block)
             start = time.perf_counter()
             try:
                 self._capture(g)
@@ -155,15 +155,15 @@ class DecodeGraphs:
         return g
 
     def _capture(self, g: _Graph) -> None:
-        with torch.cuda.device(self.runner.device):        # streams of the model's GPU
+        with torch.cuda.device(self.forward.device):        # streams of the model's GPU
             # Warm up on a side stream first (lazy cuBLAS / attention-kernel initialisation
             # must not happen inside the capture), as the torch.cuda.graphs docs advise.
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self.runner.execute(g.batch)
+                self.forward.execute(g.batch)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                g.output = self.runner.execute(g.batch)
+                g.output = self.forward.execute(g.batch)
         g.graph = graph

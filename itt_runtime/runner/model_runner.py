@@ -1,238 +1,116 @@
-"""Runs one engine step: the ITT forward over the paged cache for a batch of scheduled sequences.
-
-The step logic mirrors ``model/itt.py`` (the reference) but computes only the new tokens:
-
-  * tokens are laid out flat: first one token per decoding sequence, then each chunk
-    (prompt or recompute) contiguously;
-  * at a routed step every token is compared with its own request's threshold, the block runs
-    on the routed tokens, and their K/V go to that step's stream at the next free stream
-    position;
-  * attention runs once for all single-token sequences and once per multi-token chunk.
-
-A routed step runs the block in one of two ways (``StepBatch.masked_routing``):
-
-  * gathered: on exactly the routed tokens. Their number sizes the gather, so the host waits
-    for it (one device sync per routed step, free on CPU). Compute ∝ routed tokens.
-  * masked: on every token, keeping the result of routed ones only; unrouted tokens write
-    their K/V to the cache's scratch slot. No shape depends on the routing, so there is no
-    sync and the step can be captured in a CUDA graph. Compute ∝ all tokens — on a GPU a
-    decode step is bound by reading the weights, not by rows, so that costs little there.
-
-It returns, per sequence, the routed-token count of each routed stream (for the KV manager),
-and per logit row the extra steps of the position that produced it.
+"""One engine step on the device: ``execute_model(plan)`` runs the scheduled batch (replayed
+from a CUDA graph when it can, eagerly otherwise), samples, and reads everything the host
+needs back in one device-to-host copy. It returns host values only and changes no engine
+bookkeeping (only K/V in the cache, which a re-run of the same plan overwrites), so the
+engine can re-run a failed plan one request at a time.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import logging
 
 import torch
 
-from itt_runtime.config import ModelConfig
-from itt_runtime.kv_cache.manager import SequenceKV
+from itt_runtime.kv_cache.manager import cdiv
 from itt_runtime.model.itt import ITTModel
 from itt_runtime.runner.attention import KVCache
-from itt_runtime.scheduler import ScheduledSeq
+from itt_runtime.runner.cuda_graphs import CaptureError, DecodeGraphs
+from itt_runtime.runner.forward import PagedForward, StepOutput, to_device
+from itt_runtime.sampler import Sampler, logprob_entries
+from itt_runtime.scheduler import RunnerOutput, SampledToken, ScheduledSeq, SchedulerOutput
 
+log = logging.getLogger("itt_runtime")
 
-@dataclass
-class StepBatch:
-    """Host-built metadata of one step, moved to the device at once."""
-
-    input_ids: torch.Tensor          # (T,)
-    positions: torch.Tensor          # (T,)
-    tok_seq: torch.Tensor            # (T,) batch row of each token
-    row_start: torch.Tensor          # (B,) flat index of each row's first token
-    block_tables: torch.Tensor       # (B, streams, max_blocks)
-    stream_lengths: torch.Tensor     # (B, streams) tokens stored before this step
-    thresholds: torch.Tensor         # (B, routed streams)
-    logit_rows: torch.Tensor         # (S,) flat token indices whose logits are needed
-    num_decode: int                  # sequences (= tokens) with one new token, rows 0 … nd-1
-    chunk_lens: list[int]            # new tokens of the multi-token rows nd … B-1
-    stream_blocks: list[int]         # max blocks over rows, per stream (gather width)
-    row_blocks: list[list[int]]      # blocks per (row, stream)
-    masked_routing: bool = False     # routed steps: masked (no sync) or gathered
-    routable: bool = True            # False: every row has budget 0, routed steps are skipped
-
-
-@dataclass
-class StepOutput:
-    logits: torch.Tensor             # (S, vocab) fp32, rows as in StepBatch.logit_rows
-    routed_counts: torch.Tensor      # (B, routed streams) tokens routed per stream
-    extra_steps: torch.Tensor        # (S,) extra steps of each logit row's position
-
-
-def to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """One host-to-device copy of an int64 vector (pinned and asynchronous on CUDA)."""
-    t = torch.tensor(values, dtype=torch.long)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def padded_tables(kvs: list[SequenceKV], width: int) -> list[int]:
-    """Every row's block table of every stream, padded with block 0 to ``width``, flat."""
-    return [b for kv in kvs for t in kv.block_tables for b in t + [0] * (width - len(t))]
-
-
-def any_routable(scheduled: list[ScheduledSeq]) -> bool:
-    """Whether any row can take a routed step (θ = +inf, budget 0, never routes)."""
-    return any(t < math.inf for s in scheduled for t in s.seq.thresholds)
+ROUTED_COMPUTE = ("auto", "gather", "masked")
 
 
 class ModelRunner:
-    def __init__(self, model: ITTModel, cache: KVCache) -> None:
-        for layer in model.layers:
-            layer.block.fuse_projections()
-        self.model = model
-        self.cfg: ModelConfig = model.cfg
-        self.cache = cache
-        self.device = next(model.parameters()).device
+    def __init__(self, model: ITTModel, cache: KVCache, sampler: Sampler,
+                 routed_compute: str = "auto", use_graphs: bool = False,
+                 max_num_seqs: int = 64, max_model_len: int = 1024) -> None:
+        self.forward = PagedForward(model, cache)
+        self.sampler = sampler
+        self.routed_compute = routed_compute
+        self.device = self.forward.device
+        self.max_extra_steps = model.cfg.max_extra_steps
+        # Decode steps from CUDA graphs: needs masked routed steps (a gather syncs).
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs and routed_compute != "gather":
+            self.graphs = DecodeGraphs(self.forward, max_num_seqs,
+                                       cdiv(max_model_len, cache.block_size))
 
-    # ---- host side ------------------------------------------------------------------------
-    def prepare(self, scheduled: list[ScheduledSeq], kvs: list[SequenceKV],
-                logit_positions: list[list[int]], masked_routing: bool = False) -> StepBatch:
-        """``scheduled`` must list single-token sequences first; ``kvs`` are their KV streams.
-        ``logit_positions[b]`` are the indices within row b's new tokens whose logits the
-        caller needs."""
-        ids, pos, rows, row_start, logit_rows = [], [], [], [], []
-        num_decode = 0
-        for b, s in enumerate(scheduled):
-            c, n = s.seq.num_computed_tokens, s.num_new_tokens
-            if n == 1 and num_decode == b:
-                num_decode += 1
-            base = len(ids)
-            row_start.append(base)
-            ids.extend(s.seq.all_token_ids[c:c + n])
-            pos.extend(range(c, c + n))
-            rows.extend([b] * n)
-            logit_rows.extend(base + i for i in logit_positions[b])
-        row_blocks = [[len(t) for t in kv.block_tables] for kv in kvs]
-        stream_blocks = [max(col) for col in zip(*row_blocks)]
-        width = max(stream_blocks)
-        tables = padded_tables(kvs, width)
-        lengths = [n for kv in kvs for n in kv.lengths]
-        B, T, S, N = len(scheduled), len(ids), len(logit_rows), self.cfg.num_kv_streams
-        flat = to_device(ids + pos + rows + row_start + logit_rows + tables + lengths,
-                         self.device)
-        ids_t, pos_t, rows_t, start_t, logit_t, tables_t, lengths_t = flat.split(
-            [T, T, T, B, S, B * N * width, B * N])
-        thresholds = torch.tensor([s.seq.thresholds for s in scheduled], dtype=torch.float32)
-        return StepBatch(
-            input_ids=ids_t, positions=pos_t, tok_seq=rows_t, row_start=start_t,
-            block_tables=tables_t.view(B, N, width), stream_lengths=lengths_t.view(B, N),
-            thresholds=thresholds.view(B, -1).to(self.device, non_blocking=True),
-            logit_rows=logit_t, num_decode=num_decode,
-            chunk_lens=[s.num_new_tokens for s in scheduled[num_decode:]],
-            stream_blocks=stream_blocks, row_blocks=row_blocks, masked_routing=masked_routing,
-            routable=any_routable(scheduled))
+    def execute_model(self, plan: SchedulerOutput) -> RunnerOutput:
+        # Single-token rows first: the forward attends over them in one call.
+        scheduled = sorted(plan.scheduled, key=lambda s: s.num_new_tokens != 1)
+        decode_only = all(s.logit_positions == [0] and s.num_new_tokens == 1
+                          for s in scheduled)
+        out = self._run(scheduled, decode_only)
+        prompt_logprobs = self._prompt_logprobs(scheduled, out.logits)
 
-    # ---- device side ----------------------------------------------------------------------
-    @torch.inference_mode()
-    def execute(self, batch: StepBatch) -> StepOutput:
-        cfg, model, bs = self.cfg, self.model, self.cache.block_size
-        x = model.embed_tokens(batch.input_ids)                          # (T, d)
-        cos, sin = model.rotary(batch.positions, x.dtype)                # (T, 1, D)
-        T = x.shape[0]
-        B = batch.block_tables.shape[0]
-        # Base streams hold every token at its position: their slots for all layers at once.
-        pos_blk = torch.div(batch.positions, bs, rounding_mode="floor")
-        base_slots = batch.block_tables[batch.tok_seq, :cfg.n_layers, :].gather(
-            2, pos_blk[:, None, None].expand(T, cfg.n_layers, 1))[..., 0] * bs \
-            + (batch.positions % bs)[:, None]                            # (T, n_layers)
-        routed_counts = torch.zeros(B, cfg.max_extra_steps, dtype=torch.long, device=x.device)
-        extra = torch.zeros(T, dtype=torch.long, device=x.device)
-        thresholds_tok = batch.thresholds[batch.tok_seq]                 # (T, routed streams)
-        routed_step = self._masked_step if batch.masked_routing else self._gathered_step
-        itt_index = 0
-        for layer_idx, layer in enumerate(model.layers):
-            delta = self._block(layer.block, x, cos, sin, batch.tok_seq, batch.positions,
-                                base_slots[:, layer_idx], layer_idx, batch,
-                                batch.num_decode, batch.chunk_lens)
-            if layer.think_steps == 1:
-                x = x + delta
+        sample_rows, sample_seqs, row = [], [], 0
+        for s in scheduled:
+            for i in s.logit_positions:
+                if s.samples and i == s.num_new_tokens - 1:
+                    sample_rows.append(row)
+                    sample_seqs.append(s.seq)
+                row += 1
+        if sample_rows == list(range(len(sample_rows))):          # the usual case: a slice
+            sample_logits = out.logits[:len(sample_rows)]
+        else:
+            sample_logits = out.logits[to_device(sample_rows, self.device)]
+        tokens, logprobs = (self.sampler(sample_logits, sample_seqs) if sample_rows
+                            else (out.extra_steps[:0], None))
+        # The step's one device-to-host read: sampled tokens, thinking depths, routed counts.
+        S, K = len(sample_rows), self.max_extra_steps
+        host = torch.cat([tokens, out.extra_steps, out.routed_counts.flatten()]).tolist()
+        extra, counts = host[S:S + row], host[S + row:]
+        return RunnerOutput(
+            routed_counts={s.seq.seq_id: counts[b * K:(b + 1) * K]
+                           for b, s in enumerate(scheduled)},
+            sampled=[SampledToken(seq, token, extra[r],
+                                  logprobs[j] if logprobs is not None else {})
+                     for j, (seq, token, r) in enumerate(zip(sample_seqs, host[:S],
+                                                             sample_rows))],
+            prompt_logprobs=prompt_logprobs)
+
+    def _run(self, scheduled: list[ScheduledSeq], decode_only: bool) -> StepOutput:
+        """The forward: a captured graph for a decode-only masked step when there is one
+        (falling back to eager for good if a capture fails), eager otherwise."""
+        kvs = [s.kv for s in scheduled]
+        masked = self._masked_routing(decode_only)
+        graphs = self.graphs
+        if decode_only and masked and graphs is not None and graphs.can_run(len(scheduled)):
+            try:
+                return graphs.run(scheduled, kvs)
+            except CaptureError:
+                # Nothing of the step was written: serve it and all later ones eagerly.
+                log.warning("CUDA graph capture failed; running every step eagerly",
+                            exc_info=True)
+                self.graphs = None
+        batch = self.forward.prepare(scheduled, kvs, [s.logit_positions for s in scheduled],
+                                     masked_routing=masked)
+        return self.forward.execute(batch)
+
+    def _masked_routing(self, decode_only: bool) -> bool:
+        if self.routed_compute == "auto":
+            return decode_only and self.device.type == "cuda"
+        return self.routed_compute == "masked"
+
+    @staticmethod
+    def _prompt_logprobs(scheduled: list[ScheduledSeq], logits: torch.Tensor) -> list:
+        """(seq, prompt position, {token: logprob}) for every prompt position this step
+        scored. One device read per sequence that has such rows."""
+        out, row = [], 0
+        for s in scheduled:
+            seq, c = s.seq, s.seq.num_computed_tokens
+            rows = [(row + j, c + i) for j, i in enumerate(s.logit_positions)
+                    if seq.wants_prompt_logprobs and c + i < seq.num_prompt_tokens - 1]
+            row += len(s.logit_positions)
+            if not rows:
                 continue
-            x = x + layer.phi[0] * delta
-            for t in range(1, layer.think_steps if batch.routable else 1):
-                k = itt_index * cfg.n_routed_steps + (t - 1)
-                logits_r = layer.router_logits(t, x)                     # (T,)
-                routed = logits_r.float() > thresholds_tok[:, k]         # (T,) bool
-                x, counts = routed_step(layer, t, cfg.n_layers + k, x, cos, sin, logits_r,
-                                        routed, batch)
-                routed_counts[:, k] = counts
-                extra += routed
-            itt_index += 1
-        h = x[batch.logit_rows]
-        return StepOutput(model.output_logits(h), routed_counts, extra[batch.logit_rows])
-
-    def _gathered_step(self, layer, t: int, stream: int, x, cos, sin, logits_r, routed,
-                       batch: StepBatch):
-        """Routed step on exactly the routed tokens. Returns (new x, routed count per row)."""
-        B = batch.block_tables.shape[0]
-        idx = routed.nonzero().squeeze(1)                                # (R,) host sync
-        if idx.numel() == 0:
-            return x, 0
-        seq_of = batch.tok_seq[idx]
-        counts = torch.bincount(seq_of, minlength=B)                     # (B,)
-        # Stream position: stored tokens + rank among this step's routed tokens.
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(idx.numel(), device=x.device) - starts[seq_of]
-        spos = batch.stream_lengths[seq_of, stream] + rank
-        nd = batch.num_decode
-        if batch.chunk_lens:      # mixed batch: how many routed tokens per chunk
-            n_dec, chunk_counts = int((idx < nd).sum()), counts[nd:].tolist()
-        else:                     # decode only: no further host sync
-            n_dec, chunk_counts = idx.numel(), []
-        delta = self._block(layer.block, x[idx], cos[idx], sin[idx], seq_of, spos,
-                            self._slots(batch, seq_of, stream, spos), stream, batch, n_dec,
-                            chunk_counts)
-        gate = torch.sigmoid(logits_r[idx]).to(x.dtype)[:, None]
-        return x.index_add(0, idx, gate * (layer.phi[t] * delta)), counts
-
-    def _masked_step(self, layer, t: int, stream: int, x, cos, sin, logits_r, routed,
-                     batch: StepBatch):
-        """Routed step on every token, keeping routed results only; no host sync."""
-        B = batch.block_tables.shape[0]
-        r = routed.long()
-        counts = torch.zeros(B, dtype=torch.long, device=x.device).index_add_(
-            0, batch.tok_seq, r)
-        # Rank among the routed tokens of the same row (a row's tokens are contiguous).
-        before = torch.cumsum(r, 0) - r
-        rank = before - before[batch.row_start][batch.tok_seq]
-        spos = batch.stream_lengths[batch.tok_seq, stream] + rank
-        slots = torch.where(routed, self._slots(batch, batch.tok_seq, stream, spos),
-                            self.cache.scratch_slot)
-        delta = self._block(layer.block, x, cos, sin, batch.tok_seq, spos, slots, stream,
-                            batch, batch.num_decode, batch.chunk_lens)
-        gate = torch.sigmoid(logits_r).to(x.dtype)[:, None]
-        return torch.where(routed[:, None], x + gate * (layer.phi[t] * delta), x), counts
-
-    def _slots(self, batch: StepBatch, rows, stream: int, spos) -> torch.Tensor:
-        """Flat cache slots of stream positions ``spos`` in ``stream`` of batch ``rows``."""
-        bs = self.cache.block_size
-        blk = batch.block_tables[rows, stream, torch.div(spos, bs, rounding_mode="floor")]
-        return blk * bs + spos % bs
-
-    def _block(self, block, x, cos, sin, seq_of, spos, slots, stream, batch: StepBatch,
-               n_dec: int, chunk_lens: list[int]) -> torch.Tensor:
-        """Δ for tokens x (N, d) of rows ``seq_of`` at stream positions ``spos``; their K/V go
-        to ``slots`` of ``stream``. The first ``n_dec`` tokens are single-token rows; the rest
-        are chunks of ``chunk_lens`` tokens for rows num_decode, num_decode + 1, …"""
-        q, k, v = block.project_qkv(x, cos, sin)                         # (N, H|KV, D)
-        self.cache.write(slots, k, v)
-        parts = []
-        if n_dec:                     # single-token rows: one batched call
-            table = batch.block_tables[seq_of[:n_dec], stream, :batch.stream_blocks[stream]]
-            parts.append(self.cache.attend(q[:n_dec, None], spos[:n_dec, None], table)[:, 0])
-        start = n_dec
-        for j, n in enumerate(chunk_lens):    # multi-token rows: one call each
-            if n == 0:
-                continue
-            row = batch.num_decode + j
-            table = batch.block_tables[row:row + 1, stream, :batch.row_blocks[row][stream]]
-            sl = slice(start, start + n)
-            parts.append(self.cache.attend(q[None, sl], spos[None, sl], table)[0])
-            start += n
-        out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return block.finish(x, out.flatten(-2))
+            lp = torch.log_softmax(logits[[r for r, _ in rows]], dim=-1)
+            targets = torch.tensor([seq.prompt_token_ids[p + 1] for _, p in rows],
+                                   device=lp.device)
+            entries = logprob_entries(lp, targets, [seq.params.prompt_logprobs] * len(rows))
+            out += [(seq, p + 1, entry) for (_, p), entry in zip(rows, entries)]
+        return out

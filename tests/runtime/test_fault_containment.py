@@ -30,14 +30,14 @@ def run_all(engine: LLMEngine) -> dict:
 
 def poison_sampler(engine: LLMEngine, bad_request: str) -> list[int]:
     """The sampler raises whenever ``bad_request`` is in its batch; returns call counts."""
-    real, calls = engine.sampler, [0]
+    real, calls = engine.runner.sampler, [0]
 
     def sampler(logits, seqs):
         calls[0] += 1
         if any(s.request_id == bad_request for s in seqs):
             raise RuntimeError("injected sampler fault")
         return real(logits, seqs)
-    engine.sampler = sampler
+    engine.runner.sampler = sampler
     return calls
 
 
@@ -74,7 +74,7 @@ def test_failing_request_fails_alone_and_frees_its_blocks(engine, tiny_model_dir
 def test_engine_that_cannot_step_raises_broken(engine):
     def runner_fault(batch):
         raise RuntimeError("injected runner fault")
-    engine.runner.execute = runner_fault
+    engine.runner.forward.execute = runner_fault
     engine.add_request("a", engine.tokenizer.encode("In the beginning"), GREEDY)
     with pytest.raises(EngineBrokenError, match="injected runner fault"):
         engine.step()
@@ -87,7 +87,7 @@ def test_async_engine_reports_death_and_fails_requests(tiny_model_dir):
 
     def runner_fault(batch):
         raise RuntimeError("injected runner fault")
-    eng.engine.runner.execute = runner_fault
+    eng.engine.runner.forward.execute = runner_fault
     eng.start()
     try:
         async def one():

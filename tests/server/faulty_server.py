@@ -25,15 +25,15 @@ def inject(mode: str) -> None:
         if mode == "every":
             def execute(batch):
                 raise RuntimeError("injected runner fault")
-            self.runner.execute = execute
+            self.runner.forward.execute = execute
             return
-        sampler = self.sampler
+        sampler = self.runner.sampler
 
         def sample(logits, seqs):
             if any(s.params.max_tokens == POISON_MAX_TOKENS for s in seqs):
                 raise RuntimeError("injected sampler fault: secret internal detail")
             return sampler(logits, seqs)
-        self.sampler = sample
+        self.runner.sampler = sample
 
     engine_module.LLMEngine.__init__ = init
 

@@ -1,0 +1,40 @@
+"""Projections are fused once at load: one q|k|v and one gate|up weight per block, the
+separate projections are views into them, so a served model holds each weight once; and the
+fused path computes what the separate projections compute."""
+
+from __future__ import annotations
+
+import torch
+
+from itt_runtime.engine import EngineConfig, LLMEngine
+from itt_runtime.model.loader import load_model
+
+
+def resident_bytes(model) -> int:
+    """Bytes of every distinct storage the model's tensors (and fused weights) live in."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [t for layer in model.layers for t in (layer.block.fused or ())]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def test_served_model_holds_each_weight_once(tiny_model_dir):
+    plain, _ = load_model(tiny_model_dir)
+    served = LLMEngine(EngineConfig(model=str(tiny_model_dir))).model
+    assert all(layer.block.fused is not None for layer in served.layers)
+    assert resident_bytes(served) == resident_bytes(plain)
+    block = served.layers[0].block
+    qkv, gate_up = block.fused
+    assert block.q_proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    assert block.up_proj.weight.untyped_storage().data_ptr() == \
+        gate_up.untyped_storage().data_ptr()
+    assert torch.equal(block.up_proj.weight, plain.layers[0].block.up_proj.weight)
+
+
+def test_fused_forward_equals_unfused(tiny_model_dir):
+    plain, _ = load_model(tiny_model_dir)
+    fused, _ = load_model(tiny_model_dir, fuse=True)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
+    a, b = plain(ids), fused(ids)
+    assert torch.allclose(a.logits, b.logits, atol=1e-5)
+    assert torch.equal(a.routed, b.routed)
