@@ -35,7 +35,7 @@ class PeakRunning(threading.Thread):
             running = metric(self.server.metrics(), "itt_num_requests_running")
             self.peak, self.scrapes = max(self.peak, running), self.scrapes + 1
 
-    def __enter__(self) -> PeakRunning:
+    def __enter__(self):
         self.start()
         while self.scrapes == 0 and self.is_alive():      # scraping before the traffic starts
             self.done.wait(0.01)
