@@ -1,4 +1,4 @@
-"""The Dockerfile: hadolint-clean, the contract of issue 5 (CUDA base with a CPU variant, non-root,
+"""The Dockerfile: hadolint-clean, the image contract (CUDA base with a CPU variant, non-root,
 port 8000, health check, itt-server entrypoint), installed by the README's own install script,
 and a .dockerignore that admits exactly what that script needs. There is no Docker engine here,
 so these static checks plus the test suite's own install (the same script) are what we can run.
@@ -42,7 +42,7 @@ def test_hadolint_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_contract_of_issue_5():
+def test_cuda_and_cpu_bases_non_root_port_healthcheck_entrypoint():
     ins = instructions()
     froms = [rest for word, rest in ins if word == "FROM"]
     assert re.match(r"pytorch/pytorch:\S+-cuda[\d.]+-cudnn\d+-runtime AS base-cuda", froms[0])

@@ -1,6 +1,7 @@
 """The Grafana dashboard, statically: the JSON is what build_dashboard.py generates, it has the
-panels issue 5 asks for, and every query uses only documented metrics and the model_name
-variable. (test_dashboard.py evaluates the queries against a real server.)"""
+latency, throughput, scheduler, KV-cache and thinking panels an operator needs, and every
+query uses only documented metrics and the model_name variable. (test_dashboard.py evaluates
+the queries against a real server.)"""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def test_json_is_generated():
         "run: python deploy/grafana/build_dashboard.py"
 
 
-def test_panels_of_issue_5():
+def test_has_the_latency_scheduler_and_thinking_panels():
     titles = {p["title"] for p in dashboard()["panels"]}
     wanted = {"Time to first token", "Inter-token latency", "E2E request latency",
               "Token throughput", "Scheduler state", "KV cache usage", "Finish reason",
