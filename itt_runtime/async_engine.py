@@ -41,6 +41,7 @@ class AsyncLLMEngine:
         self.engine = engine or LLMEngine(config or EngineConfig())
         self.tokenizer = self.engine.tokenizer
         self.model_config = self.engine.model_config
+        self.info = self.engine.info
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread: threading.Thread | None = None
@@ -76,6 +77,10 @@ class AsyncLLMEngine:
         return len(self._streams)
 
     # ---- requests -------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ParamError for a request the engine can never serve (read-only, any thread)."""
+        self.engine.validate(prompt_token_ids, params)
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Delta outputs of one request; the last one has ``finished`` set.
@@ -84,7 +89,7 @@ class AsyncLLMEngine:
             raise EngineDeadError(f"engine loop is not running: {self.error!r}")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.engine.validate(prompt_token_ids, params)       # read-only, safe off-thread
+        self.validate(prompt_token_ids, params)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, q)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from itt_runtime.config import ConfigError
+from itt_runtime.config import ConfigError, ModelConfig, option
 from itt_runtime.kv_cache.block_pool import BlockPool
 from itt_runtime.kv_cache.manager import KVCacheManager, cdiv
 from itt_runtime.model.loader import load_model, resolve_model_path
@@ -33,24 +34,40 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str = "default"
-    device: str = "auto"                     # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"                      # auto (bf16 on CUDA, fp32 on CPU) | float32 | …
-    max_model_len: int | None = None         # None: the model's max positions
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    kv_cache_memory: int | None = None       # bytes; None: see kv_cache_fraction
+    """The engine's configuration. Fields made with ``option`` are also itt-server flags."""
+
+    model: str = option("default", "model directory, or 'default' for the shipped model")
+    device: str = option("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
+    dtype: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or "
+                        "float16")
+    max_model_len: int | None = option(None, "context length (prompt + generated)",
+                                       "positive_int", default_text="the model's max positions")
+    max_num_seqs: int = option(64, "sequences in the running batch", "positive_int")
+    max_num_batched_tokens: int = option(2048, "tokens computed per engine step (the step's "
+                                         "token budget)", "positive_int")
+    block_size: int = option(16, "tokens per KV block", "positive_int")
+    kv_cache_memory: int | None = option(
+        None, "KV cache size: bytes or 512MiB, 4G (powers of 1024)", "bytes",
+        default_text="half the free GPU memory; 512MiB on CPU")
     kv_cache_fraction: float = 0.5           # of free device memory (CUDA) when no bytes given
     cpu_kv_cache_default: int = 512 * 2**20
-    enable_chunked_prefill: bool = True
-    default_think_budget: float | None = None
-    seed: int = 0
+    enable_chunked_prefill: bool = option(True, "split long prompts over steps to fill the "
+                                          "token budget", "bool")
+    default_think_budget: float | None = option(
+        None, "think budget of requests that do not set one", "budget",
+        default_text="the model's (its trained capacity)")
+    seed: int = option(0, "seed of the sampler for requests without a seed",
+                       "non_negative_int")
     # Routed steps: "gather" runs the block on exactly the routed tokens (a device sync per
     # routed step), "masked" on every token without a sync; "auto" is masked for decode-only
-    # steps on CUDA and gather otherwise (see runner/model_runner.py).
-    routed_compute: str = "auto"
-    enforce_eager: bool = False              # CUDA: never capture decode steps in CUDA graphs
+    # steps on CUDA and gather otherwise (see runner/forward.py).
+    routed_compute: str = option(
+        "auto", "routed thinking steps on exactly the routed tokens (gather: one device sync "
+        "per routed step) or on every token with the routed results kept (masked: no sync); "
+        "auto: masked for decode-only steps on CUDA, gather otherwise",
+        choices=ROUTED_COMPUTE)
+    enforce_eager: bool = option(False, "CUDA: run every step eagerly instead of replaying "
+                                 "decode steps captured as CUDA graphs", "bool")
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -81,6 +98,24 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """Read-only facts about a loaded engine, for the server and tools."""
+    model_path: Path
+    model_config: ModelConfig
+    device: str
+    dtype: str
+    max_model_len: int
+    max_num_seqs: int
+    block_size: int
+    num_kv_blocks: int
+    default_think_budget: float              # of requests that set none
+
+    def think_budget(self, params: SamplingParams) -> float:
+        """The think budget a request runs at: its own, or the default."""
+        return self.default_think_budget if params.think_budget is None else params.think_budget
 
 
 @dataclass
@@ -120,9 +155,6 @@ class LLMEngine:
         if not 1 <= self.max_model_len <= mc.max_position_embeddings:
             raise ConfigError(f"max_model_len {self.max_model_len} must be in [1, "
                               f"{mc.max_position_embeddings}] (the model's max positions)")
-        self.default_budget = (config.default_think_budget
-                               if config.default_think_budget is not None
-                               else mc.default_budget)
         block_bytes = KVCache.bytes_per_block(config.block_size, mc.n_kv_heads, mc.head_dim,
                                               self.dtype)
         num_blocks = self._kv_bytes() // block_bytes - 1        # one scratch block, see KVCache
@@ -143,6 +175,13 @@ class LLMEngine:
             use_graphs=self.device.type == "cuda" and not config.enforce_eager,
             max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
         self.requests: dict[str, _Request] = {}
+        self.info = EngineInfo(
+            model_path=self.model_path, model_config=mc, device=str(self.device),
+            dtype=str(self.dtype).replace("torch.", ""), max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs, block_size=config.block_size,
+            num_kv_blocks=num_blocks,
+            default_think_budget=(mc.default_budget if config.default_think_budget is None
+                                  else config.default_think_budget))
         log.info("loaded %s (%s, %d layers, ITT layers %s x%d) on %s as %s; %d KV blocks of "
                  "%d tokens (%.1f MiB)", self.model_path, "ITT" if mc.is_itt else "dense",
                  mc.n_layers, list(mc.itt_layers), mc.think_steps, self.device,
@@ -188,7 +227,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ParamError("request_id", f"request id {request_id!r} is already running")
         self.validate(prompt_token_ids, params)
-        budget = self.default_budget if params.think_budget is None else params.think_budget
+        budget = self.info.think_budget(params)
         thresholds = self.model_config.thresholds_for(budget)
         seqs = []
         for i in range(params.n):

@@ -18,7 +18,7 @@ def append_token(seq: Sequence, token: int, extra_steps: int, logprobs: dict[int
         seq.metrics.first_token_time = now
     seq.metrics.last_token_time = now
     seq.output_token_ids.append(token)
-    seq.thinking.append(extra_steps)
+    seq.extra_steps.append(extra_steps)
     if p.logprobs is not None:
         seq.logprobs.append(logprobs)
         seq.cumulative_logprob += logprobs[token]
@@ -76,7 +76,7 @@ def make_delta(seq: Sequence) -> CompletionOutput | None:
     a = seq.num_sent_tokens
     out = CompletionOutput(
         index=seq.index, text=seq.text[seq.num_sent_chars:text_end],
-        token_ids=seq.output_token_ids[a:], thinking=seq.thinking[a:],
+        token_ids=seq.output_token_ids[a:], thinking=seq.extra_steps[a:],
         logprobs=seq.logprobs[a:] if seq.params.logprobs is not None else None,
         cumulative_logprob=seq.cumulative_logprob, finish_reason=seq.finish_reason,
         stop_reason=seq.stop_reason)

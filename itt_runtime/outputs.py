@@ -10,7 +10,8 @@ class CompletionOutput:
     index: int                                   # 0 … n-1
     text: str                                    # full text so far, or the delta (streaming)
     token_ids: list[int]
-    # Per generated token: extra routed steps it took (ITT_SPEC "thinking depth" - n_layers).
+    # Per generated token: the extra routed steps it took (``extra_steps`` inside the engine;
+    # ITT_SPEC's thinking depth is n_layers + this). The API calls it ``thinking``.
     thinking: list[int] = field(default_factory=list)
     # Per generated token: {token_id: logprob} with the chosen token first, then the top-k.
     logprobs: list[dict[int, float]] | None = None

@@ -30,7 +30,7 @@ class Sequence:
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.time()))
     status: Status = Status.WAITING
     output_token_ids: list[int] = field(default_factory=list)
-    thinking: list[int] = field(default_factory=list)          # extra steps per output token
+    extra_steps: list[int] = field(default_factory=list)       # per output token (API: thinking)
     logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
     cumulative_logprob: float = 0.0

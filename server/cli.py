@@ -13,6 +13,7 @@ exits 1 so that Docker or Kubernetes restart it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -98,73 +99,64 @@ def _bytes(text: str) -> int:
     return int(value)
 
 
+PARSERS = {"positive_int": _positive_int, "non_negative_int": _non_negative_int,
+           "port": _port, "seconds": _seconds, "budget": _budget, "bytes": _bytes}
+
+
+def config_flags() -> list[tuple[type, dataclasses.Field]]:
+    """(config class, field) of every flag, in --help order: the engine's, then the server's."""
+    return [(cls, f) for cls in (EngineConfig, ServerSettings)
+            for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def default_text(f: dataclasses.Field) -> str:
+    """The default as --help and docs/server.md state it."""
+    if f.metadata["default_text"]:
+        return f.metadata["default_text"]
+    return str(f.default)
+
+
+def flags_markdown() -> str:
+    """The flag table of docs/server.md (a test keeps the two identical)."""
+    rows = ["| flag | default | what |", "|---|---|---|"]
+    for _, f in config_flags():
+        rows.append(f"| `{flag_name(f)}` | {default_text(f)} | {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag comes from a field of EngineConfig or ServerSettings (``option``): name,
+    default, parser and help are written once, there."""
     p = _Parser(prog=PROG, description="OpenAI-compatible server for ITT models.")
-    a = p.add_argument
-    a("--model", default="default",
-      help="model directory, or 'default' for the shipped model (default: %(default)s)")
-    a("--served-model-name", nargs="+", default=None, metavar="NAME",
-      help="name(s) clients use in 'model' (default: the --model argument)")
-    a("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    a("--port", type=_port, default=8000, help="port to bind (default: %(default)s)")
-    a("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    a("--dtype", default="auto",
-      help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16")
-    a("--max-model-len", type=_positive_int, default=None,
-      help="context length (default: the model's max positions)")
-    a("--max-num-seqs", type=_positive_int, default=64,
-      help="sequences in the running batch (default: %(default)s)")
-    a("--max-num-batched-tokens", type=_positive_int, default=2048,
-      help="tokens computed per engine step (default: %(default)s)")
-    a("--block-size", type=_positive_int, default=16, help="tokens per KV block")
-    a("--kv-cache-memory", type=_bytes, default=None,
-      help="KV cache size, e.g. 2GiB (default: half the free GPU memory; 512MiB on CPU)")
-    a("--enforce-eager", action="store_true",
-      help="CUDA: run every step eagerly instead of replaying captured decode steps")
-    a("--routed-compute", choices=["auto", "gather", "masked"], default="auto",
-      help="routed thinking steps on exactly the routed tokens (gather, one device sync "
-           "each) or on every token, masked (no sync); auto: masked for decode steps on CUDA")
-    a("--default-think-budget", type=_budget, default=None,
-      help="think budget of requests that do not set one (default: the model's)")
-    a("--max-queue-len", type=_non_negative_int, default=None,
-      help="reject requests with 429 when more sequences than this would wait "
-           "(default: unbounded)")
-    a("--max-request-bytes", type=_bytes, default=8 * 2**20,
-      help="larger request bodies get 413 (default: 8MiB)")
-    a("--api-key", default=os.environ.get("ITT_API_KEY") or None,
-      help="require 'Authorization: Bearer KEY' on /v1 routes (default: $ITT_API_KEY)")
-    a("--drain-timeout", type=_seconds, default=30.0,
-      help="seconds in-flight requests get to finish after SIGTERM; then streams end with a "
-           "server_shutdown error chunk, other requests with 503 (default: %(default)s)")
-    a("--timeout-keep-alive", type=_seconds, default=5.0,
-      help="close a keep-alive connection idle this long (default: %(default)s)")
-    a("--timeout-request-header", type=_seconds, default=10.0,
-      help="close a connection whose request headers are not complete this long after it "
-           "became ready for a request (default: %(default)s)")
-    a("--max-connections", type=_positive_int, default=1024,
-      help="open connections beyond this get 503 and are closed (default: %(default)s)")
-    a("--seed", type=_non_negative_int, default=0, help="seed of unseeded sampling")
-    a("--log-level", default="info",
-      choices=["critical", "error", "warning", "info", "debug"], help="(default: info)")
+    for _, f in config_flags():
+        meta = f.metadata
+        kw: dict = {"dest": f.name, "help": f"{meta['help']} (default: {default_text(f)})"}
+        if meta["kind"] == "bool":
+            kw.update(action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kw.update(default=f.default, type=PARSERS.get(meta["kind"], str))
+            if meta["choices"]:
+                kw["choices"] = list(meta["choices"])
+        if f.name == "served_model_names":
+            kw.update(nargs="+", default=None, metavar="NAME", type=str)
+        if f.name == "api_key":
+            kw["default"] = os.environ.get("ITT_API_KEY") or None
+        p.add_argument(flag_name(f), **kw)
     return p
 
 
 def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerSettings]:
     """Flags → the engine's and the server's configuration (ConfigError/ValueError if bad)."""
-    engine = EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-        kv_cache_memory=args.kv_cache_memory, default_think_budget=args.default_think_budget,
-        enforce_eager=args.enforce_eager, routed_compute=args.routed_compute, seed=args.seed)
-    settings = ServerSettings(
-        served_model_names=tuple(args.served_model_name or [args.model]),
-        api_key=args.api_key, max_queue_len=args.max_queue_len,
-        max_request_bytes=args.max_request_bytes, drain_timeout=args.drain_timeout,
-        timeout_keep_alive=args.timeout_keep_alive,
-        timeout_request_header=args.timeout_request_header,
-        max_connections=args.max_connections)
-    return engine, settings
+    values = vars(args)
+    engine = EngineConfig(**{f.name: values[f.name] for cls, f in config_flags()
+                             if cls is EngineConfig})
+    server = {f.name: values[f.name] for cls, f in config_flags() if cls is ServerSettings}
+    server["served_model_names"] = tuple(args.served_model_names or [args.model])
+    return engine, ServerSettings(**server)
 
 
 class DrainingServer(uvicorn.Server):
@@ -248,13 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    eng = engine.engine
+    info = engine.info
     log.info("serving %s as %s on %s (%s): %d KV blocks of %d tokens, max_model_len %d, "
-             "default think budget %.2f; listening on http://%s:%d", eng.model_path,
-             ", ".join(settings.served_model_names), eng.device,
-             str(eng.dtype).replace("torch.", ""), eng.kv.pool.num_blocks,
-             engine_config.block_size, eng.max_model_len, eng.default_budget, args.host,
-             sock.getsockname()[1])
+             "default think budget %.2f; listening on http://%s:%d", info.model_path,
+             ", ".join(settings.served_model_names), info.device, info.dtype,
+             info.num_kv_blocks, info.block_size, info.max_model_len,
+             info.default_think_budget, args.host, sock.getsockname()[1])
     app = create_app(engine, settings)
     config = uvicorn.Config(
         app, log_level=args.log_level,

@@ -1,21 +1,41 @@
 """Server settings: what the HTTP layer needs beyond the engine's own ``EngineConfig``.
-Filled from the command line (``server.cli``); frozen once the server starts."""
+Filled from the command line (``server.cli``, which builds the flags from these fields);
+frozen once the server starts."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from itt_runtime.config import option
+
 
 @dataclass(frozen=True)
 class ServerSettings:
-    served_model_names: tuple[str, ...] = ("default",)
-    api_key: str | None = None               # None: no authentication
-    max_queue_len: int | None = None         # None: unbounded (vLLM's behaviour)
-    max_request_bytes: int = 8 * 2**20       # larger bodies get 413
-    drain_timeout: float = 30.0              # seconds in-flight requests get after SIGTERM
-    timeout_keep_alive: float = 5.0          # idle keep-alive connections are closed after
-    timeout_request_header: float = 10.0     # request headers must be complete within
-    max_connections: int = 1024              # open connections beyond this get 503
+    served_model_names: tuple[str, ...] = option(
+        ("default",), "name(s) clients use in 'model'; the first labels the metrics",
+        flag="--served-model-name", default_text="the --model argument")
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(8000, "port to listen on", "port")
+    api_key: str | None = option(
+        None, "require 'Authorization: Bearer KEY' on /v1/..., /tokenize and /detokenize",
+        default_text="$ITT_API_KEY")
+    max_queue_len: int | None = option(
+        None, "429 when admitting a request would leave more sequences than this waiting",
+        "non_negative_int", default_text="unbounded")
+    max_request_bytes: int = option(8 * 2**20, "larger request bodies get 413", "bytes",
+                                    default_text="8MiB")
+    drain_timeout: float = option(
+        30.0, "seconds in-flight requests get after SIGTERM; then streams end with a "
+        "server_shutdown error chunk, other requests with 503", "seconds")
+    timeout_keep_alive: float = option(5.0, "seconds an idle keep-alive connection stays "
+                                       "open", "seconds")
+    timeout_request_header: float = option(
+        10.0, "seconds a connection has to send complete request headers once it is ready "
+        "for a request; slower ones (slowloris) are closed", "seconds")
+    max_connections: int = option(1024, "open connections beyond this get 503 and are "
+                                  "closed", "positive_int")
+    log_level: str = option("info", "log level",
+                            choices=("critical", "error", "warning", "info", "debug"))
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(self.served_model_names):

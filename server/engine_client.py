@@ -39,10 +39,10 @@ class EngineClient:
         self.metrics = metrics
         self.max_queue_len = max_queue_len
         self.tokenizer = engine.tokenizer
-        self.model_config = engine.model_config
-        self.max_model_len: int = engine.engine.max_model_len
-        self.default_budget: float = engine.engine.default_budget
-        self.max_num_seqs: int = engine.engine.config.max_num_seqs
+        self.info = engine.info
+        self.model_config = engine.info.model_config
+        self.max_model_len = engine.info.max_model_len
+        self.max_num_seqs = engine.info.max_num_seqs
         self.in_flight_seqs = 0          # sequences admitted and not yet released
 
     @property
@@ -72,12 +72,12 @@ class EngineClient:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """The engine's own checks (context length, token ids) as a 400."""
         try:
-            self.engine.engine.validate(prompt_token_ids, params)
+            self.engine.validate(prompt_token_ids, params)
         except ParamError as e:
             raise from_param_error(e) from None
 
     def budget(self, params: SamplingParams) -> float:
-        return self.default_budget if params.think_budget is None else params.think_budget
+        return self.info.think_budget(params)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:

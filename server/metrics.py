@@ -45,7 +45,7 @@ class Metrics:
         self.model_name = model_name
         self.registry = reg = CollectorRegistry()
         name, lbl = [model_name], ["model_name"]
-        max_len = engine.engine.max_model_len
+        max_len = engine.info.max_model_len
         max_extra = engine.model_config.max_extra_steps
 
         def counter(metric: str, doc: str) -> Counter:

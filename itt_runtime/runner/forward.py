@@ -156,7 +156,7 @@ class PagedForward:
             2, pos_blk[:, None, None].expand(T, cfg.n_layers, 1))[..., 0] * bs \
             + (batch.positions % bs)[:, None]                            # (T, n_layers)
         routed_counts = torch.zeros(B, cfg.max_extra_steps, dtype=torch.long, device=x.device)
-        extra = torch.zeros(T, dtype=torch.long, device=x.device)
+        extra_steps = torch.zeros(T, dtype=torch.long, device=x.device)
         thresholds_tok = batch.thresholds[batch.tok_seq]                 # (T, routed streams)
         routed_step = self._masked_step if batch.masked_routing else self._gathered_step
         itt_index = 0
@@ -173,10 +173,10 @@ class PagedForward:
                 x, counts = routed_step(layer, t, cfg.n_layers + k, x, cos, sin, logits_r,
                                         routed, batch)
                 routed_counts[:, k] = counts
-                extra += routed
+                extra_steps += routed
             itt_index += 1
         h = x[batch.logit_rows]
-        return StepOutput(model.output_logits(h), routed_counts, extra[batch.logit_rows])
+        return StepOutput(model.output_logits(h), routed_counts, extra_steps[batch.logit_rows])
 
     def _gathered_step(self, layer, t: int, stream: int, x, cos, sin, logits_r, routed,
                        batch: StepBatch):

@@ -63,11 +63,11 @@ class ModelRunner:
         # The step's one device-to-host read: sampled tokens, thinking depths, routed counts.
         S, K = len(sample_rows), self.max_extra_steps
         host = torch.cat([tokens, out.extra_steps, out.routed_counts.flatten()]).tolist()
-        extra, counts = host[S:S + row], host[S + row:]
+        extra_steps, counts = host[S:S + row], host[S + row:]
         return RunnerOutput(
             routed_counts={s.seq.seq_id: counts[b * K:(b + 1) * K]
                            for b, s in enumerate(scheduled)},
-            sampled=[SampledToken(seq, token, extra[r],
+            sampled=[SampledToken(seq, token, extra_steps[r],
                                   logprobs[j] if logprobs is not None else {})
                      for j, (seq, token, r) in enumerate(zip(sample_seqs, host[:S],
                                                              sample_rows))],

@@ -31,8 +31,8 @@ async def list_models(request: Request) -> dict:
     c, mc = s.client, s.client.model_config
     itt = {"n_layers": mc.n_layers, "itt_layers": list(mc.itt_layers),
            "think_steps": mc.think_steps, "max_extra_steps": mc.max_extra_steps,
-           "default_think_budget": c.default_budget}
-    cards = [ModelCard(id=name, root=str(c.engine.engine.model_path),
+           "default_think_budget": c.info.default_think_budget}
+    cards = [ModelCard(id=name, root=str(c.info.model_path),
                        max_model_len=c.max_model_len, itt=itt)
              for name in s.settings.served_model_names]
     return ModelList(data=cards).model_dump(mode="json")

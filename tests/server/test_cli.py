@@ -4,6 +4,7 @@ model directory or a busy port, and a startup log that says what was loaded wher
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -94,3 +95,13 @@ def test_startup_log_says_model_device_and_kv_blocks(tiny_server, tiny_model_dir
                 and "server:" in line)
     assert str(tiny_model_dir) in line and "on cpu" in line
     assert int(line.split(" KV blocks")[0].rsplit(" ", 1)[1]) > 0
+
+
+def test_docs_flag_table_is_the_parsers():
+    """docs/server.md's flag table is generated from the config fields the flags come from."""
+    from server.cli import build_parser, flags_markdown
+    docs = (REPO / "docs" / "server.md").read_text()
+    assert flags_markdown() in docs
+    flags = {a for action in build_parser()._actions for a in action.option_strings
+             if a.startswith("--") and not a.startswith("--no-") and a != "--help"}
+    assert flags == set(re.findall(r"^\| `(--[a-z-]+)` \|", flags_markdown(), re.M))
