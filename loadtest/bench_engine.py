@@ -24,7 +24,7 @@ import torch
 from itt_runtime.engine import EngineConfig, LLMEngine
 from itt_runtime.model.loader import load_model, save_model
 from itt_runtime.sampling_params import SamplingParams
-from itt_runtime.training.trainer import encode_documents
+from itt_runtime.data import encode_documents
 
 PROMPT = "And it came to pass, when the king heard these words, that he"
 

@@ -17,7 +17,8 @@ from itt_runtime.model.itt import ITTModel
 from itt_runtime.model.loader import save_model
 from itt_runtime.tokenizer import Tokenizer
 from itt_runtime.training.calibrate import calibrate
-from itt_runtime.training.trainer import TrainConfig, encode_corpus, eval_windows, train
+from itt_runtime.data import encode_corpus, eval_windows
+from itt_runtime.training.trainer import TrainConfig, train
 
 
 def train_tokenizer(text_files: list[Path], vocab_size: int, out_prefix: Path) -> Path:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from itt_runtime.config import ModelConfig
+from itt_runtime.data import eval_windows
 from itt_runtime.model.itt import ITTModel, TopKRouting
 from itt_runtime.tokenizer import Tokenizer
 
@@ -35,34 +36,12 @@ class TrainConfig:
     stop_at: int = 0          # > 0: save state and stop at this step (resume later)
 
 
-def encode_documents(tok: Tokenizer, text: str) -> list[int]:
-    """One document per line -> one long stream: BOS doc EOS BOS doc EOS ..."""
-    ids: list[int] = []
-    for line in text.splitlines():
-        if line.strip():
-            ids.extend(tok.encode(line, add_bos=True, add_eos=True))
-    return ids
-
-
-def encode_corpus(tok: Tokenizer, path: Path) -> torch.Tensor:
-    return torch.tensor(encode_documents(tok, path.read_text(encoding="utf-8")),
-                        dtype=torch.int32)
-
-
 def batches(stream: torch.Tensor, seq_len: int, batch_size: int, gen: torch.Generator):
     n = stream.numel() - seq_len - 1
     while True:
         starts = torch.randint(0, n, (batch_size,), generator=gen)
         chunk = torch.stack([stream[s: s + seq_len + 1] for s in starts.tolist()]).long()
         yield chunk[:, :-1], chunk[:, 1:]
-
-
-def eval_windows(stream: torch.Tensor, seq_len: int, limit: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows (N, seq_len + 1) covering the held-out stream."""
-    n = (stream.numel() - 1) // seq_len
-    if limit:
-        n = min(n, limit)
-    return torch.stack([stream[i * seq_len: i * seq_len + seq_len + 1] for i in range(n)]).long()
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
