@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from itt_testing import HELDOUT
 
 from itt_runtime.evaluate import evaluate_budget, text_windows
 from itt_runtime.model.loader import DEFAULT_MODEL_DIR, load_model
-
-from itt_testing import HELDOUT
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "model.safetensors").exists(),
                                 reason="the default model has not been trained yet")
@@ -31,7 +30,11 @@ def test_default_model_is_an_itt_model_with_calibration(default):
     assert 0.0 < cfg.default_budget < 1.0
 
 
-@pytest.mark.parametrize("budget", [0.0, 0.25, 0.5, 0.75, 1.0])
+# Each budget evaluates every window (10-30 s on a shared CPU). The default run checks the
+# exact end (0) and the calibrated middle (0.5); the other points are opt-in (-m slow).
+@pytest.mark.parametrize("budget", [0.0, pytest.param(0.25, marks=pytest.mark.slow), 0.5,
+                                    pytest.param(0.75, marks=pytest.mark.slow),
+                                    pytest.param(1.0, marks=pytest.mark.slow)])
 def test_routed_fraction_is_within_005_of_budget(default, budget):
     model, windows = default
     with torch.no_grad():
