@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from itt_runtime.engine import EngineConfig, EngineStats, LLMEngine
 from itt_runtime.outputs import RequestOutput
@@ -82,7 +82,7 @@ class AsyncLLMEngine:
         self.engine.validate(prompt_token_ids, params)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str) -> AsyncGenerator[RequestOutput, None]:
         """Delta outputs of one request; the last one has ``finished`` set.
         Raises ParamError at once for an invalid request, EngineDeadError if the loop dies."""
         if not self.is_alive:

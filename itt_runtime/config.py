@@ -200,7 +200,7 @@ class ModelConfig:
         return {"model_type": "itt", **d, **self.extra}
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "ModelConfig":
+    def from_dict(cls, raw: dict) -> ModelConfig:
         if not isinstance(raw, dict):
             raise ConfigError("config.json: must hold a JSON object")
         raw = dict(raw)

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from itt_runtime.config import ConfigError
+from itt_runtime.data import encode_documents, eval_windows
 from itt_runtime.model.itt import ITTModel, ThresholdRouting, TopKRouting
 from itt_runtime.model.loader import load_model
-from itt_runtime.data import encode_documents, eval_windows
 
 
 def text_windows(tok, text: str, seq_len: int) -> torch.Tensor:
@@ -40,7 +40,8 @@ def evaluate_budget(model: ITTModel, windows: torch.Tensor, budget: float | None
         elif capacity is not None:
             routing = TopKRouting(capacity)
         else:
-            routing = ThresholdRouting.for_budgets(cfg, [budget] * len(chunk))
+            b = cfg.default_budget if budget is None else budget
+            routing = ThresholdRouting.for_budgets(cfg, [b] * len(chunk))
         out = model(chunk[:, :-1], routing=routing)
         nll += F.cross_entropy(out.logits.flatten(0, 1), chunk[:, 1:].flatten(),
                                reduction="sum").item()

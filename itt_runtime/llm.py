@@ -18,7 +18,7 @@ def merge(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
     for d in delta.outputs:
         c = by_index.get(d.index)
         if c is None:
-            c = by_index[d.index] = CompletionOutput(d.index, "", [], [], 
+            c = by_index[d.index] = CompletionOutput(d.index, "", [], [],
                                                      [] if d.logprobs is not None else None)
         c.text += d.text
         c.token_ids += d.token_ids

@@ -10,6 +10,7 @@ import torch
 
 from itt_runtime.outputs import RequestMetrics
 from itt_runtime.sampling_params import SamplingParams
+from itt_runtime.tokenizer import IncrementalDetokenizer
 
 
 class Status(enum.Enum):
@@ -42,7 +43,7 @@ class Sequence:
     text: str = ""
     num_sent_tokens: int = 0
     num_sent_chars: int = 0
-    detokenizer: object = None
+    detokenizer: IncrementalDetokenizer | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

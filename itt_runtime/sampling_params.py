@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-
 # Seeds: signed or unsigned 64-bit. A sequence's generator takes (seed + i) mod 2**64, where
 # i is its index among the request's n completions.
 SEED_MIN, SEED_MAX = -2**63, 2**64 - 1

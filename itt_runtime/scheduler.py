@@ -163,6 +163,8 @@ class Scheduler:
             s.seq.num_computed_tokens += s.num_new_tokens
         for seq, position, entry in output.prompt_logprobs:
             seq.prompt_logprobs[position] = entry
+        assert self.tokenizer is not None and self.max_model_len is not None, \
+            "update_from_output needs the scheduler built with a tokenizer and max_model_len"
         failed: dict[str, Exception] = {}
         for t in output.sampled:
             seq = t.seq

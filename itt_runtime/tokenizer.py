@@ -49,7 +49,7 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(token_id)
 
-    def incremental(self, prompt_ids: list[int] | None = None) -> "IncrementalDetokenizer":
+    def incremental(self, prompt_ids: list[int] | None = None) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self, prompt_ids or [])
 
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from itt_runtime.data import encode_documents
 from itt_runtime.engine import EngineConfig, LLMEngine
 from itt_runtime.model.loader import load_model, save_model
 from itt_runtime.sampling_params import SamplingParams
-from itt_runtime.data import encode_documents
 
 PROMPT = "And it came to pass, when the king heard these words, that he"
 
@@ -59,7 +59,7 @@ def hf_dense_generate(model_dir: Path, prompt_ids, max_tokens: int, device: torc
     from transformers import LlamaConfig, LlamaForCausalLM
     model, _ = load_model(model_dir)
     c = model.cfg
-    hf = LlamaForCausalLM(LlamaConfig(
+    hf = LlamaForCausalLM(LlamaConfig(  # type: ignore[call-arg]
         vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_dim,
         num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
         num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_position_embeddings,
@@ -212,11 +212,11 @@ def bench_budgets(eng, prompt, a, res) -> None:
     mc = eng.model_config
     print("\n## 3. decode step time vs think budget (batch 32)")
     budgets = (0.0, 0.25, 0.5, 0.75, 1.0)
-    step = {b: [] for b in budgets}
+    runs: dict[float, list[float]] = {b: [] for b in budgets}
     for _ in range(3):                  # interleaved repeats; keep each budget's best
         for b in budgets:
-            step[b].append(run_batch(eng, prompt, 32, a.tokens, budget=b)[1])
-    step = {b: min(ts) for b, ts in step.items()}
+            runs[b].append(run_batch(eng, prompt, 32, a.tokens, budget=b)[1])
+    step = {b: min(ts) for b, ts in runs.items()}
     # FLOPs per token: 2·params per block application, plus the LM head (a constant).
     block = 2 * sum(p.numel() for p in eng.model.layers[0].block.parameters())
     head = 2 * mc.d_model * mc.vocab_size

@@ -170,7 +170,7 @@ class Fuzzer:
             @settings(max_examples=per_route * 4, deadline=None, database=None, derandomize=True,
                       suppress_health_check=list(HealthCheck), phases=[Phase.generate])
             @given(op.as_strategy())
-            def one(case) -> None:
+            def one(case, path: str = path, sent: list[int] = sent) -> None:
                 if sent[0] >= per_route:
                     return
                 sent[0] += 1

@@ -39,6 +39,6 @@ def create_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
-    known = {route.path for router in routers for route in router.routes}
+    known = {getattr(route, "path", "") for router in routers for route in router.routes}
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, known_paths=known)
     return app

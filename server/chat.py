@@ -84,6 +84,7 @@ class ChatHandler:
         async with aclosing(self.client.generate(run.prompt_ids, run.params, run.id)) as outs:
             async for out in outs:
                 acc = merge(acc, out)
+        assert acc is not None, "generate ends with a final output"
         choices = []
         for c in acc.outputs:
             content, logprobs, thinking = self._parts(run, c)

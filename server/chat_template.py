@@ -34,7 +34,8 @@ JINJA_TEMPLATE = (
 
 
 class Message(Protocol):
-    role: str
+    @property
+    def role(self) -> str: ...
 
     @property
     def text(self) -> str: ...

@@ -6,8 +6,8 @@ non-zero exit: 2 for a bad flag, 1 for anything found while starting.
 SIGTERM drains: /health answers 503 at once and new generation requests get 503, in-flight
 requests get up to ``--drain-timeout`` seconds to finish (then streams end with a
 ``server_shutdown`` error chunk and ``[DONE]``, other requests with a 503 body, and their
-engine requests are aborted), the listener closes and the process exits 0. If the engine loop dies, the process
-exits 1 so that Docker or Kubernetes restart it.
+engine requests are aborted), the listener closes and the process exits 0. If the engine
+loop dies, the process exits 1 so that Docker or Kubernetes restart it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import re
 import signal
@@ -249,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(engine, settings)
     config = uvicorn.Config(
         app, log_level=args.log_level,
-        timeout_graceful_shutdown=DrainingServer.GRACE_SECONDS,
-        timeout_keep_alive=settings.timeout_keep_alive,
+        timeout_graceful_shutdown=math.ceil(DrainingServer.GRACE_SECONDS),
+        timeout_keep_alive=math.ceil(settings.timeout_keep_alive),
         http=guarded_h11(settings.timeout_request_header, settings.max_connections))
     server = DrainingServer(config, app.state.server.lifecycle, settings.drain_timeout)
     engine.death_callbacks.append(server.stop_engine_dead)

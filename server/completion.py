@@ -106,6 +106,7 @@ class CompletionHandler:
                 accs[i] = merge(accs[i], out)
         choices = []
         for i, acc in enumerate(accs):
+            assert acc is not None, "generate_all ends every prompt with a final output"
             if acc.prompt_logprobs is not None:
                 run.prompt_logprobs[i] = acc.prompt_logprobs
             for c in acc.outputs:

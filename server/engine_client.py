@@ -8,7 +8,7 @@ the engine request, which frees its KV blocks before the engine's next step.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from itt_runtime.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError
@@ -80,7 +80,7 @@ class EngineClient:
         return self.info.think_budget(params)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str) -> AsyncGenerator[RequestOutput, None]:
         """Delta outputs of one request (see AsyncLLMEngine.generate), observed by metrics."""
         tracker = self.metrics.track(len(prompt_token_ids), params.n, self.budget(params))
         try:
@@ -99,7 +99,7 @@ class EngineClient:
             tracker.close()
 
     async def generate_all(self, prompts: list[list[int]], params: SamplingParams,
-                           request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+                           request_id: str) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """Run several prompts concurrently; yields ``(prompt_index, delta output)``."""
         if len(prompts) == 1:
             async with aclosing(self.generate(prompts[0], params, request_id)) as outputs:

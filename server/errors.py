@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -57,7 +59,7 @@ def from_param_error(e: ParamError) -> APIError:
     return APIError(400, e.message, param=e.param)
 
 
-def from_validation_error(errors: list[dict]) -> APIError:
+def from_validation_error(errors: Sequence[Any]) -> APIError:
     """Pydantic's first complaint; ``param`` is the top-level field, the message has the path."""
     if not errors:
         return bad_request("invalid request body")

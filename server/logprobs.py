@@ -4,6 +4,8 @@ prompt token, which nothing predicts)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from itt_runtime.tokenizer import Tokenizer
 from server.responses import CompletionLogprobs, TokenLogprob, TopLogprob
 from server.tokens import TokenTexts, piece_text
@@ -20,7 +22,7 @@ class CompletionLogprobsBuilder:
         self.texts = TokenTexts(tok, context)
         self.offset = start_offset
 
-    def add(self, token_ids: list[int], entries: list[Entry]) -> CompletionLogprobs:
+    def add(self, token_ids: list[int], entries: Sequence[Entry]) -> CompletionLogprobs:
         out = CompletionLogprobs()
         for tid, text, entry in zip(token_ids, self.texts.add(token_ids), entries):
             out.tokens.append(text)

@@ -29,7 +29,8 @@ FINISH_REASONS = ("stop", "length", "abort")
 
 def buckets_1_2_5(max_value: int) -> list[float]:
     """1, 2, 5, 10, 20, 50, … up to ``max_value`` (vLLM's token-count buckets)."""
-    out, scale = [], 1
+    out: list[float] = []
+    scale = 1
     while True:
         for m in (1, 2, 5):
             if m * scale > max_value:

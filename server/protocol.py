@@ -24,7 +24,7 @@ Seed = Annotated[int, Field(strict=True, ge=-2**63, le=2**64 - 1)]
 def documented(lo: float | None = None, hi: float | None = None, exclusive_lo: bool = False):
     """Publish a range in the OpenAPI schema only: SamplingParams checks it, once, with a
     message naming the parameter (pydantic would word it differently per field)."""
-    extra: dict[str, float] = {}
+    extra: dict[str, Any] = {}
     if lo is not None:
         extra["exclusiveMinimum" if exclusive_lo else "minimum"] = lo
     if hi is not None:

@@ -26,7 +26,7 @@ class SequenceKV:
     lengths: list[int]
 
     @classmethod
-    def empty(cls, num_streams: int) -> "SequenceKV":
+    def empty(cls, num_streams: int) -> SequenceKV:
         return cls([[] for _ in range(num_streams)], [0] * num_streams)
 
     @property

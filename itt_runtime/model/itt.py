@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -70,6 +71,7 @@ class ThresholdRouting(Routing):
 class ModelOutput:
     logits: torch.Tensor                 # (B, T, vocab) fp32
     routed: torch.Tensor | None          # (B, T, n_routed_streams) bool, None for dense
+    hidden: torch.Tensor | None = None   # (B, T, d) final hidden states, when asked for
 
     @property
     def extra_steps(self) -> torch.Tensor:
@@ -118,6 +120,13 @@ class ITTModel(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size,
                                                                  bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.history: list[dict] = []       # training log, set by the trainer
+        self.finished = True                # False: a training run stopped early
+
+    @property
+    def itt_layer_list(self) -> list[ITTLayer]:
+        """``layers`` with their type (nn.ModuleList yields plain Modules to a type checker)."""
+        return cast(list[ITTLayer], list(self.layers))
 
     def output_logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)
@@ -143,13 +152,14 @@ class ITTModel(nn.Module):
         cos, sin = self.rotary(positions, x.dtype)
         routed = []
         itt_index = 0
-        for layer in self.layers:
+        for layer in self.itt_layer_list:
             x = layer.base_update(x, layer.block.delta(x, cos, sin, mask=None))  # base step
             if layer.think_steps == 1:
                 continue
             for t in range(1, layer.think_steps):
                 stream = cfg.routed_stream_index(itt_index, t)
                 logits = layer.router_logits(t, x)                        # (B, T)
+                assert routing is not None                                # an ITT layer
                 mask = routing.select(stream, logits)                     # (B, T) bool
                 x = self._routed_step(layer, t, x, torch.sigmoid(logits), mask, positions)
                 routed.append(mask)

@@ -38,6 +38,8 @@ class Rotary(nn.Module):
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)                      # (P, D/2)
         emb = torch.cat([freqs, freqs], dim=-1)               # (P, D)
+        self.cos: torch.Tensor
+        self.sin: torch.Tensor
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 

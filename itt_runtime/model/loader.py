@@ -147,7 +147,7 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
         raise CheckpointError(f"{file}: unreadable ({e})") from None
     model = model.to(device=device, dtype=dtype).eval()
     if fuse:
-        for layer in model.layers:
+        for layer in model.itt_layer_list:
             layer.block.fuse_projections()
     return model, tok
 

@@ -120,6 +120,7 @@ class DecodeGraphs:
         else:
             g.output = self.forward.execute(g.batch)
         out = g.output
+        assert out is not None
         return StepOutput(out.logits[:B], out.routed_counts[:B], out.extra_steps[:B])
 
     def _graph(self, Bp: int, W: int, routable: bool) -> _Graph:

@@ -110,7 +110,11 @@ class PagedForward:
         """``scheduled`` must list single-token sequences first; ``kvs`` are their KV streams.
         ``logit_positions[b]`` are the indices within row b's new tokens whose logits the
         caller needs."""
-        ids, pos, rows, row_start, logit_rows = [], [], [], [], []
+        ids: list[int] = []
+        pos: list[int] = []
+        rows: list[int] = []
+        row_start: list[int] = []
+        logit_rows: list[int] = []
         num_decode = 0
         for b, s in enumerate(scheduled):
             c, n = s.seq.num_computed_tokens, s.num_new_tokens
@@ -160,7 +164,7 @@ class PagedForward:
         thresholds_tok = batch.thresholds[batch.tok_seq]                 # (T, routed streams)
         routed_step = self._masked_step if batch.masked_routing else self._gathered_step
         itt_index = 0
-        for layer_idx, layer in enumerate(model.layers):
+        for layer_idx, layer in enumerate(model.itt_layer_list):
             rows = StreamRows(layer_idx, batch.tok_seq, batch.positions,
                               base_slots[:, layer_idx], batch.num_decode, batch.chunk_lens)
             x = layer.base_update(x, self._block(layer.block, x, cos, sin, rows, batch))

@@ -76,7 +76,8 @@ class ModelRunner:
     def _run(self, scheduled: list[ScheduledSeq], decode_only: bool) -> StepOutput:
         """The forward: a captured graph for a decode-only masked step when there is one
         (falling back to eager for good if a capture fails), eager otherwise."""
-        kvs = [s.kv for s in scheduled]
+        kvs = [s.kv for s in scheduled if s.kv is not None]
+        assert len(kvs) == len(scheduled), "every scheduled sequence has its KV streams"
         masked = self._masked_routing(decode_only)
         graphs = self.graphs
         if decode_only and masked and graphs is not None and graphs.can_run(len(scheduled)):
@@ -111,6 +112,7 @@ class ModelRunner:
             lp = torch.log_softmax(logits[[r for r, _ in rows]], dim=-1)
             targets = torch.tensor([seq.prompt_token_ids[p + 1] for _, p in rows],
                                    device=lp.device)
-            entries = logprob_entries(lp, targets, [seq.params.prompt_logprobs] * len(rows))
+            k = seq.params.prompt_logprobs or 0
+            entries = logprob_entries(lp, targets, [k] * len(rows))
             out += [(seq, p + 1, entry) for (_, p), entry in zip(rows, entries)]
         return out

@@ -13,11 +13,11 @@ import sentencepiece as spm
 import torch
 
 from itt_runtime.config import ModelConfig
+from itt_runtime.data import encode_corpus, eval_windows
 from itt_runtime.model.itt import ITTModel
 from itt_runtime.model.loader import save_model
 from itt_runtime.tokenizer import Tokenizer
 from itt_runtime.training.calibrate import calibrate
-from itt_runtime.data import encode_corpus, eval_windows
 from itt_runtime.training.trainer import TrainConfig, train
 
 

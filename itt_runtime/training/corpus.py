@@ -85,7 +85,7 @@ def fortunes() -> list[str]:
 def build(out_dir: Path) -> dict[str, int]:
     out_dir.mkdir(parents=True, exist_ok=True)
     docs = bible_verses() + jargon_paragraphs() + fortunes()
-    split = {"train": [], "heldout": [], "calib": []}
+    split: dict[str, list[str]] = {"train": [], "heldout": [], "calib": []}
     for i, d in enumerate(docs):
         r = i % HELDOUT_EVERY
         split["heldout" if r == HELDOUT_EVERY - 1 else "calib" if r == HELDOUT_EVERY // 2

@@ -21,8 +21,12 @@ from itt_runtime.model.loader import save_model
 from itt_runtime.tokenizer import Tokenizer
 from itt_runtime.training import tasks
 from itt_runtime.training.calibrate import calibrate
-from itt_runtime.training.task_trainer import (TaskTrainConfig, encode_problems,
-                                               train_char_tokenizer, train_tasks)
+from itt_runtime.training.task_trainer import (
+    TaskTrainConfig,
+    encode_problems,
+    train_char_tokenizer,
+    train_tasks,
+)
 
 CALIB_PROBLEMS = 4000
 

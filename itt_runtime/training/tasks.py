@@ -19,8 +19,8 @@ import json
 import random
 import sys
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 TASKS = ("add", "mul")
 SPLITS = ("train", "calib", "eval")

@@ -1,8 +1,8 @@
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from server.protocol import CompletionRequest, parse_body
 from server.openapi import error_responses, json_body
+from server.protocol import CompletionRequest, parse_body
 from server.state import state
 
 router = APIRouter()

@@ -5,8 +5,8 @@ from fastapi import APIRouter, Request
 from server import chat_template
 from server.errors import bad_request
 from server.generation import check_model
-from server.protocol import DetokenizeRequest, TokenizeRequest, parse_body
 from server.openapi import error_responses, json_body
+from server.protocol import DetokenizeRequest, TokenizeRequest, parse_body
 from server.state import state
 from server.tokens import check_size, encode
 
@@ -21,8 +21,11 @@ async def tokenize(request: Request) -> dict:
     check_model(req.model, list(s.settings.served_model_names))
     if (req.prompt is None) == (req.messages is None):
         raise bad_request("give exactly one of prompt and messages", "prompt")
-    text = req.prompt if req.prompt is not None else \
-        chat_template.render(req.messages, req.add_generation_prompt)
+    if req.prompt is not None:
+        text = req.prompt
+    else:
+        assert req.messages is not None
+        text = chat_template.render(req.messages, req.add_generation_prompt)
     tok = s.client.tokenizer
     check_size(tok, text, s.client.max_model_len, "prompt" if req.prompt is not None
                else "messages")

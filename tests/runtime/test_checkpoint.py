@@ -14,8 +14,14 @@ from safetensors.torch import load_file, save_file
 
 import itt_runtime
 from itt_runtime.config import ConfigError, ModelConfig
-from itt_runtime.model.loader import (DEFAULT_MODEL_DIR, FILES, CheckpointError, load_model,
-                                      resolve_model_path, save_model)
+from itt_runtime.model.loader import (
+    DEFAULT_MODEL_DIR,
+    FILES,
+    CheckpointError,
+    load_model,
+    resolve_model_path,
+    save_model,
+)
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,13 @@ import math
 
 import pytest
 import torch
-
 from itt_testing import HELDOUT, tiny_config
+
 from itt_runtime.config import ModelConfig
+from itt_runtime.data import encode_corpus, eval_windows
 from itt_runtime.model.itt import ITTModel, ThresholdRouting, TopKRouting
 from itt_runtime.model.loader import load_model
 from itt_runtime.training.calibrate import calibrate
-from itt_runtime.data import encode_corpus, eval_windows
 from itt_runtime.training.trainer import init_weights
 
 ATOL = 1e-5

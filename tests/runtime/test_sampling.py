@@ -152,7 +152,8 @@ def test_engine_rejects_requests_it_cannot_serve(llm):
     with pytest.raises(ParamError) as e:
         eng.add_request("x", [1] * 10, SamplingParams(max_tokens=eng.max_model_len))
     assert e.value.param == "max_tokens"
-    assert str(eng.max_model_len) in e.value.message and str(10 + eng.max_model_len) in e.value.message
+    assert str(eng.max_model_len) in e.value.message
+    assert str(10 + eng.max_model_len) in e.value.message
     with pytest.raises(ParamError):
         eng.add_request("x", [10**9], SamplingParams())
     assert not eng.requests and not eng.has_unfinished()

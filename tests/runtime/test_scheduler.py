@@ -176,7 +176,7 @@ def test_any_budget_computes_each_prompt_once_in_order(budget):
         sched.add(s)
     steps, first_token_order = 0, []
     while sched.has_work():
-        for sid, n in run(sched, kv):
+        for _, n in run(sched, kv):
             assert n <= budget
         steps += 1
         for s in seqs:

@@ -11,8 +11,12 @@ from itt_runtime.tokenizer import Tokenizer
 from itt_runtime.training import tasks
 from itt_runtime.training.arith_eval import main as arith_eval
 from itt_runtime.training.cli import main as itt_train
-from itt_runtime.training.task_trainer import (IGNORE, PaddedTopKRouting, encode_problems,
-                                               train_char_tokenizer)
+from itt_runtime.training.task_trainer import (
+    IGNORE,
+    PaddedTopKRouting,
+    encode_problems,
+    train_char_tokenizer,
+)
 
 
 def first(split, seed, mix, n=50):

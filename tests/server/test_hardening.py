@@ -179,7 +179,7 @@ def recv_closed(sock: socket.socket, within: float) -> bool:
         while sock.recv(4096):
             pass
         return True
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return False
     except ConnectionResetError:
         return True
