@@ -47,9 +47,7 @@ class AsyncLLMEngine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.error: BaseException | None = None
-        self.last_step_time = time.time()
         self._stats = self.engine.stats()
-        self.finished_callbacks: list = []      # fn(RequestOutput) on the engine thread
         # fn(exception) on the engine thread when the loop dies; the server exits non-zero.
         self.death_callbacks: list = []
 
@@ -71,10 +69,6 @@ class AsyncLLMEngine:
     def stats(self) -> EngineStats:
         """The latest snapshot, refreshed by the engine thread after every step."""
         return self._stats
-
-    @property
-    def num_unfinished(self) -> int:
-        return len(self._streams)
 
     # ---- requests -------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -122,7 +116,6 @@ class AsyncLLMEngine:
                     for out in eng.step():
                         self._deliver(out)
                 self._stats = eng.stats()
-                self.last_step_time = time.time()
         except BaseException as e:            # noqa: BLE001 - the loop must report any death
             log.critical("engine loop died: %s: %s", type(e).__name__, e, exc_info=e)
             self.error = e
@@ -165,9 +158,6 @@ class AsyncLLMEngine:
         self._stats = self.engine.stats()
 
     def _deliver(self, out: RequestOutput) -> None:
-        if out.finished:
-            for cb in self.finished_callbacks:
-                cb(out)
         stream = self._streams.get(out.request_id)
         if stream is not None:
             loop, q = stream
