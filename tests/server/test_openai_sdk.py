@@ -211,15 +211,22 @@ def test_chat_streamed_matches_whole(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
-def test_chat_logprobs(client):
+def test_chat_logprobs_equal_the_offline_engines(client, reference, tiny_server):
+    messages = [{"role": "user", "content": "Hello"}]
     r = client.chat.completions.create(model=MODEL_NAME, max_tokens=4, temperature=0,
-                                       messages=[{"role": "user", "content": "Hello"}],
-                                       logprobs=True, top_logprobs=2,
+                                       messages=messages, logprobs=True, top_logprobs=2,
                                        extra_body={"ignore_eos": True})
     content = r.choices[0].logprobs.content
-    assert len(content) == 4
-    for entry in content:
-        assert len(entry.top_logprobs) == 2
+    with tiny_server.http() as http:
+        ids = http.post("/tokenize", json={"model": MODEL_NAME,
+                                           "messages": messages}).json()["tokens"]
+    (want,) = offline(reference, ids, max_tokens=4, logprobs=2, ignore_eos=True,
+                      stop=[chat_template.STOP])
+    assert len(content) == len(want.token_ids) == 4
+    for entry, lp, tok in zip(content, want.logprobs, want.token_ids):
+        assert entry.logprob == pytest.approx(lp[tok], abs=1e-4)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(
+            sorted(lp.values(), reverse=True)[:2], abs=1e-4)
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
 
 
@@ -253,12 +260,17 @@ def test_streamed_multiple_prompts_and_choices(client):
     assert texts == whole
 
 
-def test_chat_streamed_n2(client):
-    chunks = list(client.chat.completions.create(
-        model=MODEL_NAME, max_tokens=5, n=2, temperature=0.9, seed=5, stream=True,
-        messages=[{"role": "user", "content": "Hi"}],
-        extra_body={"ignore_eos": True, "return_thinking": True}))
+def test_chat_streamed_n2_matches_whole(client):
+    kw = dict(model=MODEL_NAME, max_tokens=5, n=2, temperature=0.9, seed=5,
+              messages=[{"role": "user", "content": "Hi"}],
+              extra_body={"ignore_eos": True, "return_thinking": True})
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, **kw))
     finished = [c.choices[0].index for c in chunks if c.choices[0].finish_reason]
     assert sorted(finished) == [0, 1]
-    depths = [d for c in chunks for d in c.choices[0].model_extra.get("thinking", [])]
-    assert len(depths) == 10
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == choice.index]
+        assert "".join(c.delta.content or "" for c in mine) == choice.message.content
+        depths = [d for c in mine for d in c.model_extra.get("thinking") or []]
+        assert depths == choice.model_extra["thinking"] and len(depths) == 5
+    assert whole.choices[0].message.content != whole.choices[1].message.content
