@@ -2,8 +2,8 @@
 the exact batches it schedules, the exact blocks it hands out, and what it preempts.
 
 Tested through ``add``, ``schedule``, ``finish`` and ``has_work`` and the ``scheduled`` list of
-``ScheduledSeq(seq, num_new_tokens)``. ``run`` below does what the engine does after a step
-(commit the K/V, advance ``num_computed_tokens``, append a token where the step sampled), so
+``ScheduledSeq(seq, num_new_tokens)``; ``run`` below stands in for the runner and hands the
+scheduler one token for every sequence whose step reaches its end (``update_from_output``), so
 that several steps can be followed exactly. Block size 4 and one stream throughout, so a
 sequence of T computed tokens holds ceil(T / 4) blocks; the pool hands out its free blocks in
 FIFO order, which makes every block id below predictable by hand."""
@@ -16,32 +16,39 @@ from itt_runtime.kv_cache.block_pool import BlockPool
 from itt_runtime.kv_cache.manager import KVCacheManager
 from itt_runtime.request import Sequence, Status
 from itt_runtime.sampling_params import SamplingParams
-from itt_runtime.scheduler import Scheduler
+from itt_runtime.scheduler import RunnerOutput, SampledToken, Scheduler
+from itt_runtime.tokenizer import Tokenizer
 
 BLOCK = 4
+TOKEN = 7                                # what the stand-in runner "samples" every time
 
 
-def make(num_blocks: int, max_num_batched_tokens: int = 64, max_num_seqs: int = 8,
-         chunked: bool = True) -> tuple[Scheduler, KVCacheManager]:
-    kv = KVCacheManager(BlockPool(num_blocks), BLOCK, num_streams=1, num_base_streams=1)
-    return Scheduler(kv, max_num_seqs, max_num_batched_tokens, chunked), kv
+@pytest.fixture
+def make(tokenizer: Tokenizer):
+    def make(num_blocks: int, max_num_batched_tokens: int = 64, max_num_seqs: int = 8,
+             chunked: bool = True) -> tuple[Scheduler, KVCacheManager]:
+        kv = KVCacheManager(BlockPool(num_blocks), BLOCK, num_streams=1, num_base_streams=1)
+        return Scheduler(kv, max_num_seqs, max_num_batched_tokens, chunked,
+                         tokenizer=tokenizer, max_model_len=1000), kv
+    return make
 
 
-def seq(name: str, prompt_len: int) -> Sequence:
+def seq(name: str, prompt_len: int, max_tokens: int = 100) -> Sequence:
     return Sequence(name, name, 0, list(range(10, 10 + prompt_len)),
-                    SamplingParams(max_tokens=100, temperature=0), 0.0, [])
+                    SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                    0.0, [])
 
 
 def run(sched: Scheduler, kv: KVCacheManager) -> list[tuple[str, int]]:
-    """One step: schedule, then the engine's bookkeeping. Returns [(seq_id, num_new_tokens)]."""
-    scheduled = sched.schedule().scheduled
-    for s in scheduled:
-        sampled = s.samples                  # read before num_computed_tokens moves
-        kv.commit(s.seq.seq_id, s.num_new_tokens, [])
-        s.seq.num_computed_tokens += s.num_new_tokens
-        if sampled:
-            s.seq.output_token_ids.append(7)
-    return [(s.seq.seq_id, s.num_new_tokens) for s in scheduled]
+    """One step: schedule, then report TOKEN for each sequence that reached its end (one
+    stream, so no routed counts). Returns [(seq_id, num_new_tokens)]."""
+    plan = sched.schedule()
+    sampled = [SampledToken(s.seq, TOKEN, 0, {}) for s in plan.scheduled if s.samples]
+    failed = sched.update_from_output(plan, RunnerOutput(
+        routed_counts={s.seq.seq_id: [] for s in plan.scheduled}, sampled=sampled,
+        prompt_logprobs=[]))
+    assert not failed
+    return [(s.seq.seq_id, s.num_new_tokens) for s in plan.scheduled]
 
 
 def blocks(kv: KVCacheManager, s: Sequence) -> list[int]:
@@ -49,7 +56,7 @@ def blocks(kv: KVCacheManager, s: Sequence) -> list[int]:
     return table
 
 
-def test_token_budget_chunks_a_long_prompt_and_admits_the_next_one_later():
+def test_token_budget_chunks_a_long_prompt_and_admits_the_next_one_later(make):
     sched, kv = make(num_blocks=16, max_num_batched_tokens=8)
     a, b = seq("a", 10), seq("b", 3)
     sched.add(a)
@@ -65,7 +72,7 @@ def test_token_budget_chunks_a_long_prompt_and_admits_the_next_one_later():
     assert blocks(kv, a) == [0, 1, 2] and blocks(kv, b) == [3, 4]   # b's 5th token: new block
 
 
-def test_running_requests_take_the_budget_before_waiting_ones():
+def test_running_requests_take_the_budget_before_waiting_ones(make):
     sched, kv = make(num_blocks=16, max_num_batched_tokens=4)
     a, b, c = seq("a", 2), seq("b", 1), seq("c", 10)
     for s in (a, b):
@@ -77,7 +84,7 @@ def test_running_requests_take_the_budget_before_waiting_ones():
     assert c.num_computed_tokens == 4
 
 
-def test_without_chunked_prefill_a_prompt_waits_for_a_whole_budget_in_fcfs_order():
+def test_without_chunked_prefill_a_prompt_waits_for_a_whole_budget_in_fcfs_order(make):
     sched, kv = make(num_blocks=16, max_num_batched_tokens=8, chunked=False)
     a, b, c = seq("a", 6), seq("b", 3), seq("c", 1)
     for s in (a, b, c):
@@ -87,7 +94,7 @@ def test_without_chunked_prefill_a_prompt_waits_for_a_whole_budget_in_fcfs_order
     assert run(sched, kv) == [("a", 1), ("b", 3), ("c", 1)]
 
 
-def test_max_num_seqs_caps_the_batch_and_finish_makes_room():
+def test_max_num_seqs_caps_the_batch_and_finish_makes_room(make):
     sched, kv = make(num_blocks=8, max_num_seqs=2)
     a, b, c = seq("a", 2), seq("b", 2), seq("c", 2)
     for s in (a, b, c):
@@ -101,7 +108,7 @@ def test_max_num_seqs_caps_the_batch_and_finish_makes_room():
     assert blocks(kv, c) == [2]                            # a's block 0 went to the back
 
 
-def test_preemption_takes_the_newest_request_and_requeues_it_in_front():
+def test_preemption_takes_the_newest_request_and_requeues_it_in_front(make):
     sched, kv = make(num_blocks=4)
     a, b = seq("a", 7), seq("b", 7)
     sched.add(a)
@@ -120,10 +127,10 @@ def test_preemption_takes_the_newest_request_and_requeues_it_in_front():
     assert kv.pool.num_free == 4
     assert run(sched, kv) == [("b", 9)]                  # prompt and outputs in one go
     assert blocks(kv, b) == [3, 0, 1]
-    assert b.output_token_ids == [7, 7, 7]
+    assert b.output_token_ids == [TOKEN] * 3
 
 
-def test_preemption_goes_back_to_front_until_the_oldest_fits():
+def test_preemption_goes_back_to_front_until_the_oldest_fits(make):
     sched, kv = make(num_blocks=3)
     a, b, c = seq("a", 4), seq("b", 4), seq("c", 4)
     for s in (a, b, c):
@@ -141,7 +148,7 @@ def test_preemption_goes_back_to_front_until_the_oldest_fits():
     assert c.status is Status.WAITING                      # 5 tokens need 2 blocks; 1 free
 
 
-def test_a_request_alone_that_runs_out_of_blocks_preempts_itself():
+def test_a_request_alone_that_runs_out_of_blocks_preempts_itself(make):
     sched, kv = make(num_blocks=2)
     a = seq("a", 8)
     sched.add(a)
@@ -151,7 +158,7 @@ def test_a_request_alone_that_runs_out_of_blocks_preempts_itself():
     assert kv.pool.num_free == 2 and sched.has_work()
 
 
-def test_finish_frees_blocks_of_running_and_waiting_requests():
+def test_finish_frees_blocks_of_running_and_waiting_requests(make):
     sched, kv = make(num_blocks=8, max_num_batched_tokens=6)
     a, b, c = seq("a", 5), seq("b", 5), seq("c", 2)
     for s in (a, b, c):
@@ -169,22 +176,20 @@ def test_finish_frees_blocks_of_running_and_waiting_requests():
 
 
 @pytest.mark.parametrize("budget", [1, 3, 8])
-def test_any_budget_computes_each_prompt_once_in_order(budget):
+def test_any_budget_computes_each_prompt_once_in_order(make, budget):
     sched, kv = make(num_blocks=64, max_num_batched_tokens=budget, max_num_seqs=2)
-    seqs = [seq(f"s{i}", n) for i, n in enumerate((5, 1, 9, 4))]
+    seqs = [seq(f"s{i}", n, max_tokens=3) for i, n in enumerate((5, 1, 9, 4))]
     for s in seqs:
         sched.add(s)
     steps, first_token_order = 0, []
-    while sched.has_work():
+    while sched.has_work():                        # max_tokens finishes each one
         for _, n in run(sched, kv):
             assert n <= budget
         steps += 1
         for s in seqs:
             if s.output_token_ids and s.seq_id not in first_token_order:
                 first_token_order.append(s.seq_id)
-            if len(s.output_token_ids) == 3 and not s.finished:
-                sched.finish(s)
         assert steps < 200
     assert first_token_order[:2] == ["s0", "s1"]
-    assert all(len(s.output_token_ids) == 3 for s in seqs)
+    assert all(s.finished and s.output_token_ids == [TOKEN] * 3 for s in seqs)
     assert kv.pool.num_free == 64
