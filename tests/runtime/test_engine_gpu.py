@@ -34,7 +34,7 @@ def test_cuda_fp32_greedy_matches_cpu_reference(tiny_model_dir, enforce_eager):
                                         think_budget=b) for _, b in cases])
     for out, (p, b) in zip(outs, cases):
         assert out.outputs[0].token_ids == reference_greedy(model, tok.encode(p), b, 12)[0], (p, b)
-    graphs = llm.engine.graphs
+    graphs = llm.engine.runner.graphs
     assert (graphs is None) == enforce_eager
     if graphs is not None:
         assert graphs.graphs and all(g.graph is not None for g in graphs.graphs.values())
