@@ -68,6 +68,9 @@ class EngineConfig:
         choices=ROUTED_COMPUTE)
     enforce_eager: bool = option(False, "CUDA: run every step eagerly instead of replaying "
                                  "decode steps captured as CUDA graphs", "bool")
+    enable_prefix_caching: bool = option(
+        True, "reuse the KV streams of cached prompt prefixes (same tokens, same routing "
+        "thresholds)", "bool")
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -129,6 +132,9 @@ class EngineStats:
     tokens_computed: int
     block_applications: int
     routed_tokens: list[int] = field(default_factory=list)   # per routed stream
+    prefix_cache_queries: int = 0            # tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0               # of which found
+    prefix_cache_nodes: int = 0              # cached prefixes held
 
 
 class EngineBrokenError(RuntimeError):
@@ -165,7 +171,7 @@ class LLMEngine:
         self.cache = KVCache(num_blocks, config.block_size, mc.n_kv_heads, mc.head_dim,
                              self.dtype, self.device)
         self.kv = KVCacheManager(BlockPool(num_blocks), config.block_size, mc.num_kv_streams,
-                                 mc.n_layers)
+                                 mc.n_layers, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill, self.tokenizer,
                                    self.max_model_len)
@@ -173,7 +179,8 @@ class LLMEngine:
             self.model, self.cache, Sampler(self.tokenizer.eos_token_id, config.seed),
             config.routed_compute,
             use_graphs=self.device.type == "cuda" and not config.enforce_eager,
-            max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
+            max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+            return_routing=config.enable_prefix_caching)
         self.requests: dict[str, _Request] = {}
         self.info = EngineInfo(
             model_path=self.model_path, model_config=mc, device=str(self.device),
@@ -353,6 +360,7 @@ class LLMEngine:
     # ---- introspection --------------------------------------------------------------------
     def stats(self) -> EngineStats:
         mc = self.model_config
+        cache = self.kv.prefix_cache
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_usage=self.kv.pool.usage, num_blocks=self.kv.pool.num_blocks,
@@ -360,7 +368,10 @@ class LLMEngine:
             tokens_computed=self.scheduler.tokens_computed,
             block_applications=(self.scheduler.tokens_computed * mc.n_layers
                                 + sum(self.scheduler.routed_tokens)),
-            routed_tokens=list(self.scheduler.routed_tokens))
+            routed_tokens=list(self.scheduler.routed_tokens),
+            prefix_cache_queries=cache.queries if cache else 0,
+            prefix_cache_hits=cache.hits if cache else 0,
+            prefix_cache_nodes=len(cache) if cache else 0)
 
     def kv_bytes_per_token(self, budget: float) -> float:
         """ITT_SPEC formula: (n_layers + b·(S−1)·|itt|) · 2 · kv_heads · head_dim · size."""

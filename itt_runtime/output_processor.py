@@ -91,4 +91,5 @@ def make_request_output(request_id: str, seqs: list[Sequence], deltas: list[Comp
         request_id=request_id, prompt_token_ids=first.prompt_token_ids, outputs=deltas,
         finished=all(s.finish_reason is not None for s in seqs),
         think_budget=first.think_budget, metrics=first.metrics,
-        prompt_logprobs=first.prompt_logprobs if include_prompt_logprobs else None)
+        prompt_logprobs=first.prompt_logprobs if include_prompt_logprobs else None,
+        num_cached_tokens=first.num_cached_tokens)

@@ -42,3 +42,5 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     # Set when serving this request raised: the request was ended, the engine goes on.
     error: str | None = None
+    # Prompt tokens whose KV came from the prefix cache (OpenAI's cached_tokens).
+    num_cached_tokens: int = 0

@@ -36,6 +36,8 @@ class Sequence:
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     num_computed_tokens: int = 0
+    num_cached_tokens: int = 0        # prompt tokens taken from the prefix cache (first admission)
+    block_hashes: list[bytes] = field(default_factory=list)   # prefix-cache keys, per full block
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     generator: torch.Generator | None = None

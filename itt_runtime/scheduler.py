@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from itt_runtime.kv_cache.manager import KVCacheManager, SequenceKV
+from itt_runtime.kv_cache.prefix_cache import CacheNode, chain_hash, root_hash
 from itt_runtime.output_processor import append_token
 from itt_runtime.request import Sequence, Status
 from itt_runtime.tokenizer import Tokenizer
@@ -29,6 +30,9 @@ class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int          # tokens computed this step, starting at seq.num_computed_tokens
     kv: SequenceKV | None = None                 # its KV streams, allocated for this step
+    # K/V blocks to copy (source, destination) before the step: a cached prefix's partly
+    # filled routed blocks, which this sequence appends into (prefix caching).
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
     # Indices within this step's new tokens whose logits are needed: the last one when the
     # step samples, and the prompt positions whose next-token logprobs were asked for.
     logit_positions: list[int] = field(default_factory=list)
@@ -80,6 +84,9 @@ class RunnerOutput:
     routed_counts: dict[str, list[int]]      # seq_id -> tokens routed to each routed stream
     sampled: list[SampledToken]
     prompt_logprobs: list[tuple[Sequence, int, dict[int, float]]]   # (seq, position, entry)
+    # seq_id -> per new token, per routed stream, 1 if routed: multi-token rows only, and
+    # only when prefix caching needs the stream lengths at block boundaries inside a chunk.
+    routed_masks: dict[str, list[list[int]]] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -131,19 +138,22 @@ class Scheduler:
         while self.waiting and token_budget > 0 and not preempted \
                 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            remaining = seq.num_tokens - seq.num_computed_tokens
+            node = self._cached_prefix(seq)
+            computed = node.num_tokens if node else seq.num_computed_tokens
+            remaining = seq.num_tokens - computed
             n = min(remaining, token_budget)
             if n < remaining and not self.enable_chunked_prefill:
                 break
-            if not self.kv.can_allocate(seq.seq_id, n):
+            if not self.kv.can_allocate(seq.seq_id, n, adopting=node):
                 break
             self.waiting.popleft()
+            copies = self._adopt(seq, node) if node else []
             kv = self.kv.allocate(seq.seq_id, n)
             seq.status = Status.RUNNING
             if seq.metrics.first_scheduled_time is None:
                 seq.metrics.first_scheduled_time = time.time()
             self.running.append(seq)
-            scheduled.append(ScheduledSeq(seq, n, kv))
+            scheduled.append(ScheduledSeq(seq, n, kv, block_copies=copies))
             token_budget -= n
         for s in scheduled:
             s.logit_positions = logit_positions(s.seq, s.num_new_tokens, s.samples)
@@ -165,6 +175,9 @@ class Scheduler:
             seq.prompt_logprobs[position] = entry
         assert self.tokenizer is not None and self.max_model_len is not None, \
             "update_from_output needs the scheduler built with a tokenizer and max_model_len"
+        if self.kv.prefix_cache is not None:
+            for s in plan.scheduled:
+                self._cache_blocks(s, output)
         failed: dict[str, Exception] = {}
         for t in output.sampled:
             seq = t.seq
@@ -180,6 +193,73 @@ class Scheduler:
                 seq.metrics.finished_time = time.time()
                 self.finish(seq)
         return failed
+
+    # ---- prefix caching ---------------------------------------------------------------------
+    def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """The first ``num_blocks`` keys of ``seq``'s hash chain (kv_cache/prefix_cache.py),
+        extended as its tokens grow."""
+        hashes, bs = seq.block_hashes, self.kv.block_size
+        tokens = seq.all_token_ids
+        while len(hashes) < num_blocks:
+            k = len(hashes)
+            parent = hashes[-1] if hashes else root_hash(seq.thresholds)
+            hashes.append(chain_hash(parent, tokens[k * bs:(k + 1) * bs]))
+        return hashes[:num_blocks]
+
+    def _cached_prefix(self, seq: Sequence) -> CacheNode | None:
+        """The longest cached prefix a sequence with no KV yet can start from. It always
+        leaves the last token to compute (its logits pick the next one). A sequence that
+        wants prompt logprobs uses nodes that carry them, and only on first admission."""
+        cache = self.kv.prefix_cache
+        if cache is None or seq.num_computed_tokens:
+            return None
+        wants_lp = seq.wants_prompt_logprobs
+        if wants_lp and seq.output_token_ids:
+            return None
+        limit = (seq.num_prompt_tokens if wants_lp else seq.num_tokens) - 1
+        hashes = self._block_hashes(seq, limit // self.kv.block_size)
+        node = cache.lookup(hashes, limit, seq.params.prompt_logprobs if wants_lp else None)
+        cache.count(seq.num_tokens, node.num_tokens if node else 0)
+        return node
+
+    def _adopt(self, seq: Sequence, node: CacheNode) -> list[tuple[int, int]]:
+        copies = self.kv.adopt(seq.seq_id, node)
+        seq.num_computed_tokens = node.num_tokens
+        if not seq.output_token_ids:
+            seq.num_cached_tokens = node.num_tokens
+        if seq.wants_prompt_logprobs and node.prompt_logprobs is not None:
+            seq.prompt_logprobs[1:node.num_tokens + 1] = node.prompt_logprobs[1:]
+        return copies
+
+    def _cache_blocks(self, s: ScheduledSeq, output: RunnerOutput) -> None:
+        """Cache the state after every block boundary this step crossed for ``s.seq``."""
+        seq, bs = s.seq, self.kv.block_size
+        end = seq.num_computed_tokens                      # after this step
+        start = end - s.num_new_tokens
+        first, last = start // bs + 1, end // bs
+        if first > last:
+            return
+        kv = self.kv.get(seq.seq_id)
+        hashes = self._block_hashes(seq, last)
+        routed = output.routed_masks.get(seq.seq_id)       # per new token, per routed stream
+        counts = output.routed_counts[seq.seq_id]          # routed this step, per stream
+        nb = self.kv.num_base_streams
+        lp_ok = seq.wants_prompt_logprobs
+        for k in range(first, last + 1):
+            boundary = k * bs
+            if boundary == end:
+                lengths = list(kv.lengths)
+            else:                          # inside the chunk: count the routed tokens before
+                assert routed is not None, "the runner returns routing for multi-token rows"
+                before = routed[:boundary - start]
+                lengths = [boundary] * nb + [
+                    kv.lengths[nb + j] - counts[j] + sum(r[j] for r in before)
+                    for j in range(self.kv.num_routed_streams)]
+            keep_lp = lp_ok and boundary <= seq.num_prompt_tokens - 1
+            self.kv.cache_prefix(
+                seq.seq_id, hashes[k - 1], boundary, lengths,
+                seq.prompt_logprobs[:boundary + 1] if keep_lp else None,
+                seq.params.prompt_logprobs if keep_lp else None)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free everything and requeue at the front; it will recompute prompt + output."""

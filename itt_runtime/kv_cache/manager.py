@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from itt_runtime.kv_cache.block_pool import BlockPool
+from itt_runtime.kv_cache.prefix_cache import CacheNode, PrefixCache
 
 
 def cdiv(a: int, b: int) -> int:
@@ -24,6 +25,9 @@ class SequenceKV:
 
     block_tables: list[list[int]]
     lengths: list[int]
+    # Blocks being copied into this sequence's streams at its next step (prefix caching):
+    # held until that step is committed, so that nothing reuses them before the copy.
+    copy_sources: list[int] = field(default_factory=list)
 
     @classmethod
     def empty(cls, num_streams: int) -> SequenceKV:
@@ -40,7 +44,12 @@ class KVCacheManager:
     block_size: int
     num_streams: int
     num_base_streams: int
+    enable_prefix_caching: bool = False
     _tables: dict[str, SequenceKV] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.prefix_cache = (PrefixCache(self.pool, self.block_size)
+                             if self.enable_prefix_caching else None)
 
     @property
     def num_routed_streams(self) -> int:
@@ -54,13 +63,30 @@ class KVCacheManager:
         return [max(0, cdiv(length + num_new, self.block_size) - len(table))
                 for length, table in zip(kv.lengths, kv.block_tables)]
 
-    def can_allocate(self, seq_id: str, num_new: int) -> bool:
+    def _available(self) -> int:
+        """Free blocks, plus those only the prefix cache holds (evicted on demand)."""
+        return self.pool.num_free + (self.pool.num_evictable if self.prefix_cache else 0)
+
+    def can_allocate(self, seq_id: str, num_new: int, adopting: CacheNode | None = None) -> bool:
+        """Whether ``num_new`` more tokens fit; with ``adopting``, for a new sequence that
+        starts from that cached node (its partial routed blocks are copied)."""
+        if adopting is not None:
+            kv = SequenceKV([list(t) for t in adopting.block_tables], list(adopting.lengths))
+            needed = len(self._partial(adopting)) + sum(self._needed(kv, num_new))
+            # The node's blocks will be held by the sequence: no longer evictable.
+            held = [b for t in adopting.block_tables for b in t]
+            return needed <= self._available() - self.pool.count_evictable(held)
         kv = self._tables.get(seq_id) or SequenceKV.empty(self.num_streams)
-        return self.pool.can_allocate(sum(self._needed(kv, num_new)))
+        return sum(self._needed(kv, num_new)) <= self._available()
+
+    def _make_room(self, n: int) -> None:
+        if self.prefix_cache is not None and self.pool.num_free < n:
+            self.prefix_cache.evict(n)
 
     def allocate(self, seq_id: str, num_new: int) -> SequenceKV:
         kv = self._tables.setdefault(seq_id, SequenceKV.empty(self.num_streams))
         needed = self._needed(kv, num_new)
+        self._make_room(sum(needed))
         blocks = self.pool.allocate(sum(needed))
         start = 0
         for table, n in zip(kv.block_tables, needed):
@@ -72,6 +98,8 @@ class KVCacheManager:
         """Record a finished step: base streams gained ``num_new`` tokens, routed stream k
         gained ``routed_counts[k]``. Reserved blocks a routed stream did not fill go back."""
         kv = self._tables[seq_id]
+        self.pool.free(kv.copy_sources)
+        kv.copy_sources = []
         for s in range(self.num_base_streams):
             kv.lengths[s] += num_new
         for k, count in enumerate(routed_counts):
@@ -82,11 +110,46 @@ class KVCacheManager:
                 self.pool.free(kv.block_tables[s][keep:])
                 del kv.block_tables[s][keep:]
 
+    # ---- prefix caching ---------------------------------------------------------------------
+    def _partial(self, node: CacheNode) -> list[int]:
+        """Streams whose last cached block is partly filled (the adopter appends into it)."""
+        return [s for s, n in enumerate(node.lengths) if n % self.block_size]
+
+    def adopt(self, seq_id: str, node: CacheNode) -> list[tuple[int, int]]:
+        """Start ``seq_id`` from a cached node: its streams share the node's blocks, except
+        that each partly filled last block is replaced by a fresh copy. Returns the block
+        copies (source, destination) the runner must make before the sequence's first step.
+        Call can_allocate(..., adopting=node) first."""
+        assert seq_id not in self._tables, "only a sequence with no KV adopts a prefix"
+        tables = [list(t) for t in node.block_tables]
+        for t in tables:                 # held first, so that making room cannot evict them
+            self.pool.incref(t)
+        partial = self._partial(node)
+        self._make_room(len(partial))
+        fresh = self.pool.allocate(len(partial))
+        copies = []
+        for s, dst in zip(partial, fresh):
+            copies.append((tables[s][-1], dst))
+            tables[s][-1] = dst          # the source stays referenced until the commit
+        self._tables[seq_id] = SequenceKV(tables, list(node.lengths),
+                                          copy_sources=[src for src, _ in copies])
+        return copies
+
+    def cache_prefix(self, seq_id: str, key: bytes, num_tokens: int, lengths: list[int],
+                     prompt_logprobs: list | None = None,
+                     prompt_logprobs_k: int | None = None) -> None:
+        """Cache the state of ``seq_id``'s streams after its first ``num_tokens`` tokens
+        (``lengths``: each stream's length at that point)."""
+        assert self.prefix_cache is not None
+        self.prefix_cache.insert(key, num_tokens, self._tables[seq_id].block_tables, lengths,
+                                 prompt_logprobs, prompt_logprobs_k)
+
     def free(self, seq_id: str) -> None:
         kv = self._tables.pop(seq_id, None)
         if kv is not None:
             for table in kv.block_tables:
                 self.pool.free(table)
+            self.pool.free(kv.copy_sources)
 
     @property
     def num_sequences(self) -> int:

@@ -34,6 +34,14 @@ class KVCache:
                         dtype: torch.dtype) -> int:
         return 2 * block_size * n_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks (source, destination): a cached prefix's partly filled block
+        becomes the adopting sequence's own (copy-on-write)."""
+        src = torch.tensor([s for s, _ in pairs], device=self.k.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.k.device)
+        self.k.index_copy_(0, dst, self.k.index_select(0, src))
+        self.v.index_copy_(0, dst, self.v.index_select(0, src))
+
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """slots (N,) flat slot ids; k, v (N, KV, D)."""
         self.k.view(-1, *self.k.shape[2:]).index_copy_(0, slots, k)

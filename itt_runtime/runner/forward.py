@@ -77,6 +77,7 @@ class StepOutput:
     logits: torch.Tensor             # (S, vocab) fp32, rows as in StepBatch.logit_rows
     routed_counts: torch.Tensor      # (B, routed streams) tokens routed per stream
     extra_steps: torch.Tensor        # (S,) extra steps of each logit row's position
+    routed: torch.Tensor | None = None   # (T, routed streams) bool, every token (eager only)
 
 
 def to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -161,6 +162,7 @@ class PagedForward:
             + (batch.positions % bs)[:, None]                            # (T, n_layers)
         routed_counts = torch.zeros(B, cfg.max_extra_steps, dtype=torch.long, device=x.device)
         extra_steps = torch.zeros(T, dtype=torch.long, device=x.device)
+        routed_all = torch.zeros(T, cfg.max_extra_steps, dtype=torch.bool, device=x.device)
         thresholds_tok = batch.thresholds[batch.tok_seq]                 # (T, routed streams)
         routed_step = self._masked_step if batch.masked_routing else self._gathered_step
         itt_index = 0
@@ -178,9 +180,11 @@ class PagedForward:
                                         routed, batch)
                 routed_counts[:, k] = counts
                 extra_steps += routed
+                routed_all[:, k] = routed
             itt_index += 1
         h = x[batch.logit_rows]
-        return StepOutput(model.output_logits(h), routed_counts, extra_steps[batch.logit_rows])
+        return StepOutput(model.output_logits(h), routed_counts, extra_steps[batch.logit_rows],
+                          routed_all)
 
     def _gathered_step(self, layer, t: int, stream: int, x, cos, sin, logits_r, routed,
                        batch: StepBatch):

@@ -27,8 +27,12 @@ ROUTED_COMPUTE = ("auto", "gather", "masked")
 class ModelRunner:
     def __init__(self, model: ITTModel, cache: KVCache, sampler: Sampler,
                  routed_compute: str = "auto", use_graphs: bool = False,
-                 max_num_seqs: int = 64, max_model_len: int = 1024) -> None:
+                 max_num_seqs: int = 64, max_model_len: int = 1024,
+                 return_routing: bool = False) -> None:
         self.forward = PagedForward(model, cache)
+        self.cache = cache
+        # Prefix caching needs each stream's length at block boundaries inside a chunk.
+        self.return_routing = return_routing
         self.sampler = sampler
         self.routed_compute = routed_compute
         self.device = self.forward.device
@@ -40,6 +44,9 @@ class ModelRunner:
                                        cdiv(max_model_len, cache.block_size))
 
     def execute_model(self, plan: SchedulerOutput) -> RunnerOutput:
+        copies = [c for s in plan.scheduled for c in s.block_copies]
+        if copies:                   # before anything of the step writes to the cache
+            self.cache.copy_blocks(copies)
         # Single-token rows first: the forward attends over them in one call.
         scheduled = sorted(plan.scheduled, key=lambda s: s.num_new_tokens != 1)
         decode_only = all(s.logit_positions == [0] and s.num_new_tokens == 1
@@ -62,8 +69,23 @@ class ModelRunner:
                             else (out.extra_steps[:0], None))
         # The step's one device-to-host read: sampled tokens, thinking depths, routed counts.
         S, K = len(sample_rows), self.max_extra_steps
-        host = torch.cat([tokens, out.extra_steps, out.routed_counts.flatten()]).tolist()
-        extra_steps, counts = host[S:S + row], host[S + row:]
+        parts = [tokens, out.extra_steps, out.routed_counts.flatten()]
+        routed = out.routed if self.return_routing and K else None
+        chunked = routed is not None and any(s.num_new_tokens > 1 for s in scheduled)
+        if routed is not None and chunked:
+            parts.append(routed.flatten().long())
+        host = torch.cat(parts).tolist()
+        B = len(scheduled)
+        extra_steps, counts = host[S:S + row], host[S + row:S + row + B * K]
+        routed_masks = {}
+        if chunked:
+            flat, start = host[S + row + B * K:], 0
+            for s in scheduled:
+                n = s.num_new_tokens
+                if n > 1:
+                    routed_masks[s.seq.seq_id] = [flat[(start + i) * K:(start + i + 1) * K]
+                                                  for i in range(n)]
+                start += n
         return RunnerOutput(
             routed_counts={s.seq.seq_id: counts[b * K:(b + 1) * K]
                            for b, s in enumerate(scheduled)},
@@ -71,7 +93,7 @@ class ModelRunner:
                                   logprobs[j] if logprobs is not None else {})
                      for j, (seq, token, r) in enumerate(zip(sample_seqs, host[:S],
                                                              sample_rows))],
-            prompt_logprobs=prompt_logprobs)
+            prompt_logprobs=prompt_logprobs, routed_masks=routed_masks)
 
     def _run(self, scheduled: list[ScheduledSeq], decode_only: bool) -> StepOutput:
         """The forward: a captured graph for a decode-only masked step when there is one

@@ -74,7 +74,21 @@ ENGINES = {
     "masked-chunked": dict(max_num_batched_tokens=16, routed_compute="masked"),
     "masked-tiny-pool": dict(max_num_batched_tokens=64, kv_cache_memory=TINY_POOL,
                              routed_compute="masked"),
+    # Prefix caching is on in all of the above (preempted requests restart from their own
+    # cached prefixes); off here, as it was before caching existed.
+    "no-prefix-caching": dict(max_num_batched_tokens=64, kv_cache_memory=TINY_POOL,
+                              enable_prefix_caching=False),
 }
+
+
+def assert_no_leaks(eng) -> None:
+    """No block is held by a sequence, and once the prefix cache lets go, every block is
+    free: reference counts went back to zero."""
+    pool = eng.kv.pool
+    assert pool.usage == 0.0, "KV blocks leaked"
+    if eng.kv.prefix_cache is not None:
+        eng.kv.prefix_cache.clear()
+    assert pool.num_free == pool.num_blocks and pool.num_evictable == 0, "KV blocks leaked"
 
 
 @pytest.mark.parametrize("name", list(ENGINES))
@@ -86,7 +100,7 @@ def test_mixed_batch_matches_reference(name, tiny_model_dir, prompts, expected):
     check(outs, cases, expected)
     if name.endswith("tiny-pool"):
         assert llm.engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
-    assert llm.engine.kv.pool.num_free == llm.engine.kv.pool.num_blocks, "KV blocks leaked"
+    assert_no_leaks(llm.engine)
 
 
 def test_each_request_alone_matches_reference(tiny_model_dir, prompts, expected):
@@ -129,7 +143,7 @@ def test_padded_decode_steps_match_reference(tiny_model_dir, prompts, expected):
     zero = [(i, 0.0) for i in range(0, len(prompts), 2)]
     check(llm.generate([prompts[i] for i, _ in zero], greedy(0.0)), zero, expected)
     assert any(not routable for _, _, routable in set(graphs.graphs) - shapes)
-    assert eng.kv.pool.num_free == eng.kv.pool.num_blocks, "KV blocks leaked"
+    assert_no_leaks(eng)
 
 
 def test_padded_decode_step_writes_only_its_own_slots(tiny_model_dir, prompts):
@@ -218,17 +232,18 @@ def test_no_leaks_after_finish_abort_and_preemption(tiny_model_dir, prompts):
             (r1,), (r11,) = eng.requests["r1"].seqs, eng.requests["r11"].seqs
             assert r1.status is Status.RUNNING and r11.status is Status.WAITING
             assert r11.num_computed_tokens == 0
-            free, held = eng.kv.pool.num_free, eng.kv.get("r1").num_blocks
+            pool = eng.kv.pool          # cached blocks become evictable rather than free
+            free, held = pool.num_free + pool.num_evictable, eng.kv.get("r1").num_blocks
             for rid in ("r1", "r11"):
                 out = eng.abort(rid)
                 assert out.finished and out.outputs[0].finish_reason == "abort"
                 assert rid not in eng.requests
             assert r1.finished and r11.finished
-            assert eng.kv.pool.num_free == free + held > free
+            assert pool.num_free + pool.num_evictable == free + held > free
         if steps == 8:
             eng.abort("r4")
     assert eng.scheduler.num_preemptions > 0
-    assert eng.kv.pool.num_free == eng.kv.pool.num_blocks
+    assert_no_leaks(eng)
     assert eng.kv.num_sequences == 0 and not eng.requests
 
 

@@ -1,0 +1,121 @@
+"""Automatic prefix caching over the per-step KV streams. Plain Python, no torch.
+
+A *node* is the KV state of every stream of a sequence after its first ``k·block_size``
+tokens: per stream, the blocks that hold its first ``lengths[s]`` tokens. Base streams hold
+every token, so a node's base blocks are k full blocks. A routed stream holds only the
+prefix's routed tokens, so its last block is usually partly filled; a sequence that adopts
+the node shares the full blocks and gets a private copy of the partial one (copy-on-write;
+the runner copies the block's K/V before the step), because it will append into it.
+
+The key of the node after block k is a hash chain: ``h_0 = H(thresholds)``, ``h_k =
+H(h_{k−1}, tokens of block k)``. Why that is exact: the K/V of a token in any stream is a
+function of the tokens up to it (causal attention, RoPE at the absolute position) and, from
+the first routed step on, of the routing decisions of those tokens — and a routing decision
+``r_t(y) > θ`` depends only on the token's own past and the threshold of that stream
+(ITT_SPEC: causal routing). So (tokens, per-stream thresholds) determine every stream's
+content, and two requests whose threshold vectors are equal share nodes whatever their
+budgets are called (a dense model has no thresholds: every request shares). The streams
+before the first routed step (the base streams of the layers up to the first ITT layer) do
+not depend on the thresholds, but reusing them at another budget would need the hidden
+state after that layer, which the cache does not keep; so nodes are not shared across
+different threshold vectors (docs/engine.md).
+
+Nodes are evicted least recently used when the pool needs blocks; a node only drops its own
+references, so a block still used by a sequence (or another node) stays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from itt_runtime.kv_cache.block_pool import BlockPool
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def root_hash(thresholds: Sequence[float]) -> bytes:
+    return hashlib.blake2b(struct.pack(f"<{len(thresholds)}d", *thresholds),
+                           digest_size=16).digest()
+
+
+def chain_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
+    return hashlib.blake2b(parent + struct.pack(f"<{len(tokens)}q", *tokens),
+                           digest_size=16).digest()
+
+
+@dataclass
+class CacheNode:
+    key: bytes
+    num_tokens: int                          # k · block_size
+    block_tables: list[list[int]]            # per stream: blocks of its first lengths[s]
+    lengths: list[int]                       # per stream: tokens stored
+    # Prompt logprob entries of positions 1 … num_tokens (index 0 unused), with the top-k
+    # they were computed for; None if the sequence that made the node had none.
+    prompt_logprobs: list | None = None
+    prompt_logprobs_k: int | None = None
+
+
+class PrefixCache:
+    def __init__(self, pool: BlockPool, block_size: int) -> None:
+        self.pool = pool
+        self.block_size = block_size
+        self.nodes: OrderedDict[bytes, CacheNode] = OrderedDict()    # least recent first
+        self.queries = 0                     # tokens looked up
+        self.hits = 0                        # tokens found
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def lookup(self, hashes: list[bytes], max_tokens: int,
+               prompt_logprobs_k: int | None = None) -> CacheNode | None:
+        """The longest cached node among ``hashes`` (the sequence's block-hash chain) that
+        covers at most ``max_tokens`` tokens and, if prompt logprobs are wanted, has them
+        for the same top-k. Counts the query and the hit."""
+        best = None
+        for k in range(min(len(hashes), max_tokens // self.block_size), 0, -1):
+            node = self.nodes.get(hashes[k - 1])
+            if node is None:
+                continue
+            if prompt_logprobs_k is not None and node.prompt_logprobs_k != prompt_logprobs_k:
+                continue
+            best = node
+            break
+        if best is not None:
+            self.nodes.move_to_end(best.key)
+        return best
+
+    def count(self, queried: int, hit: int) -> None:
+        self.queries += queried
+        self.hits += hit
+
+    def insert(self, key: bytes, num_tokens: int, block_tables: list[list[int]],
+               lengths: list[int], prompt_logprobs: list | None = None,
+               prompt_logprobs_k: int | None = None) -> bool:
+        """Cache the first ``lengths[s]`` tokens of each stream (a reference to every block
+        that holds them). False if the key is cached already."""
+        if key in self.nodes:
+            self.nodes.move_to_end(key)
+            return False
+        tables = [list(t[:cdiv(n, self.block_size)]) for t, n in zip(block_tables, lengths)]
+        for t in tables:
+            self.pool.incref(t, by_cache=True)
+        self.nodes[key] = CacheNode(key, num_tokens, tables, list(lengths), prompt_logprobs,
+                                    prompt_logprobs_k)
+        return True
+
+    def evict(self, num_free_wanted: int) -> None:
+        """Drop least recently used nodes until the pool has ``num_free_wanted`` free blocks
+        or no node is left."""
+        while self.pool.num_free < num_free_wanted and self.nodes:
+            _, node = self.nodes.popitem(last=False)
+            for t in node.block_tables:
+                self.pool.free(t, by_cache=True)
+
+    def clear(self) -> None:
+        self.evict(self.pool.num_blocks + 1)
