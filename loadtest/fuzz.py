@@ -159,24 +159,27 @@ class Fuzzer:
     def run_generated(self, count: int, seed: int) -> None:
         """``count`` requests generated from /openapi.json, spread over the POST routes."""
         import schemathesis
-        from hypothesis import HealthCheck, Phase, given, settings
         warnings.simplefilter("ignore")
         schema = schemathesis.openapi.from_url(f"{self.url}/openapi.json")
         per_route = max(1, count // len(POSTS))
         for path in POSTS:
-            op = schema[path]["POST"]
-            sent = [0]
+            self._run_route(path, schema[path]["POST"].as_strategy(), per_route)
 
-            @settings(max_examples=per_route * 4, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck), phases=[Phase.generate])
-            @given(op.as_strategy())
-            def one(case, path: str = path, sent: list[int] = sent) -> None:
-                if sent[0] >= per_route:
-                    return
-                sent[0] += 1
-                self.send(Case("POST", path, json.dumps(case.body).encode()
-                               if case.body is not None else b""), "generated")
-            one()
+    def _run_route(self, path: str, strategy, count: int) -> None:
+        from hypothesis import HealthCheck, Phase, given, settings
+        sent = 0
+
+        @settings(max_examples=count * 4, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck), phases=[Phase.generate])
+        @given(strategy)
+        def one(case) -> None:
+            nonlocal sent
+            if sent >= count:
+                return
+            sent += 1
+            self.send(Case("POST", path, json.dumps(case.body).encode()
+                           if case.body is not None else b""), "generated")
+        one()
 
 
 def main(argv: list[str] | None = None) -> int:
