@@ -83,6 +83,7 @@ class ChatHandler:
         acc = None
         async with aclosing(self.client.generate(run.prompt_ids, run.params, run.id)) as outs:
             async for out in outs:
+                run.usage.set_cached(0, out.num_cached_tokens)
                 acc = merge(acc, out)
         assert acc is not None, "generate ends with a final output"
         choices = []
@@ -102,6 +103,7 @@ class ChatHandler:
             yield chunk(ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")))
         async with aclosing(self.client.generate(run.prompt_ids, run.params, run.id)) as outs:
             async for out in outs:
+                run.usage.set_cached(0, out.num_cached_tokens)
                 for c in out.outputs:
                     content, logprobs, thinking = self._parts(run, c)
                     if content or c.finish_reason or c.token_ids:

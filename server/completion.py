@@ -103,6 +103,7 @@ class CompletionHandler:
         ids = [p.ids for p in run.prompts]
         async with aclosing(self.client.generate_all(ids, run.params, run.id)) as outputs:
             async for i, out in outputs:
+                run.usage.set_cached(i, out.num_cached_tokens)
                 accs[i] = merge(accs[i], out)
         choices = []
         for i, acc in enumerate(accs):
@@ -119,6 +120,7 @@ class CompletionHandler:
         started: set[int] = set()
         async with aclosing(self.client.generate_all(ids, run.params, run.id)) as outputs:
             async for i, out in outputs:
+                run.usage.set_cached(i, out.num_cached_tokens)
                 if out.prompt_logprobs is not None:
                     run.prompt_logprobs[i] = out.prompt_logprobs
                 for c in out.outputs:

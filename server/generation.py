@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from itt_runtime.sampling_params import ParamError, SamplingParams
 from server.errors import APIError, from_param_error
 from server.protocol import GenerationRequest
-from server.responses import ThinkingUsage, Usage
+from server.responses import PromptTokensDetails, ThinkingUsage, Usage
 
 
 def new_id(prefix: str) -> str:
@@ -47,7 +47,8 @@ def sampling_params(req: GenerationRequest, max_tokens: int, logprobs: int | Non
 
 
 class UsageCounter:
-    """Accumulates token counts and per-token thinking depth over all choices of a request."""
+    """Accumulates token counts and per-token thinking depth over all choices of a request,
+    and the prefix-cache hits of each prompt (counted once per prompt, whatever ``n``)."""
 
     def __init__(self, think_budget: float, max_extra_steps: int) -> None:
         self.think_budget = think_budget
@@ -55,9 +56,15 @@ class UsageCounter:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.extra_steps = 0
+        self.cached: dict[int, int] = {}         # prompt index -> its cached tokens
 
     def add_prompt(self, num_tokens: int) -> None:
         self.prompt_tokens += num_tokens
+
+    def set_cached(self, prompt_index: int, num_cached_tokens: int) -> None:
+        """Every output of a request carries its prompt's ``num_cached_tokens``: the latest
+        one stands for the prompt."""
+        self.cached[prompt_index] = num_cached_tokens
 
     def add_tokens(self, thinking: list[int]) -> None:
         self.completion_tokens += len(thinking)
@@ -68,6 +75,8 @@ class UsageCounter:
         depth = mean / self.max_extra_steps if self.max_extra_steps else 0.0
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
                      total_tokens=self.prompt_tokens + self.completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(
+                         cached_tokens=sum(self.cached.values())),
                      thinking=ThinkingUsage(think_budget=self.think_budget,
                                             mean_extra_steps=mean,
                                             mean_normalized_depth=depth))

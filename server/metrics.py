@@ -187,6 +187,10 @@ class EngineCollector:
                      s.num_preemptions)
         yield family(CounterMetricFamily, "itt_tokens_computed",
                      "Tokens that went through the model", s.tokens_computed)
+        yield family(CounterMetricFamily, "itt_prefix_cache_queries",
+                     "Prompt tokens looked up in the prefix cache", s.prefix_cache_queries)
+        yield family(CounterMetricFamily, "itt_prefix_cache_hits",
+                     "Prompt tokens found in the prefix cache", s.prefix_cache_hits)
         yield family(CounterMetricFamily, "itt_block_applications",
                      "Block applications computed (base + routed steps)", s.block_applications)
         yield family(CounterMetricFamily, "itt_block_applications_max",

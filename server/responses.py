@@ -36,10 +36,16 @@ class ThinkingUsage(_Out):
     mean_normalized_depth: float
 
 
+class PromptTokensDetails(_Out):
+    """OpenAI's: prompt tokens served from the prefix cache (their KV was not computed)."""
+    cached_tokens: int = 0
+
+
 class Usage(_Out):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
     thinking: ThinkingUsage | None = None
     _omit_if_none = frozenset({"thinking"})
 
