@@ -72,6 +72,11 @@ SERVING = [
      "Prompt tokens per request."),
     ("Request generation length", "heatmap", "short",
      heatmap_of("itt_request_generation_tokens"), "Output tokens per request."),
+    ("Prefix cache hit rate", "timeseries", "percentunit", [
+        (f"sum({rate('itt_prefix_cache_hits_total')})"
+         f" / sum({rate('itt_prefix_cache_queries_total')})", "hit rate")],
+     "Prompt tokens served from the prefix cache / prompt tokens looked up. Only requests at "
+     "the same think budget share a prefix."),
     ("Preemptions", "timeseries", "short", [
         (f"sum({rate('itt_num_preemptions_total')})", "preemptions/s")],
      "Sequences evicted from the KV cache and recomputed later."),

@@ -47,9 +47,16 @@ def panel_queries() -> list[tuple[str, str]]:
     return out
 
 
+# Every prompt starts with this (three KV blocks), so that requests at the same budget hit the
+# prefix cache and the hit-rate panel has something to show.
+SHARED_PREFIX = ("In the beginning God created the heaven and the earth. And the earth was "
+                 "without form, and void; and darkness was upon the face of the deep.")
+
+
 class Traffic(threading.Thread):
     """Keeps requests flowing (mixed budgets, streaming or not, completions and chat, and one
-    bad request per round for a 4xx) until stopped, so every rate() window has increases."""
+    bad request per round for a 4xx) until stopped, so every rate() window has increases. The
+    prompts share a prefix, so the prefix cache hits."""
 
     def __init__(self, base_url: str) -> None:
         super().__init__(daemon=True)
@@ -68,10 +75,11 @@ class Traffic(threading.Thread):
                     body["think_budget"] = budget
                 if i % 3 == 2:
                     path = "/v1/chat/completions"
-                    body["messages"] = [{"role": "user", "content": f"tell me story {i}"}]
+                    body["messages"] = [{"role": "system", "content": SHARED_PREFIX},
+                                        {"role": "user", "content": f"tell me story {i}"}]
                 else:
                     path = "/v1/completions"
-                    body["prompt"] = f"Once upon a time, number {i}, there was"
+                    body["prompt"] = f"{SHARED_PREFIX} Once upon a time, number {i}, there was"
                 try:
                     resp = http.post(path, json=body)
                     self.sent += 1
@@ -138,6 +146,13 @@ def test_every_panel_query_returns_finite_data(live):
         elif not all(math.isfinite(v) for v in vals):
             bad.append(f"{name}: non-finite {vals} for {substitute(expr)}")
     assert not bad, "\n".join(bad)
+
+
+def test_the_prefix_cache_panel_shows_hits(live):
+    _, prom_url = live
+    [(_, expr)] = [(n, e) for n, e in panel_queries() if n.startswith("Prefix cache hit rate")]
+    vals = values(query(prom_url, substitute(expr)))
+    assert vals and all(0 < v <= 1 for v in vals), vals
 
 
 def test_alert_and_autoscaling_metrics_exist(live):

@@ -1,7 +1,7 @@
 """The Grafana dashboard, statically: the JSON is what build_dashboard.py generates, it has the
-latency, throughput, scheduler, KV-cache and thinking panels an operator needs, and every
-query uses only documented metrics and the model_name variable. (test_dashboard.py evaluates
-the queries against a real server.)"""
+latency, throughput, scheduler, KV-cache, prefix-cache and thinking panels an operator needs,
+and every query uses only documented metrics and the model_name variable. (test_dashboard.py
+evaluates the queries against a real server.)"""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_has_the_latency_scheduler_and_thinking_panels():
               "Token throughput", "Scheduler state", "KV cache usage", "Finish reason",
               "Queue time", "Thinking depth distribution", "Requested think budgets",
               "Routed fraction per layer and step", "Compute spent vs maximum",
-              "Compute saved by routing"}
+              "Compute saved by routing", "Prefix cache hit rate"}
     assert wanted <= titles
     kinds = {p["title"]: p["type"] for p in dashboard()["panels"]}
     assert kinds["Thinking depth distribution"] == "heatmap"
