@@ -5,6 +5,9 @@ Examples:
   python -m loadtest --concurrency 1,8,32 --num-requests 200 --out sweep.json --plots plots/
   python -m loadtest --rate 2,4,8 --duration 60 --think-budgets 0,0.5,1 --out open.json
   python -m loadtest --concurrency 8 --think-budgets 0,0.5,1 --budget-sweep --out budgets.json
+  python -m loadtest --concurrency 8 --num-requests 64 --shared-prefix-len 384 --prompt-len 32 \
+      --output-len 32 --ignore-eos                  # a shared system prompt (prefix caching)
+  python -m loadtest --concurrency 16 --num-requests 96 --multi-turn 6 --endpoint chat
   python -m loadtest report before.json after.json --markdown
 """
 
@@ -48,6 +51,12 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", default="128",
                    help="words: N, uniform:A:B, normal:MEAN:STD, exp:MEAN (default 128)")
     p.add_argument("--output-len", default="64", help="max_tokens, same forms (default 64)")
+    p.add_argument("--shared-prefix-len", type=int, default=0, metavar="WORDS",
+                   help="every prompt starts with one common random prefix of WORDS words, "
+                   "then --prompt-len words of its own (prefix caching; default 0: none)")
+    p.add_argument("--multi-turn", type=int, default=0, metavar="TURNS",
+                   help="conversations of TURNS turns (num-requests / TURNS of them); each "
+                   "turn re-sends the history and the answers, plus --prompt-len new words")
     p.add_argument("--think-budgets", default="default",
                    help="mix per request, e.g. 0,0.5,1 or 0:1,1:3; 'default' sends none")
     p.add_argument("--budget-sweep", action="store_true",
@@ -73,6 +82,7 @@ def main_run(argv: list[str]) -> int:
         num_requests=num, duration_s=args.duration, warmup=args.warmup,
         prompt_len=args.prompt_len, output_len=args.output_len,
         think_budgets=args.think_budgets, budget_sweep=args.budget_sweep,
+        shared_prefix_len=args.shared_prefix_len, multi_turn=args.multi_turn,
         ignore_eos=args.ignore_eos, seed=args.seed, api_key=args.api_key,
         timeout_s=args.timeout, percentiles=args.percentiles, progress=args.progress)
     result = run(cfg)

@@ -37,11 +37,13 @@ class RequestResult:
     latency: float = 0.0           # seconds, E2E
     itl: list[float] = field(default_factory=list)
     prompt_tokens: int = 0         # usage.prompt_tokens
+    cached_tokens: int = 0         # usage.prompt_tokens_details.cached_tokens (prefix cache)
     output_tokens: int = 0         # usage.completion_tokens (client count if usage is missing)
     counted_tokens: int = 0        # tokens seen client-side (thinking lists; else chunks)
     extra_steps: list[int] = field(default_factory=list)    # per generated token, if returned
     mean_extra_steps: float | None = None                    # usage.thinking
     mean_normalized_depth: float | None = None               # usage.thinking
+    text: str = ""                 # the output (multi-turn conversations send it back)
 
 
 class OpenAIClient:
@@ -71,8 +73,12 @@ class OpenAIClient:
                       "stream": self.stream, "return_thinking": True}
         if self.endpoint == "completions":
             body["prompt"] = spec.prompt
+        elif spec.messages is not None:
+            body["messages"] = list(spec.messages)
         else:
             body["messages"] = [{"role": "user", "content": spec.prompt}]
+        if spec.stop and self.endpoint == "completions":    # chat stops at its turn's end
+            body["stop"] = list(spec.stop)
         if self.stream:
             body["stream_options"] = {"include_usage": True}
         if spec.think_budget is not None:
@@ -139,6 +145,7 @@ class OpenAIClient:
         text = choice.get("text") if self.endpoint == "completions" else (
             (choice.get("delta") or choice.get("message") or {}).get("content"))
         thinking = choice.get("thinking") or []
+        res.text += text or ""
         res.extra_steps.extend(thinking)
         res.counted_tokens += len(thinking) if thinking else (1 if text else 0)
         return bool(text) or bool(thinking)
@@ -149,6 +156,7 @@ class OpenAIClient:
             return
         res.prompt_tokens = usage.get("prompt_tokens") or 0
         res.output_tokens = usage.get("completion_tokens") or 0
+        res.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         thinking = usage.get("thinking") or {}
         res.mean_extra_steps = thinking.get("mean_extra_steps")
         res.mean_normalized_depth = thinking.get("mean_normalized_depth")

@@ -67,6 +67,7 @@ def summarize(results: list[RequestResult], duration_s: float,
     ok = [r for r in results if r.success]
     out_tokens = sum(r.output_tokens for r in ok)
     in_tokens = sum(r.prompt_tokens for r in ok)
+    cached = sum(r.cached_tokens for r in ok)
     summary = {
         "duration_s": duration_s,
         "requests": len(results),
@@ -74,6 +75,9 @@ def summarize(results: list[RequestResult], duration_s: float,
         "failed": len(results) - len(ok),
         "errors": dict(Counter(r.status for r in results if not r.success)),
         "total_input_tokens": in_tokens,
+        # Prompt tokens the server took from its prefix cache instead of computing them.
+        "total_cached_tokens": cached,
+        "cached_fraction": cached / in_tokens if in_tokens else 0.0,
         "total_output_tokens": out_tokens,
         "counted_output_tokens": sum(r.counted_tokens for r in ok),
         "request_throughput": len(ok) / duration_s if duration_s > 0 else 0.0,

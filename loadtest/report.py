@@ -27,7 +27,11 @@ def rows_of(run: dict) -> list[tuple[str, object]]:
             ("request throughput (req/s)", run["request_throughput"]),
             ("output throughput (tok/s)", run["output_throughput"]),
             ("total token throughput (tok/s)", run["total_token_throughput"]),
-            ("output tokens", run["total_output_tokens"])]
+            ("output tokens", run["total_output_tokens"]),
+            ("prompt tokens sent", run["total_input_tokens"]),
+            # Results written before prefix caching have no cached counts.
+            ("prompt tokens cached", run.get("total_cached_tokens")),
+            ("cached fraction of prompt", run.get("cached_fraction"))]
     for name, key in LATENCIES:
         for stat, value in run[key].items():
             if stat not in ("std", "p50"):          # p50 is the median

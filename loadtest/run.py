@@ -1,7 +1,9 @@
 """Drives a load test: warm-up, then closed-loop (a fixed number of concurrent users, each
 sending its next request when the previous one finishes) or open-loop (Poisson arrivals at a
 fixed rate, however slow the server) traffic, bounded by a request count and/or a duration,
-for each point of a sweep (several concurrencies or rates, optionally one budget at a time)."""
+for each point of a sweep (several concurrencies or rates, optionally one budget at a time).
+Multi-turn conversations run closed-loop: each user takes the next conversation and sends its
+turns one after another, each with the answers so far."""
 
 from __future__ import annotations
 
@@ -17,7 +19,16 @@ from tqdm import tqdm
 
 from loadtest.client import OpenAIClient, RequestResult, first_model
 from loadtest.metrics import PERCENTILES, summarize
-from loadtest.workload import BudgetMix, LengthDist, RequestSpec, budget_key, request_stream
+from loadtest.workload import (
+    BudgetMix,
+    Conversation,
+    LengthDist,
+    RequestSpec,
+    budget_key,
+    conversation_stream,
+    request_stream,
+    shared_prefix,
+)
 
 RESULT_VERSION = 1
 
@@ -39,6 +50,8 @@ class LoadConfig:
     prompt_len: str = "128"
     output_len: str = "64"
     think_budgets: str = "default"
+    shared_prefix_len: int = 0               # words of a prefix common to every prompt
+    multi_turn: int = 0                      # > 1: conversations of this many turns
     budget_sweep: bool = False               # one point per budget instead of a mix
     ignore_eos: bool = False
     seed: int = 0
@@ -53,6 +66,10 @@ class LoadConfig:
         if not self.rate and not self.concurrency:
             raise ValueError("give at least one concurrency or rate")
         LengthDist.parse(self.prompt_len), LengthDist.parse(self.output_len)  # fail early
+        if self.shared_prefix_len < 0 or self.multi_turn < 0:
+            raise ValueError("shared_prefix_len and multi_turn must be >= 0")
+        if self.multi_turn > 1 and self.rate:
+            raise ValueError("multi-turn conversations run closed-loop: give a concurrency")
 
     @property
     def mode(self) -> str:
@@ -122,20 +139,63 @@ async def open_loop(client: OpenAIClient, work: Bounded, rate: float, rng: rando
     return list(await asyncio.gather(*tasks))
 
 
+async def conversations_loop(client: OpenAIClient, convs: Iterator[Conversation],
+                             concurrency: int, num_requests: int | None,
+                             deadline: float | None, bar: tqdm) -> list[RequestResult]:
+    """Closed loop over conversations: each user runs one conversation's turns in order (a
+    failed turn ends its conversation), then takes the next, until ``num_requests`` turns
+    have been sent or the deadline passes."""
+    results: list[RequestResult] = []
+    sent = 0
+
+    def may_send() -> bool:
+        return ((num_requests is None or sent < num_requests)
+                and (deadline is None or time.perf_counter() < deadline))
+
+    async def user() -> None:
+        nonlocal sent
+        while may_send() and (conv := next(convs, None)) is not None:
+            for t in range(conv.turns):
+                if not may_send():
+                    return
+                spec = conv.turn(t, sent)
+                sent += 1
+                res = await client.send(spec)
+                results.append(res)
+                bar.update(1)
+                if not res.success:
+                    break
+                conv.answers.append(res.text)
+
+    await asyncio.gather(*(user() for _ in range(concurrency)))
+    return results
+
+
 async def measure(cfg: LoadConfig, client: OpenAIClient, point: dict, seed: int) -> dict:
     """Warm-up, then one measurement; returns the point's summary."""
     prompt_len, output_len = LengthDist.parse(cfg.prompt_len), LengthDist.parse(cfg.output_len)
-    warm = request_stream(prompt_len, output_len, point["mix"], seed + 7919, cfg.warmup)
+    prefix = shared_prefix(cfg.shared_prefix_len, cfg.seed)
+    warm = request_stream(prompt_len, output_len, point["mix"], seed + 7919, cfg.warmup, prefix)
     warm_results = await asyncio.gather(*(client.send(spec) for spec in warm))
-    specs = request_stream(prompt_len, output_len, point["mix"], seed, cfg.num_requests)
     bar = tqdm(total=cfg.num_requests, desc=point["label"], unit="req",
                disable=not cfg.progress, leave=True, dynamic_ncols=True)
     start = time.perf_counter()
-    work = Bounded(specs, None if cfg.duration_s is None else start + cfg.duration_s)
-    if point["rate"] is not None:
-        results = await open_loop(client, work, point["rate"], random.Random(seed), bar)
+    deadline = None if cfg.duration_s is None else start + cfg.duration_s
+    if cfg.multi_turn > 1:
+        limit = None if cfg.num_requests is None else -(-cfg.num_requests // cfg.multi_turn)
+        convs = conversation_stream(cfg.multi_turn, prompt_len, output_len, point["mix"], seed,
+                                    limit, prefix)
+        results = await conversations_loop(client, convs, point["concurrency"],
+                                           cfg.num_requests, deadline, bar)
+    elif point["rate"] is not None:
+        specs = request_stream(prompt_len, output_len, point["mix"], seed, cfg.num_requests,
+                               prefix)
+        results = await open_loop(client, Bounded(specs, deadline), point["rate"],
+                                  random.Random(seed), bar)
     else:
-        results = await closed_loop(client, work, point["concurrency"], bar)
+        specs = request_stream(prompt_len, output_len, point["mix"], seed, cfg.num_requests,
+                               prefix)
+        results = await closed_loop(client, Bounded(specs, deadline), point["concurrency"], bar)
     duration = time.perf_counter() - start
     bar.close()
     summary = summarize(results, duration, cfg.percentiles)

@@ -134,3 +134,21 @@ def test_report_renders(server_url, tmp_path):
     table = [line for line in md.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 2 and "TTFT p99 (ms)" in table[0]
     assert (tmp_path / "cmp" / "budget.png").exists()
+
+
+@pytest.mark.parametrize("workload", [("--shared-prefix-len", "40", "--prompt-len", "6"),
+                                      ("--multi-turn", "3", "--prompt-len", "12",
+                                       "--endpoint", "chat")])
+def test_prefix_caching_workloads_report_cached_tokens(server_url, tmp_path, workload):
+    before = counters(server_url)
+    out = tmp_path / "prefix.json"
+    proc = loadtest("--base-url", server_url, "--concurrency", "2", "--num-requests", "6",
+                    "--warmup", "1", "--output-len", "4", "--think-budgets", "0.5",
+                    *workload, "--out", str(out), "--no-progress")
+    after = counters(server_url)
+    (run,) = json.loads(out.read_text())["runs"]
+    check_run(run, streaming=True)
+    reconcile(json.loads(out.read_text()), before, after)
+    assert run["completed"] == 6
+    assert 0 < run["total_cached_tokens"] < run["total_input_tokens"]
+    assert "prompt tokens cached" in proc.stdout
