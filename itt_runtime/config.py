@@ -20,7 +20,8 @@ def option(default, help: str, kind: str = "str", flag: str | None = None,
            default_text: str | None = None, choices: tuple[str, ...] | None = None):
     """A configuration field that is also a command-line flag: its default lives here once,
     and the CLI (server/cli.py) builds the flag, its parser (``kind``: str, bool,
-    positive_int, non_negative_int, port, seconds, budget, bytes) and its help from it.
+    positive_int, non_negative_int, port, seconds, milliseconds, budget, bytes) and its help
+    from it.
     ``default_text`` describes a default that is not a literal (None meaning "the model's")."""
     return field(default=default, metadata={
         "help": help, "kind": kind, "flag": flag, "default_text": default_text,

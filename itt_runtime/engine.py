@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from itt_runtime.config import ConfigError, ModelConfig, option
+from itt_runtime.elastic import ElasticController
 from itt_runtime.kv_cache.block_pool import BlockPool
 from itt_runtime.kv_cache.manager import KVCacheManager, cdiv
 from itt_runtime.model.loader import load_model, resolve_model_path
@@ -68,6 +69,13 @@ class EngineConfig:
         choices=ROUTED_COMPUTE)
     enforce_eager: bool = option(False, "CUDA: run every step eagerly instead of replaying "
                                  "decode steps captured as CUDA graphs", "bool")
+    elastic_thinking: bool = option(
+        False, "lower the think budget of requests that set min_think_budget when latency "
+        "targets are missed, and restore it when load falls", "bool")
+    target_itl_ms: float | None = option(None, "elastic thinking: inter-token latency target "
+                                         "(ms)", "milliseconds", default_text="none")
+    target_ttft_ms: float | None = option(None, "elastic thinking: time-to-first-token "
+                                          "target (ms)", "milliseconds", default_text="none")
     enable_prefix_caching: bool = option(
         True, "reuse the KV streams of cached prompt prefixes (same tokens, same routing "
         "thresholds)", "bool")
@@ -86,6 +94,12 @@ class EngineConfig:
         need(0.0 < self.kv_cache_fraction <= 1.0, "kv_cache_fraction must be in (0, 1]")
         need(self.routed_compute in ROUTED_COMPUTE,
              f"routed_compute must be one of {ROUTED_COMPUTE}, got {self.routed_compute!r}")
+        targets = (self.target_itl_ms, self.target_ttft_ms)
+        need(all(t is None or t > 0 for t in targets), "latency targets must be positive")
+        need(self.elastic_thinking or targets == (None, None),
+             "--target-itl-ms and --target-ttft-ms need --elastic-thinking")
+        need(not self.elastic_thinking or targets != (None, None),
+             "--elastic-thinking needs --target-itl-ms or --target-ttft-ms (or both)")
         need(self.default_think_budget is None or 0.0 <= self.default_think_budget <= 1.0,
              f"default_think_budget must be in [0, 1], got {self.default_think_budget}")
 
@@ -135,6 +149,8 @@ class EngineStats:
     prefix_cache_queries: int = 0            # tokens looked up in the prefix cache
     prefix_cache_hits: int = 0               # of which found
     prefix_cache_nodes: int = 0              # cached prefixes held
+    elastic_scale: float = 1.0               # elastic requests run at min + scale·(req − min)
+    elastic_reduced_steps: int = 0           # steps run with the scale below 1
 
 
 class EngineBrokenError(RuntimeError):
@@ -182,6 +198,10 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
             return_routing=config.enable_prefix_caching)
         self.requests: dict[str, _Request] = {}
+        self.controller = (ElasticController(
+            None if config.target_itl_ms is None else config.target_itl_ms / 1e3,
+            None if config.target_ttft_ms is None else config.target_ttft_ms / 1e3)
+            if config.elastic_thinking else None)
         self.info = EngineInfo(
             model_path=self.model_path, model_config=mc, device=str(self.device),
             dtype=str(self.dtype).replace("torch.", ""), max_model_len=self.max_model_len,
@@ -212,6 +232,10 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
             raise ParamError("prompt", f"prompt token ids must be integers in [0, {vocab})")
+        floor = params.min_think_budget
+        if floor is not None and floor > self.info.think_budget(params):
+            raise ParamError("min_think_budget", f"min_think_budget {floor} is above the "
+                             f"request's think budget {self.info.think_budget(params)}")
         bad_stop = [t for t in params.stop_token_ids if not 0 <= t < vocab]
         if bad_stop:
             raise ParamError("stop_token_ids", f"stop_token_ids must be in [0, {vocab}), got "
@@ -245,9 +269,12 @@ class LLMEngine:
                 seq_id=request_id if params.n == 1 else f"{request_id}#{i}",
                 request_id=request_id, index=i, prompt_token_ids=list(prompt_token_ids),
                 params=params, think_budget=budget, thresholds=thresholds,
+                requested_think_budget=budget, min_think_budget=params.min_think_budget,
                 metrics=RequestMetrics(arrival_time or time.time()), generator=gen)
             if params.prompt_logprobs is not None:
                 seq.prompt_logprobs = [None] * len(prompt_token_ids)
+            if seq.elastic and self.controller is not None:
+                self._set_budget(seq, self.controller.scale)
             seqs.append(seq)
         for seq in seqs:            # all or nothing: every child is built before any is queued
             self.scheduler.add(seq)
@@ -271,14 +298,50 @@ class LLMEngine:
     # ---- one step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, execute, update. A failure while executing is contained (``_isolate``)."""
+        if self.controller is not None:
+            self._apply_elastic_scale()
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
+        start = time.perf_counter()
         try:
             output = self.runner.execute_model(plan)
         except Exception as error:               # noqa: BLE001 - contained, see _isolate
             return self._isolate(plan, error)
-        return self._update(plan, output)
+        outputs = self._update(plan, output)
+        if self.controller is not None:
+            self._observe(plan, time.perf_counter() - start)
+        return outputs
+
+    # ---- elastic thinking (elastic.py) -----------------------------------------------------
+    def _apply_elastic_scale(self) -> None:
+        """Ask the controller for this step's scale; re-derive elastic requests' budgets."""
+        assert self.controller is not None
+        now = time.time()
+        waiting = self.scheduler.waiting
+        oldest = now - min(s.metrics.arrival_time for s in waiting) if waiting else 0.0
+        scale = self.controller.update(now, oldest)
+        for seq in list(self.scheduler.running) + list(waiting):
+            if seq.elastic:
+                self._set_budget(seq, scale)
+        if scale < 1.0 and any(s.elastic for s in self.scheduler.running):
+            self.controller.reduced_steps += 1
+
+    def _set_budget(self, seq: Sequence, scale: float) -> None:
+        assert seq.min_think_budget is not None
+        budget = ElasticController.budget(seq.requested_think_budget, seq.min_think_budget,
+                                          scale)
+        if budget != seq.think_budget:
+            seq.think_budget = budget
+            seq.thresholds = self.model_config.thresholds_for(budget)
+
+    def _observe(self, plan: SchedulerOutput, seconds: float) -> None:
+        assert self.controller is not None
+        self.controller.observe_step(seconds)
+        for s in plan.scheduled:
+            m = s.seq.metrics
+            if len(s.seq.output_token_ids) == 1 and s.samples and m.first_token_time:
+                self.controller.observe_first_token(m.first_token_time - m.arrival_time)
 
     def _update(self, plan: SchedulerOutput, output: RunnerOutput) -> list[RequestOutput]:
         failed = self.scheduler.update_from_output(plan, output)
@@ -371,7 +434,9 @@ class LLMEngine:
             routed_tokens=list(self.scheduler.routed_tokens),
             prefix_cache_queries=cache.queries if cache else 0,
             prefix_cache_hits=cache.hits if cache else 0,
-            prefix_cache_nodes=len(cache) if cache else 0)
+            prefix_cache_nodes=len(cache) if cache else 0,
+            elastic_scale=self.controller.scale if self.controller else 1.0,
+            elastic_reduced_steps=self.controller.reduced_steps if self.controller else 0)
 
     def kv_bytes_per_token(self, budget: float) -> float:
         """ITT_SPEC formula: (n_layers + b·(S−1)·|itt|) · 2 · kv_heads · head_dim · size."""

@@ -23,6 +23,7 @@ def merge(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
         c.text += d.text
         c.token_ids += d.token_ids
         c.thinking += d.thinking
+        c.applied_think_budgets += d.applied_think_budgets
         if d.logprobs is not None:
             c.logprobs = (c.logprobs or []) + d.logprobs
         c.cumulative_logprob = d.cumulative_logprob

@@ -19,6 +19,7 @@ def append_token(seq: Sequence, token: int, extra_steps: int, logprobs: dict[int
     seq.metrics.last_token_time = now
     seq.output_token_ids.append(token)
     seq.extra_steps.append(extra_steps)
+    seq.applied_budgets.append(seq.think_budget)
     if p.logprobs is not None:
         seq.logprobs.append(logprobs)
         seq.cumulative_logprob += logprobs[token]
@@ -77,6 +78,7 @@ def make_delta(seq: Sequence) -> CompletionOutput | None:
     out = CompletionOutput(
         index=seq.index, text=seq.text[seq.num_sent_chars:text_end],
         token_ids=seq.output_token_ids[a:], thinking=seq.extra_steps[a:],
+        applied_think_budgets=seq.applied_budgets[a:],
         logprobs=seq.logprobs[a:] if seq.params.logprobs is not None else None,
         cumulative_logprob=seq.cumulative_logprob, finish_reason=seq.finish_reason,
         stop_reason=seq.stop_reason)
@@ -90,6 +92,6 @@ def make_request_output(request_id: str, seqs: list[Sequence], deltas: list[Comp
     return RequestOutput(
         request_id=request_id, prompt_token_ids=first.prompt_token_ids, outputs=deltas,
         finished=all(s.finish_reason is not None for s in seqs),
-        think_budget=first.think_budget, metrics=first.metrics,
+        think_budget=first.requested_think_budget, metrics=first.metrics,
         prompt_logprobs=first.prompt_logprobs if include_prompt_logprobs else None,
         num_cached_tokens=first.num_cached_tokens)

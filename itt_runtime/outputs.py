@@ -18,6 +18,9 @@ class CompletionOutput:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None             # "stop" | "length" | "abort" | None
     stop_reason: str | int | None = None         # the stop string or stop token that fired
+    # Per generated token: the think budget its position was computed at (elastic thinking
+    # may lower it below the requested one).
+    applied_think_budgets: list[float] = field(default_factory=list)
 
 
 @dataclass

@@ -26,8 +26,8 @@ class Sequence:
     index: int                        # completion index within the request (0 … n-1)
     prompt_token_ids: list[int]
     params: SamplingParams
-    think_budget: float
-    thresholds: list[float]           # router-logit threshold per routed stream
+    think_budget: float               # the budget new tokens are computed at (elastic: varies)
+    thresholds: list[float]           # router-logit threshold per routed stream, at think_budget
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.time()))
     status: Status = Status.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -36,6 +36,13 @@ class Sequence:
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     num_computed_tokens: int = 0
+    # Elastic thinking: the requested budget and the floor; the budget each computed position
+    # was computed at (kept across preemption, so a recompute routes exactly as before) and
+    # the budget that produced each output token.
+    requested_think_budget: float = 0.0
+    min_think_budget: float | None = None
+    position_budgets: list[float] = field(default_factory=list)
+    applied_budgets: list[float] = field(default_factory=list)
     num_cached_tokens: int = 0        # prompt tokens taken from the prefix cache (first admission)
     block_hashes: list[bytes] = field(default_factory=list)   # prefix-cache keys, per full block
     finish_reason: str | None = None
@@ -62,6 +69,17 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_think_budget is not None
+
+    @property
+    def budget_changed(self) -> bool:
+        """Whether any of its positions was computed below the requested budget (its KV then
+        no longer matches a prefix-cache key)."""
+        return self.elastic and (self.think_budget != self.requested_think_budget or any(
+            b != self.requested_think_budget for b in self.position_budgets))
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -38,6 +38,9 @@ class SamplingParams:
     logprobs: int | None = None         # top-k logprobs per generated token (0: chosen only)
     prompt_logprobs: int | None = None  # same for prompt tokens (echo scoring)
     think_budget: float | None = None   # None: the model's default budget
+    # With elastic thinking on, the server may lower this request's budget under load, but
+    # never below this (None: the budget is fixed).
+    min_think_budget: float | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -104,3 +107,11 @@ class SamplingParams:
         need(self.think_budget is None
              or (is_num(self.think_budget) and 0.0 <= self.think_budget <= 1.0),
              "think_budget", f"think_budget must be a number in [0, 1], got {self.think_budget!r}")
+        need(self.min_think_budget is None
+             or (is_num(self.min_think_budget) and 0.0 <= self.min_think_budget <= 1.0),
+             "min_think_budget",
+             f"min_think_budget must be a number in [0, 1], got {self.min_think_budget!r}")
+        need(self.min_think_budget is None or self.think_budget is None
+             or self.min_think_budget <= self.think_budget, "min_think_budget",
+             f"min_think_budget {self.min_think_budget} is above think_budget "
+             f"{self.think_budget}")

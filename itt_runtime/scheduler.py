@@ -171,6 +171,10 @@ class Scheduler:
                 self.routed_tokens[k] += count
             self.tokens_computed += s.num_new_tokens
             s.seq.num_computed_tokens += s.num_new_tokens
+            if s.seq.elastic:          # positions computed for the first time keep their budget
+                seq = s.seq
+                seq.position_budgets += [seq.think_budget] * (
+                    seq.num_computed_tokens - len(seq.position_budgets))
         for seq, position, entry in output.prompt_logprobs:
             seq.prompt_logprobs[position] = entry
         assert self.tokenizer is not None and self.max_model_len is not None, \
@@ -211,7 +215,7 @@ class Scheduler:
         leaves the last token to compute (its logits pick the next one). A sequence that
         wants prompt logprobs uses nodes that carry them, and only on first admission."""
         cache = self.kv.prefix_cache
-        if cache is None or seq.num_computed_tokens:
+        if cache is None or seq.num_computed_tokens or seq.budget_changed:
             return None
         wants_lp = seq.wants_prompt_logprobs
         if wants_lp and seq.output_token_ids:
@@ -234,6 +238,8 @@ class Scheduler:
     def _cache_blocks(self, s: ScheduledSeq, output: RunnerOutput) -> None:
         """Cache the state after every block boundary this step crossed for ``s.seq``."""
         seq, bs = s.seq, self.kv.block_size
+        if seq.budget_changed:         # computed below its requested budget: not that key
+            return
         end = seq.num_computed_tokens                      # after this step
         start = end - s.num_new_tokens
         first, last = start // bs + 1, end // bs

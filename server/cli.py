@@ -100,7 +100,19 @@ def _bytes(text: str) -> int:
     return int(value)
 
 
-PARSERS = {"positive_int": _positive_int, "non_negative_int": _non_negative_int,
+def _milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of milliseconds, "
+                                         f"got {text!r}")
+    return value
+
+
+PARSERS = {"milliseconds": _milliseconds,
+           "positive_int": _positive_int, "non_negative_int": _non_negative_int,
            "port": _port, "seconds": _seconds, "budget": _budget, "bytes": _bytes}
 
 

@@ -50,11 +50,20 @@ class TopKRouting(Routing):
 
 
 class ThresholdRouting(Routing):
-    """Causal mode: route iff logit > θ (θ = logit(τ)), one θ per sequence and routed stream."""
+    """Causal mode: route iff logit > θ (θ = logit(τ)), one θ per sequence and routed stream,
+    or per position and routed stream (a budget per token, as elastic thinking applies)."""
 
     def __init__(self, thresholds: torch.Tensor, n_layers: int) -> None:
-        self.thresholds = thresholds        # (B, n_routed_streams)
+        self.thresholds = thresholds        # (B, n_routed_streams) or (B, T, n_routed_streams)
         self.n_layers = n_layers
+
+    @classmethod
+    def for_position_budgets(cls, cfg: ModelConfig, budgets: list[list[float]], device=None):
+        """``budgets[b][i]``: the budget position i of sequence b is computed at."""
+        tau = torch.tensor([[cfg.thresholds_for(x) for x in row] for row in budgets],
+                           dtype=torch.float32, device=device)
+        return cls(tau.reshape(len(budgets), len(budgets[0]), cfg.max_extra_steps),
+                   cfg.n_layers)
 
     @classmethod
     def for_budgets(cls, cfg: ModelConfig, budgets: list[float], device=None):
@@ -63,8 +72,8 @@ class ThresholdRouting(Routing):
         return cls(tau, cfg.n_layers)
 
     def select(self, stream: int, logits: torch.Tensor) -> torch.Tensor:
-        theta = self.thresholds[:, stream - self.n_layers]
-        return logits.float() > theta[:, None]
+        theta = self.thresholds[..., stream - self.n_layers]             # (B,) or (B, T)
+        return logits.float() > (theta[:, None] if theta.dim() == 1 else theta)
 
 
 @dataclass

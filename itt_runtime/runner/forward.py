@@ -55,6 +55,9 @@ class StepBatch:
     row_blocks: list[list[int]]      # blocks per (row, stream)
     masked_routing: bool = False     # routed steps: masked (no sync) or gathered
     routable: bool = True            # False: every row has budget 0, routed steps are skipped
+    # (T, routed streams) per token, when a row recomputes positions first computed at another
+    # budget (elastic thinking + preemption); None: every token uses its row's thresholds.
+    token_thresholds: torch.Tensor | None = None
 
 
 @dataclass
@@ -138,6 +141,7 @@ class PagedForward:
         ids_t, pos_t, rows_t, start_t, logit_t, tables_t, lengths_t = flat.split(
             [T, T, T, B, S, B * N * width, B * N])
         thresholds = torch.tensor([s.seq.thresholds for s in scheduled], dtype=torch.float32)
+        token_thresholds = self._token_thresholds(scheduled)
         return StepBatch(
             input_ids=ids_t, positions=pos_t, tok_seq=rows_t, row_start=start_t,
             block_tables=tables_t.view(B, N, width), stream_lengths=lengths_t.view(B, N),
@@ -145,7 +149,28 @@ class PagedForward:
             logit_rows=logit_t, num_decode=num_decode,
             chunk_lens=[s.num_new_tokens for s in scheduled[num_decode:]],
             stream_blocks=stream_blocks, row_blocks=row_blocks, masked_routing=masked_routing,
-            routable=any_routable(scheduled))
+            routable=any_routable(scheduled) or token_thresholds is not None,
+            token_thresholds=None if token_thresholds is None
+            else token_thresholds.to(self.device, non_blocking=True))
+
+    def _token_thresholds(self, scheduled: list[ScheduledSeq]) -> torch.Tensor | None:
+        """Per-token thresholds if some row recomputes positions that were first computed at
+        a budget other than its current one (they must route exactly as they did)."""
+        def recorded(s: ScheduledSeq) -> list[float]:
+            c = s.seq.num_computed_tokens
+            return s.seq.position_budgets[c:c + s.num_new_tokens]
+        if not any(b != s.seq.think_budget for s in scheduled for b in recorded(s)):
+            return None
+        by_budget: dict[float, list[float]] = {}
+        rows = []
+        for s in scheduled:
+            budgets = recorded(s)
+            budgets += [s.seq.think_budget] * (s.num_new_tokens - len(budgets))
+            for b in budgets:
+                if b not in by_budget:
+                    by_budget[b] = self.cfg.thresholds_for(b)
+                rows.append(by_budget[b])
+        return torch.tensor(rows, dtype=torch.float32).view(len(rows), -1)
 
     # ---- device side ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -163,7 +188,8 @@ class PagedForward:
         routed_counts = torch.zeros(B, cfg.max_extra_steps, dtype=torch.long, device=x.device)
         extra_steps = torch.zeros(T, dtype=torch.long, device=x.device)
         routed_all = torch.zeros(T, cfg.max_extra_steps, dtype=torch.bool, device=x.device)
-        thresholds_tok = batch.thresholds[batch.tok_seq]                 # (T, routed streams)
+        thresholds_tok = (batch.thresholds[batch.tok_seq] if batch.token_thresholds is None
+                          else batch.token_thresholds)                   # (T, routed streams)
         routed_step = self._masked_step if batch.masked_routing else self._gathered_step
         itt_index = 0
         for layer_idx, layer in enumerate(model.itt_layer_list):

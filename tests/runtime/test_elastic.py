@@ -1,0 +1,168 @@
+"""Elastic thinking: the AIMD controller (fast decrease, gradual recovery, a dead band that
+settles at constant load, never below zero), and the engine under forced budget changes
+mid-sequence with chunked prefill and preemption: the reference model, given the budget the
+engine applied at every position, reproduces the engine's greedy tokens and per-token
+routing; requests without a range are never touched; bad ranges and flags are refused."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from itt_runtime.config import ConfigError
+from itt_runtime.elastic import DECREASE, INCREASE, WINDOW_S, ElasticController
+from itt_runtime.engine import EngineConfig, LLMEngine
+from itt_runtime.model.itt import ThresholdRouting
+from itt_runtime.model.loader import load_model
+from itt_runtime.sampling_params import ParamError, SamplingParams
+
+TINY_POOL = 61 * 4096
+
+
+# ---- the controller -------------------------------------------------------------------------
+def test_controller_decreases_fast_recovers_slowly_and_holds_in_the_dead_band():
+    c = ElasticController(target_itl=0.010, target_ttft=None)
+    t = 0.0
+    c.observe_step(0.030)                         # 3x over the target
+    scales = []
+    for _ in range(4):
+        t += WINDOW_S
+        scales.append(c.update(t, 0.0))
+    assert scales == pytest.approx([DECREASE ** k for k in range(1, 5)])
+    c.itl = 0.009                                 # inside the dead band [0.8, 1]: hold
+    held = [c.update(t + WINDOW_S * k, 0.0) for k in range(1, 6)]
+    assert held == [scales[-1]] * 5
+    c.itl = 0.002                                 # headroom: + INCREASE per window
+    t += 10
+    up = [c.update(t + WINDOW_S * k, 0.0) for k in range(1, 4)]
+    assert up == pytest.approx([scales[-1] + INCREASE * k for k in range(1, 4)])
+    assert c.update(t + 1000 * WINDOW_S, 0.0) <= 1.0
+
+
+def test_controller_changes_at_most_once_per_window_and_floors_at_zero():
+    c = ElasticController(target_itl=None, target_ttft=0.1)
+    assert c.update(0.0, 1.0) == pytest.approx(DECREASE)   # oldest waiting: 10x the target
+    assert c.update(0.01, 1.0) == pytest.approx(DECREASE)  # same window: unchanged
+    t = 0.0
+    for _ in range(40):
+        t += WINDOW_S
+        c.update(t, 1.0)
+    assert c.scale == 0.0                          # targets unreachable: everyone at the floor
+
+
+def test_controller_settles_without_oscillating_on_a_simulated_server():
+    """Step time = 4 ms + 16 ms x scale (budget 1 costs 5x budget 0), target 12 ms: the
+    equilibrium scale is 0.5. After the transient the scale stays put."""
+    c = ElasticController(target_itl=0.012, target_ttft=None)
+    t, history = 0.0, []
+    for _ in range(4000):                           # 20 ms steps, 80 s
+        c.observe_step(0.004 + 0.016 * c.scale)
+        t += 0.02
+        history.append(c.update(t, 0.0))
+    late = history[-1000:]
+    assert max(late) - min(late) == 0.0
+    assert 0.004 + 0.016 * late[-1] <= 0.012                   # the target is held
+    assert 0.004 + 0.016 * late[-1] >= 0.8 * 0.012 - 0.016 * INCREASE   # not over-throttled
+
+
+# ---- the engine -----------------------------------------------------------------------------
+def scripted(engine: LLMEngine, scales) -> None:
+    """Replace the controller's decisions by a script: the next scale every other step."""
+    steps = itertools.count()
+    script = itertools.cycle(scales)
+    current = [next(script)]
+
+    def update(now, oldest):
+        if next(steps) % 2 == 0:
+            current[0] = next(script)
+        engine.controller.scale = current[0]
+        return current[0]
+    engine.controller.update = update
+
+
+@pytest.mark.parametrize("config", [
+    dict(max_num_batched_tokens=16),                              # chunked prefill
+    dict(max_num_batched_tokens=64, kv_cache_memory=TINY_POOL),   # preemption
+], ids=["chunked", "tiny-pool"])
+def test_elastic_runs_replay_exactly_in_the_reference(tiny_model_dir, config):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), elastic_thinking=True,
+                                    target_itl_ms=10.0, **config))
+    scripted(engine, [1.0, 0.5, 0.0, 0.25, 0.75])
+    tok = engine.tokenizer
+    text = ("In the beginning God created the heaven and the earth. And the earth was "
+            "without form, and void; and darkness was upon the face of the deep.")
+    prompts = [tok.encode(text)[:n] for n in (9, 23, 40, 57, 33, 61, 18, 50)]
+    seqs = {}
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=24, temperature=0.0,
+                                                      ignore_eos=True, think_budget=1.0,
+                                                      min_think_budget=0.0))
+        seqs[f"r{i}"] = engine.requests[f"r{i}"].seqs[0]
+    while engine.has_unfinished():
+        engine.step()
+    if "kv_cache_memory" in config:
+        assert engine.scheduler.num_preemptions > 0
+    model, _ = load_model(tiny_model_dir)
+    changed = 0
+    for rid, seq in seqs.items():
+        tokens = seq.prompt_token_ids + seq.output_token_ids[:-1]
+        budgets = seq.position_budgets
+        assert len(budgets) == len(tokens)
+        changed += len(set(budgets)) > 1
+        with torch.no_grad():
+            out = model(torch.tensor([tokens]),
+                        routing=ThresholdRouting.for_position_budgets(model.cfg, [budgets]))
+        n_prompt = len(seq.prompt_token_ids)
+        greedy = out.logits[0, n_prompt - 1:].argmax(-1).tolist()
+        assert greedy == seq.output_token_ids, f"{rid}: tokens differ from the replay"
+        assert out.extra_steps[0, n_prompt - 1:].tolist() == seq.extra_steps, \
+            f"{rid}: per-token routing differs from the replay"
+        assert seq.applied_budgets == budgets[n_prompt - 1:]
+    assert changed >= len(seqs) // 2, "the script was meant to change budgets mid-sequence"
+
+
+def test_requests_without_a_range_are_never_touched(tiny_model_dir):
+    def run(elastic: bool):
+        engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), max_num_batched_tokens=24,
+                                        elastic_thinking=elastic,
+                                        target_itl_ms=10.0 if elastic else None))
+        if elastic:
+            scripted(engine, [0.0, 0.5])
+        ids = engine.tokenizer.encode("And God said, Let there be light")
+        fixed = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True,
+                               think_budget=0.6)
+        ranged = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True,
+                                think_budget=1.0, min_think_budget=0.0)
+        engine.add_request("fixed", ids, fixed)
+        engine.add_request("ranged", ids, ranged)
+        got: dict = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                c = out.outputs[0]
+                toks, think, applied = got.get(out.request_id, ([], [], []))
+                got[out.request_id] = (toks + c.token_ids, think + c.thinking,
+                                       applied + c.applied_think_budgets)
+        return got
+    on, off = run(True), run(False)
+    assert on["fixed"] == off["fixed"]
+    assert set(on["fixed"][2]) == {0.6}
+    assert min(on["ranged"][2]) == 0.0 and set(off["ranged"][2]) == {1.0}
+
+
+def test_bad_ranges_and_flags_are_refused(tiny_model_dir):
+    with pytest.raises(ParamError) as e:
+        SamplingParams(think_budget=0.3, min_think_budget=0.5)
+    assert e.value.param == "min_think_budget"
+    with pytest.raises(ParamError) as e:
+        SamplingParams(min_think_budget=1.5)
+    assert e.value.param == "min_think_budget"
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), default_think_budget=0.4))
+    with pytest.raises(ParamError) as e:                 # only the floor, above the default
+        engine.add_request("x", [1, 5], SamplingParams(min_think_budget=0.5))
+    assert e.value.param == "min_think_budget" and not engine.has_unfinished()
+    for bad in (dict(target_itl_ms=10.0), dict(elastic_thinking=True),
+                dict(elastic_thinking=True, target_ttft_ms=-5.0)):
+        with pytest.raises(ConfigError):
+            EngineConfig(**bad)
