@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from itt_runtime import structured_output
 from itt_runtime.outputs import CompletionOutput, RequestOutput
 from itt_runtime.request import Sequence
 from itt_runtime.tokenizer import Tokenizer
@@ -28,6 +29,9 @@ def append_token(seq: Sequence, token: int, extra_steps: int, logprobs: dict[int
     is_special = token in (tok.eos_token_id, tok.bos_token_id)
     delta = "" if is_special and p.skip_special_tokens else seq.detokenizer.add([token])
     seq.text += delta
+    if p.grammar is not None and structured_output.accept(seq, token):
+        seq.finish_reason, seq.stop_reason = "stop", None     # the grammar is complete
+        return
     n_out = len(seq.output_token_ids)
     if n_out >= p.min_tokens:
         if token == tok.eos_token_id and not p.ignore_eos:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -48,6 +49,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     generator: torch.Generator | None = None
+    grammar_matcher: Any = None       # structured outputs: this sequence's grammar state
     # Streaming state: what was already handed to the client.
     text: str = ""
     num_sent_tokens: int = 0

@@ -1,6 +1,7 @@
 """Batched sampling: every row has its own parameters.
 
-Order: penalties (repetition, frequency, presence) → min_tokens masking → greedy argmax, or
+Order: penalties (repetition, frequency, presence) → min_tokens masking → each grammar row's
+token mask (structured outputs; rows without a grammar are untouched) → greedy argmax, or
 temperature → top-k → top-p → min-p → an exponential race ``argmax(p / E)`` with E ~ Exp(1).
 A seeded row draws its E from its own generator, exactly ``vocab`` numbers per token, so its
 samples do not depend on what else is in the batch. Logprobs are reported from the model's
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from itt_runtime import structured_output
 from itt_runtime.request import Sequence
 
 
@@ -56,6 +58,9 @@ class Sampler:
             if len(seq.output_token_ids) < p.min_tokens:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else [self.eos_token_id])
                 logits[i, banned] = -float("inf")
+        rows = [i for i, s in enumerate(seqs) if s.params.grammar is not None]
+        if rows:                    # structured outputs: only what each grammar allows next
+            structured_output.apply_grammars(logits, [seqs[i] for i in rows], rows)
         tokens = logits.argmax(-1)
         if not all(s.params.greedy for s in seqs):
             greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from itt_runtime.structured_output import CompiledGrammar
 
 # Seeds: signed or unsigned 64-bit. A sequence's generator takes (seed + i) mod 2**64, where
 # i is its index among the request's n completions.
@@ -43,6 +47,9 @@ class SamplingParams:
     min_think_budget: float | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured outputs: a grammar compiled by structured_output.GrammarCompiler (the server
+    # compiles it before submitting, so the engine never waits for a compile).
+    grammar: CompiledGrammar | None = None
 
     MAX_LOGPROBS = 20
     MAX_STOP_TOKEN_IDS = 1024
@@ -100,6 +107,9 @@ class SamplingParams:
         need(is_int(self.n) and 1 <= self.n <= 16, "n", f"n must be in [1, 16], got {self.n!r}")
         need(not (self.n > 1 and self.greedy), "n",
              "n > 1 needs sampling (temperature > 0): greedy choices would all be identical")
+        need(self.grammar is None or self.min_tokens == 0, "min_tokens",
+             "min_tokens cannot be combined with structured outputs (the grammar decides "
+             "where the output ends)")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             need(v is None or (is_int(v) and 0 <= v <= self.MAX_LOGPROBS), name,

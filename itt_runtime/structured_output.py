@@ -1,0 +1,141 @@
+"""Structured outputs (constrained decoding) with xgrammar.
+
+A ``GrammarSpec`` (JSON schema, any JSON, regex, choice or EBNF grammar) is compiled once per
+distinct spec by ``GrammarCompiler`` — in the server, off the engine thread — into a
+``CompiledGrammar`` that travels in ``SamplingParams.grammar``. Each sequence gets its own
+matcher (its grammar state) the first time it samples; the sampler masks the row's logits with
+the matcher's token bitmask, and ``append_token`` advances the matcher with the chosen token.
+A grammar that completes (its stop token, EOS, accepted) ends the sequence with "stop".
+
+Why xgrammar: see docs/server.md, "Structured outputs".
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from itt_runtime.tokenizer import Tokenizer
+
+Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+
+
+class GrammarError(ValueError):
+    """A spec that does not compile; the server answers 400 naming the request field."""
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What a request constrains its output to. ``text``: the schema (JSON text), regex,
+    choices (a JSON list of strings) or EBNF grammar; unused for ``json_object``."""
+    kind: Kind
+    text: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class CompiledGrammar:
+    spec: GrammarSpec
+    compiled: Any                    # xgrammar.CompiledGrammar
+    # (V,) True for tokens never allowed: for JSON, those holding a raw control character,
+    # which xgrammar's JSON strings let through but JSON (and json.loads) forbid.
+    banned: torch.Tensor | None = None
+
+    def matcher(self) -> Any:
+        import xgrammar as xgr
+        return xgr.GrammarMatcher(self.compiled)
+
+
+class GrammarCompiler:
+    """Compiles specs against one tokenizer, caching by spec. Thread-safe; building the
+    tokenizer table (about 2 s for 8192 pieces) happens on first use."""
+
+    CACHE_SIZE = 256
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._lock = threading.Lock()
+        self._compiler: Any = None
+        self._control: torch.Tensor | None = None
+        self.compile = functools.lru_cache(self.CACHE_SIZE)(self._compile)
+
+    def _xgr_compiler(self) -> Any:
+        import xgrammar as xgr
+        with self._lock:
+            if self._compiler is None:
+                tok = self.tokenizer
+                # Byte-fallback sentencepiece: xgrammar maps "▁" to a space and <0xNN> to
+                # its byte. Control and unknown pieces get "" so that no text matches them.
+                vocab = [("" if tok.sp.is_control(i) or tok.sp.is_unknown(i)
+                          else tok.sp.id_to_piece(i)) for i in range(tok.vocab_size)]
+                info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.BYTE_FALLBACK,
+                                         vocab_size=self.vocab_size,
+                                         stop_token_ids=[tok.eos_token_id],
+                                         add_prefix_space=True)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+                self._control = torch.zeros(self.vocab_size, dtype=torch.bool)
+                for i in range(tok.vocab_size):
+                    piece = tok.sp.id_to_piece(i)
+                    raw = int(piece[3:5], 16) if tok.sp.is_byte(i) else None
+                    self._control[i] = (raw < 0x20 if raw is not None
+                                        else any(ord(ch) < 0x20 for ch in piece))
+            return self._compiler
+
+    def _compile(self, spec: GrammarSpec) -> CompiledGrammar:
+        c = self._xgr_compiler()
+        try:
+            if spec.kind == "json_object":
+                compiled = c.compile_builtin_json_grammar()
+            elif spec.kind == "json_schema":
+                # One line with ", " and ": " (no free whitespace, which a small model can
+                # fill forever); properties the schema does not name are not generated.
+                compiled = c.compile_json_schema(spec.text, any_whitespace=False,
+                                                 strict_mode=True)
+            elif spec.kind == "regex":
+                compiled = c.compile_regex(spec.text)
+            elif spec.kind == "choice":
+                compiled = c.compile_grammar(choice_grammar(json.loads(spec.text)))
+            else:
+                compiled = c.compile_grammar(spec.text)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise GrammarError(str(e).strip().splitlines()[0] if str(e).strip()
+                               else type(e).__name__) from None
+        json_kind = spec.kind in ("json_schema", "json_object")
+        return CompiledGrammar(spec, compiled, self._control if json_kind else None)
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """EBNF for exactly one of ``choices`` (JSON string literals are EBNF string literals)."""
+    if not choices or not all(isinstance(c, str) and c for c in choices):
+        raise GrammarError("choices must be a non-empty list of non-empty strings")
+    return "root ::= " + " | ".join(json.dumps(c) for c in choices)
+
+
+def apply_grammars(logits: torch.Tensor, seqs: list, rows: list[int]) -> None:
+    """Mask ``logits`` (N, V) in place: row ``rows[j]`` keeps only the tokens that
+    ``seqs[j]``'s grammar allows next. Creates a sequence's matcher on its first call."""
+    import xgrammar as xgr
+    bitmask = xgr.allocate_token_bitmask(len(logits), logits.shape[1])   # (N, ceil(V/32))
+    for seq, row in zip(seqs, rows):
+        if seq.grammar_matcher is None:
+            seq.grammar_matcher = seq.params.grammar.matcher()
+        seq.grammar_matcher.fill_next_token_bitmask(bitmask, row)
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
+                                    indices=rows)
+    for seq, row in zip(seqs, rows):
+        banned = seq.params.grammar.banned
+        if banned is not None:
+            logits[row].masked_fill_(banned.to(logits.device, non_blocking=True), -float("inf"))
+
+
+def accept(seq: Any, token: int) -> bool:
+    """Advance ``seq``'s grammar with ``token``; True when the grammar has completed."""
+    matcher = seq.grammar_matcher
+    if not matcher.accept_token(token):
+        raise RuntimeError(f"token {token} is not allowed by the request's grammar")
+    return bool(matcher.is_terminated())
