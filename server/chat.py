@@ -118,7 +118,7 @@ class ChatHandler:
     def _parts(self, run: _Run, c: CompletionOutput):
         """(content, logprobs, thinking) of output ``c``, whole or one chunk of it. The
         reply's leading whitespace (after "Assistant:") is dropped."""
-        run.usage.add_tokens(c.thinking)
+        run.usage.add_tokens(c.thinking, c.applied_think_budgets)
         content = c.text
         if c.index not in run.content_started:
             content = content.lstrip()

@@ -137,7 +137,7 @@ class CompletionHandler:
         choice carries the echoed prompt."""
         req, prompt = run.req, run.prompts[i]
         index = i * run.params.n + c.index
-        run.usage.add_tokens(c.thinking)
+        run.usage.add_tokens(c.thinking, c.applied_think_budgets)
         text = (prompt.text if req.echo and first else "") + c.text
         logprobs: CompletionLogprobs | None = None
         if req.logprobs is not None:

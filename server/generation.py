@@ -40,7 +40,8 @@ def sampling_params(req: GenerationRequest, max_tokens: int, logprobs: int | Non
             stop=req.stop_list + [s for s in extra_stop if s not in req.stop_list],
             stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, n=req.n,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-            think_budget=req.think_budget, skip_special_tokens=req.skip_special_tokens,
+            think_budget=req.think_budget, min_think_budget=req.min_think_budget,
+            skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output)
     except ParamError as e:
         raise from_param_error(e) from None
@@ -56,6 +57,7 @@ class UsageCounter:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.extra_steps = 0
+        self.applied_budget_sum = 0.0            # over generated tokens (elastic thinking)
         self.cached: dict[int, int] = {}         # prompt index -> its cached tokens
 
     def add_prompt(self, num_tokens: int) -> None:
@@ -66,17 +68,21 @@ class UsageCounter:
         one stands for the prompt."""
         self.cached[prompt_index] = num_cached_tokens
 
-    def add_tokens(self, thinking: list[int]) -> None:
+    def add_tokens(self, thinking: list[int], applied_budgets: list[float]) -> None:
         self.completion_tokens += len(thinking)
         self.extra_steps += sum(thinking)
+        self.applied_budget_sum += sum(applied_budgets)
 
     def usage(self) -> Usage:
         mean = self.extra_steps / self.completion_tokens if self.completion_tokens else 0.0
         depth = mean / self.max_extra_steps if self.max_extra_steps else 0.0
+        applied = (self.applied_budget_sum / self.completion_tokens if self.completion_tokens
+                   else self.think_budget)
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
                      total_tokens=self.prompt_tokens + self.completion_tokens,
                      prompt_tokens_details=PromptTokensDetails(
                          cached_tokens=sum(self.cached.values())),
                      thinking=ThinkingUsage(think_budget=self.think_budget,
+                                            applied_think_budget=applied,
                                             mean_extra_steps=mean,
                                             mean_normalized_depth=depth))

@@ -82,6 +82,10 @@ class Metrics:
             [float(i) for i in range(max_extra + 1)])
         self.think_budget = histogram("itt_request_think_budget", "Think budget per request",
                                       BUDGET_BUCKETS)
+        self.applied_budget = histogram(
+            "itt_request_applied_think_budget",
+            "Per request: token-weighted mean of the think budgets its tokens were computed at "
+            "(below the requested one when elastic thinking stepped in)", BUDGET_BUCKETS)
         reg.register(EngineCollector(engine, model_name))
 
     def render(self) -> bytes:
@@ -107,6 +111,7 @@ class RequestTracker:
         self.times: RequestMetrics | None = None
         self.last_token_at: dict[int, float] = {}
         self.generated = [0] * n
+        self.applied_budget_sum = 0.0
         self.finished: set[int] = set()
         self.closed = False
 
@@ -121,6 +126,7 @@ class RequestTracker:
                 self.m.generation_tokens.inc(k)
                 for extra in c.thinking:
                     self.m.thinking_depth.observe(extra)
+                self.applied_budget_sum += sum(c.applied_think_budgets)
                 prev = self.last_token_at.get(c.index)
                 if prev is not None:
                     for _ in range(k):
@@ -144,6 +150,8 @@ class RequestTracker:
         e2e = finished - arrival
         self.m.e2e.observe(e2e)
         self.m.prompt_len.observe(self.num_prompt_tokens)
+        if sum(self.generated):
+            self.m.applied_budget.observe(self.applied_budget_sum / sum(self.generated))
         if t and t.first_scheduled_time:
             self.m.queue_time.observe(t.first_scheduled_time - arrival)
         if t and t.first_token_time:
@@ -191,6 +199,12 @@ class EngineCollector:
                      "Prompt tokens looked up in the prefix cache", s.prefix_cache_queries)
         yield family(CounterMetricFamily, "itt_prefix_cache_hits",
                      "Prompt tokens found in the prefix cache", s.prefix_cache_hits)
+        yield family(GaugeMetricFamily, "itt_elastic_think_scale",
+                     "Elastic thinking: requests with a range run at min + scale * (requested "
+                     "- min); 1 = full budget", s.elastic_scale)
+        yield family(CounterMetricFamily, "itt_elastic_reduced_steps",
+                     "Engine steps run with elastic requests below their requested budget",
+                     s.elastic_reduced_steps)
         yield family(CounterMetricFamily, "itt_block_applications",
                      "Block applications computed (base + routed steps)", s.block_applications)
         yield family(CounterMetricFamily, "itt_block_applications_max",

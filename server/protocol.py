@@ -81,6 +81,7 @@ class GenerationRequest(_Body):
     include_stop_str_in_output: Bool = False
     # ITT extensions
     think_budget: Annotated[Float | None, documented(0, 1)] = None
+    min_think_budget: Annotated[Float | None, documented(0, 1)] = None
     return_thinking: Bool = False
 
     @property

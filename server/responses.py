@@ -30,8 +30,11 @@ def now() -> int:
 
 
 class ThinkingUsage(_Out):
-    """ITT: how much the request thought. Depth is per generated token, averaged."""
+    """ITT: how much the request thought. Depth is per generated token, averaged.
+    ``think_budget`` is the requested budget; ``applied_think_budget`` the token-weighted mean
+    of the budgets the tokens were computed at (lower when elastic thinking stepped in)."""
     think_budget: float
+    applied_think_budget: float
     mean_extra_steps: float
     mean_normalized_depth: float
 
