@@ -47,6 +47,19 @@ SERVING = [
      "Time between consecutive output tokens of a request."),
     ("Time per output token", "timeseries", "s", quantiles("itt_time_per_output_token_seconds"),
      "Per request: (e2e - ttft) / (output tokens - 1)."),
+    ("Elastic thinking: budget applied vs requested", "timeseries", "short", [
+        (f"min(itt_elastic_think_scale{{{SEL}}})", "scale (min over replicas)"),
+        (f"sum({rate('itt_request_applied_think_budget_sum')})"
+         f" / sum({rate('itt_request_applied_think_budget_count')})", "mean applied budget"),
+        (f"sum({rate('itt_request_think_budget_sum')})"
+         f" / sum({rate('itt_request_think_budget_count')})", "mean requested budget")],
+     "With --elastic-thinking, requests that give min_think_budget think less when the "
+     "latency targets are missed: a scale below 1 next to flat latency panels means latency "
+     "held because thinking dropped."),
+    ("Elastic thinking: steps below the requested budget", "timeseries", "short", [
+        (f"sum({rate('itt_elastic_reduced_steps_total')})", "reduced steps/s")],
+     "Engine steps run with elastic requests below their requested budget (alerted on when "
+     "it lasts: capacity is short)."),
     ("Token throughput", "timeseries", "tokens/s", [
         (f"sum({rate('itt_prompt_tokens_total')})", "prompt tokens/s"),
         (f"sum({rate('itt_generation_tokens_total')})", "generation tokens/s")],

@@ -12,7 +12,7 @@ import yaml
 
 PROM_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 ALERTS = {"ITTServerDown", "ITTQueueGrowing", "ITTHighTimeToFirstToken", "ITTKVCacheNearFull",
-          "ITTHighErrorRate", "ITTHighAbortRate"}
+          "ITTHighErrorRate", "ITTHighAbortRate", "ITTThinkingReducedLong"}
 
 pytestmark = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 
