@@ -61,6 +61,12 @@ def run_parser() -> argparse.ArgumentParser:
                    help="mix per request, e.g. 0,0.5,1 or 0:1,1:3; 'default' sends none")
     p.add_argument("--budget-sweep", action="store_true",
                    help="one point per budget instead of mixing them")
+    p.add_argument("--min-think-budget", type=float, default=None,
+                   help="send min_think_budget with every request (elastic thinking)")
+    p.add_argument("--slo-ttft-ms", type=float, default=None,
+                   help="goodput: a request counts if its TTFT is within this (and --slo-itl-ms)")
+    p.add_argument("--slo-itl-ms", type=float, default=None,
+                   help="goodput: a request counts if its time per output token is within this")
     p.add_argument("--ignore-eos", action="store_true",
                    help="ask for exactly max_tokens (vLLM's ignore_eos extension)")
     p.add_argument("--seed", type=int, default=0)
@@ -83,7 +89,9 @@ def main_run(argv: list[str]) -> int:
         prompt_len=args.prompt_len, output_len=args.output_len,
         think_budgets=args.think_budgets, budget_sweep=args.budget_sweep,
         shared_prefix_len=args.shared_prefix_len, multi_turn=args.multi_turn,
-        ignore_eos=args.ignore_eos, seed=args.seed, api_key=args.api_key,
+        ignore_eos=args.ignore_eos, min_think_budget=args.min_think_budget,
+        slo_ttft_ms=args.slo_ttft_ms, slo_itl_ms=args.slo_itl_ms,
+        seed=args.seed, api_key=args.api_key,
         timeout_s=args.timeout, percentiles=args.percentiles, progress=args.progress)
     result = run(cfg)
     if args.out:

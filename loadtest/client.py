@@ -43,6 +43,7 @@ class RequestResult:
     extra_steps: list[int] = field(default_factory=list)    # per generated token, if returned
     mean_extra_steps: float | None = None                    # usage.thinking
     mean_normalized_depth: float | None = None               # usage.thinking
+    applied_think_budget: float | None = None                # usage.thinking (elastic)
     text: str = ""                 # the output (multi-turn conversations send it back)
 
 
@@ -52,11 +53,13 @@ class OpenAIClient:
     def __init__(self, base_url: str, model: str, endpoint: str = "completions",
                  stream: bool = True, api_key: str | None = None, ignore_eos: bool = False,
                  timeout: float = 300.0, max_connections: int = 1024,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 min_think_budget: float | None = None) -> None:
         if endpoint not in ("completions", "chat"):
             raise ValueError(f"endpoint must be 'completions' or 'chat', got {endpoint!r}")
         self.model, self.endpoint = model, endpoint
         self.stream, self.ignore_eos = stream, ignore_eos
+        self.min_think_budget = min_think_budget     # elastic thinking: the floor of each request
         self.path = "/v1/completions" if endpoint == "completions" else "/v1/chat/completions"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.AsyncClient(
@@ -83,6 +86,8 @@ class OpenAIClient:
             body["stream_options"] = {"include_usage": True}
         if spec.think_budget is not None:
             body["think_budget"] = spec.think_budget
+        if self.min_think_budget is not None:
+            body["min_think_budget"] = self.min_think_budget
         if self.ignore_eos:
             body["ignore_eos"] = True        # vLLM extension: outputs of exactly max_tokens
         return body
@@ -160,6 +165,7 @@ class OpenAIClient:
         thinking = usage.get("thinking") or {}
         res.mean_extra_steps = thinking.get("mean_extra_steps")
         res.mean_normalized_depth = thinking.get("mean_normalized_depth")
+        res.applied_think_budget = thinking.get("applied_think_budget")
 
 
 async def first_model(base_url: str, api_key: str | None = None) -> str:

@@ -61,10 +61,31 @@ def thinking_depth(ok: list[RequestResult]) -> dict:
             "mean_normalized_depth": None}
 
 
+def applied_budget(ok: list[RequestResult]) -> float | None:
+    """Token-weighted mean of the budgets the server applied (usage.thinking)."""
+    weighted = [(r.applied_think_budget, r.output_tokens) for r in ok
+                if r.applied_think_budget is not None and r.output_tokens > 0]
+    tokens = sum(n for _, n in weighted)
+    return sum(b * n for b, n in weighted) / tokens if tokens else None
+
+
+def meets_slo(r: RequestResult, ttft_ms: float | None, itl_ms: float | None) -> bool:
+    """vLLM's goodput rule: the request's TTFT and its time per output token are within."""
+    if ttft_ms is not None and r.ttft * 1e3 > ttft_ms:
+        return False
+    if itl_ms is not None and r.output_tokens > 1 and \
+            (r.latency - r.ttft) / (r.output_tokens - 1) * 1e3 > itl_ms:
+        return False
+    return True
+
+
 def summarize(results: list[RequestResult], duration_s: float,
-              percentiles=PERCENTILES) -> dict:
-    """The summary of one measurement (JSON-ready)."""
+              percentiles=PERCENTILES, slo_ttft_ms: float | None = None,
+              slo_itl_ms: float | None = None) -> dict:
+    """The summary of one measurement (JSON-ready). ``goodput``: completed requests per second
+    that met both SLOs (when any is given)."""
     ok = [r for r in results if r.success]
+    good = [r for r in ok if meets_slo(r, slo_ttft_ms, slo_itl_ms)]
     out_tokens = sum(r.output_tokens for r in ok)
     in_tokens = sum(r.prompt_tokens for r in ok)
     cached = sum(r.cached_tokens for r in ok)
@@ -86,6 +107,9 @@ def summarize(results: list[RequestResult], duration_s: float,
         else 0.0,
         **latencies(ok, percentiles),
         **thinking_depth(ok),
+        "mean_applied_think_budget": applied_budget(ok),
+        "goodput": (len(good) / duration_s if duration_s > 0 else 0.0)
+        if slo_ttft_ms is not None or slo_itl_ms is not None else None,
     }
     per_budget = {}
     for key in sorted({budget_key(r.think_budget) for r in results}):

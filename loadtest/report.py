@@ -38,6 +38,9 @@ def rows_of(run: dict) -> list[tuple[str, object]]:
                 rows.append((f"{name} {stat} (ms)", value))
     rows.append(("mean extra steps / token", run["mean_extra_steps"]))
     rows.append(("mean normalized depth", run["mean_normalized_depth"]))
+    # Results written before elastic thinking have neither.
+    rows.append(("mean applied think budget", run.get("mean_applied_think_budget")))
+    rows.append(("goodput (req/s within SLOs)", run.get("goodput")))
     for key, b in run["per_budget"].items():
         rows += [(f"[budget {key}] requests", b["completed"]),
                  (f"[budget {key}] mean normalized depth", b["mean_normalized_depth"]),

@@ -54,6 +54,9 @@ class LoadConfig:
     multi_turn: int = 0                      # > 1: conversations of this many turns
     budget_sweep: bool = False               # one point per budget instead of a mix
     ignore_eos: bool = False
+    min_think_budget: float | None = None    # sent with every request (elastic thinking)
+    slo_ttft_ms: float | None = None         # goodput: requests within both SLOs per second
+    slo_itl_ms: float | None = None
     seed: int = 0
     api_key: str | None = None
     timeout_s: float = 300.0
@@ -198,7 +201,7 @@ async def measure(cfg: LoadConfig, client: OpenAIClient, point: dict, seed: int)
         results = await closed_loop(client, Bounded(specs, deadline), point["concurrency"], bar)
     duration = time.perf_counter() - start
     bar.close()
-    summary = summarize(results, duration, cfg.percentiles)
+    summary = summarize(results, duration, cfg.percentiles, cfg.slo_ttft_ms, cfg.slo_itl_ms)
     mix = point["mix"]
     return {"label": point["label"], "concurrency": point["concurrency"], "rate": point["rate"],
             "think_budgets": {budget_key(b): w for b, w in zip(mix.budgets, mix.weights)},
@@ -213,7 +216,7 @@ async def measure(cfg: LoadConfig, client: OpenAIClient, point: dict, seed: int)
 async def run_async(cfg: LoadConfig) -> dict:
     model = cfg.model or await first_model(cfg.base_url, cfg.api_key)
     client = OpenAIClient(cfg.base_url, model, cfg.endpoint, cfg.stream, cfg.api_key,
-                          cfg.ignore_eos, cfg.timeout_s)
+                          cfg.ignore_eos, cfg.timeout_s, min_think_budget=cfg.min_think_budget)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     try:
         runs = [await measure(cfg, client, p, cfg.seed + i) for i, p in enumerate(points(cfg))]

@@ -159,3 +159,22 @@ def test_report_and_plots(tmp_path):
     paths = render(results, tmp_path)
     assert [p.name for p in paths] == ["latency.png", "throughput.png", "budget.png"]
     assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+def test_goodput_counts_requests_within_both_slos_and_applied_budget_is_token_weighted():
+    from loadtest.client import RequestResult
+    from loadtest.metrics import summarize
+
+    def result(ttft, latency, tokens, applied):
+        r = RequestResult(0, 1.0, success=True, ttft=ttft, latency=latency,
+                          output_tokens=tokens)
+        r.applied_think_budget = applied
+        return r
+    rs = [result(0.1, 1.1, 11, 1.0),       # TTFT 100 ms, 100 ms per token: good
+          result(0.5, 1.5, 11, 0.5),       # TTFT over 200 ms
+          result(0.1, 3.1, 11, 0.0),       # 300 ms per token: over 150 ms
+          result(0.1, 0.6, 31, 0.25)]      # good
+    s = summarize(rs, 2.0, slo_ttft_ms=200, slo_itl_ms=150)
+    assert s["goodput"] == 2 / 2.0
+    assert s["mean_applied_think_budget"] == (11 * 1.0 + 11 * 0.5 + 31 * 0.25) / 64
+    assert summarize(rs, 2.0)["goodput"] is None
