@@ -25,6 +25,7 @@ def create_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     lifecycle = Lifecycle()
     metrics = Metrics(names[0], engine)
     client = EngineClient(engine, metrics, settings.max_queue_len)
+    client.structured.warm_up()
     app = FastAPI(title="itt-server", version=__version__,
                   description="OpenAI-compatible server for Inner Thinking Transformer models")
     app.state.server = ServerState(settings=settings, client=client, metrics=metrics,

@@ -41,6 +41,8 @@ class _Run:
     id: str = field(default_factory=lambda: new_id("chatcmpl"))
     builders: dict[int, ChatLogprobsBuilder] = field(default_factory=dict)
     content_started: set[int] = field(default_factory=set)
+    echo: str = ""              # echo: the last (assistant) message, before the reply
+    strip: bool = True          # drop the reply's leading whitespace (after "Assistant:")
 
 
 class ChatHandler:
@@ -55,20 +57,27 @@ class ChatHandler:
             raise shutting_down()
         req.check()
         model = check_model(req.model, self.served_models)
-        text = chat_template.render(req.messages)
+        text = chat_template.render(req.messages, req.generation_prompt)
+        if req.continue_final_message:       # the last message goes on: no newline after it
+            text = text.removesuffix("\n")
         check_size(self.client.tokenizer, text, self.client.max_model_len, "messages")
-        ids = encode(self.client.tokenizer, text)
+        ids = req.truncate(encode(self.client.tokenizer, text, req.add_special_tokens),
+                           self.client.max_model_len)
         # Like vLLM: without max_tokens the reply may use the rest of the context.
         max_tokens = req.max_new_tokens
         if max_tokens is None:
             max_tokens = max(self.client.max_model_len - len(ids), 1)
         top = (req.top_logprobs or 0) if req.logprobs else None
+        grammar = await self.client.structured.grammar(req)
         params = sampling_params(req, max_tokens, logprobs=top,
-                                 extra_stop=[chat_template.STOP])
+                                 extra_stop=[chat_template.STOP], grammar=grammar)
         self.client.validate(ids, params)
         usage = UsageCounter(self.client.budget(params), self.client.model_config.max_extra_steps)
         usage.add_prompt(len(ids))
-        run = _Run(req, model, ids, params, usage)
+        run = _Run(req, model, ids, params, usage, strip=not req.continue_final_message)
+        last = req.messages[-1]
+        if req.echo and last.role == "assistant":       # as vLLM: echo the last message
+            run.echo = last.text
         ticket = self.client.admit(params.n)
         stopping = self.lifecycle.stopping
         if req.stream:
@@ -121,7 +130,7 @@ class ChatHandler:
         run.usage.add_tokens(c.thinking, c.applied_think_budgets)
         content = c.text
         if c.index not in run.content_started:
-            content = content.lstrip()
+            content = run.echo + (content.lstrip() if run.strip else content)
             if content:
                 run.content_started.add(c.index)
         logprobs = None

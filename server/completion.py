@@ -54,10 +54,12 @@ class CompletionHandler:
             raise shutting_down()
         req.check()
         model = check_model(req.model, self.served_models)
-        prompts = self._prompts(req.prompt)
+        prompts = self._prompts(req)
         echo_lp = req.logprobs if req.echo and req.logprobs is not None else None
+        grammar = await self.client.structured.grammar(req)
         params = sampling_params(req, 16 if req.max_tokens is None else req.max_tokens,
-                                 logprobs=req.logprobs, prompt_logprobs=echo_lp)
+                                 logprobs=req.logprobs, prompt_logprobs=echo_lp,
+                                 grammar=grammar)
         for p in prompts:
             self.client.validate(p.ids, params)
         usage = UsageCounter(self.client.budget(params), self.client.model_config.max_extra_steps)
@@ -75,11 +77,13 @@ class CompletionHandler:
         return JSONResponse(body.model_dump(mode="json"))
 
     # ---- prompts --------------------------------------------------------------------------
-    def _prompts(self, prompt) -> list[Prompt]:
-        """A string, strings, token ids, or lists of token ids → prompts (400 if empty)."""
+    def _prompts(self, req: CompletionRequest) -> list[Prompt]:
+        """A string, strings, token ids, or lists of token ids → prompts (400 if empty),
+        BOS first unless ``add_special_tokens`` is false, truncated on the left to
+        ``truncate_prompt_tokens``."""
         tok = self.client.tokenizer
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-            prompt = [prompt]
+        prompt: list = [req.prompt] if isinstance(req.prompt, str) or (
+            req.prompt and isinstance(req.prompt[0], int)) else list(req.prompt)
         if not prompt:
             raise bad_request("the prompt is empty", "prompt")
         if len(prompt) > MAX_PROMPTS:
@@ -91,10 +95,13 @@ class CompletionHandler:
                 raise bad_request("the prompt is empty", "prompt")
             if isinstance(p, str):
                 check_size(tok, p, self.client.max_model_len, "prompt")
-                out.append(Prompt(encode(tok, p), p))
+                ids = encode(tok, p, req.add_special_tokens)
             else:
                 self.client.validate(p, SamplingParams(max_tokens=1))   # ids in range
-                out.append(Prompt(list(p), tok.decode(p)))
+                ids = list(p)
+            kept = req.truncate(ids, self.client.max_model_len)
+            text = p if isinstance(p, str) and len(kept) == len(ids) else tok.decode(kept)
+            out.append(Prompt(kept, text))
         return out
 
     # ---- one response ---------------------------------------------------------------------

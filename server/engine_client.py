@@ -16,6 +16,7 @@ from itt_runtime.outputs import RequestOutput
 from itt_runtime.sampling_params import ParamError, SamplingParams
 from server.errors import APIError, from_param_error, internal_error, unavailable
 from server.metrics import Metrics
+from server.structured import StructuredOutputs
 
 RETRY_AFTER_SECONDS = 1
 
@@ -44,6 +45,7 @@ class EngineClient:
         self.max_model_len = engine.info.max_model_len
         self.max_num_seqs = engine.info.max_num_seqs
         self.in_flight_seqs = 0          # sequences admitted and not yet released
+        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size)
 
     @property
     def is_alive(self) -> bool:

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterable
 
 from itt_runtime.sampling_params import ParamError, SamplingParams
+from itt_runtime.structured_output import CompiledGrammar
 from server.errors import APIError, from_param_error
 from server.protocol import GenerationRequest
 from server.responses import PromptTokensDetails, ThinkingUsage, Usage
@@ -29,7 +30,8 @@ def check_model(requested: str | None, served: list[str]) -> str:
 
 def sampling_params(req: GenerationRequest, max_tokens: int, logprobs: int | None = None,
                     prompt_logprobs: int | None = None,
-                    extra_stop: Iterable[str] = ()) -> SamplingParams:
+                    extra_stop: Iterable[str] = (),
+                    grammar: CompiledGrammar | None = None) -> SamplingParams:
     """The engine's parameters for a request; a bad value is a 400 naming it."""
     try:
         return SamplingParams(
@@ -42,7 +44,7 @@ def sampling_params(req: GenerationRequest, max_tokens: int, logprobs: int | Non
             logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             think_budget=req.think_budget, min_think_budget=req.min_think_budget,
             skip_special_tokens=req.skip_special_tokens,
-            include_stop_str_in_output=req.include_stop_str_in_output)
+            include_stop_str_in_output=req.include_stop_str_in_output, grammar=grammar)
     except ParamError as e:
         raise from_param_error(e) from None
 

@@ -54,6 +54,50 @@ class StreamOptions(_Body):
     include_usage: Bool = False
 
 
+class JSONSchemaFormat(_Body):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | Bool | None = Field(default=None, alias="schema")
+    strict: Bool | None = None      # outputs always follow the schema (as strict: true)
+
+
+class ResponseFormat(_Body):
+    """OpenAI's ``response_format``: ``text``, ``json_object`` (any JSON object) or
+    ``json_schema``."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputsParams(_Body):
+    """vLLM's ``structured_outputs``: exactly one of these."""
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: Bool | None = None
+    whitespace_pattern: Any = None          # not supported: 400 when given
+    structural_tag: Any = None              # not supported: 400 when given
+
+
+# Fields of OpenAI's or vLLM's API that itt-server does not implement. Given with any value
+# other than the listed no-op ones they are a 400 naming them, never silently ignored.
+UNSUPPORTED_COMMON: dict[str, tuple] = {
+    "priority": (0,), "use_beam_search": (False,), "length_penalty": (1.0,),
+    "spaces_between_special_tokens": (True,), "allowed_token_ids": (), "bad_words": ([],),
+    "logits_processors": (), "return_tokens_as_token_ids": (False,),
+    "return_token_ids": (False,), "cache_salt": (), "kv_transfer_params": (),
+    "vllm_xargs": (), "request_id": (), "guided_whitespace_pattern": (),
+    "structural_tag": (), "prompt_logprobs": (), "service_tier": ("auto", "default"),
+}
+UNSUPPORTED_CHAT: dict[str, tuple] = {
+    "tool_choice": ("none", "auto"),          # without tools both mean "no tool calls"
+    "parallel_tool_calls": (), "functions": (), "function_call": (), "audio": (),
+    "modalities": (["text"],), "prediction": (), "reasoning_effort": (),
+    "web_search_options": (), "verbosity": (), "chat_template": (), "documents": (),
+    "mm_processor_kwargs": (),
+}
+
+
 class GenerationRequest(_Body):
     """Fields shared by completions and chat: OpenAI's, vLLM's extensions, and ITT's."""
 
@@ -79,6 +123,40 @@ class GenerationRequest(_Body):
     stop_token_ids: list[Int] | None = None
     skip_special_tokens: Bool = True
     include_stop_str_in_output: Bool = False
+    # vLLM's
+    add_special_tokens: Bool = True         # BOS before the prompt
+    truncate_prompt_tokens: Annotated[Int | None, documented(-1)] = None
+    # Structured outputs (server/structured.py)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    # Informational (accepted, unused)
+    metadata: dict[str, Any] | None = None
+    store: Bool | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # Not supported: declared so that giving them is a 400 (UNSUPPORTED_COMMON)
+    priority: Any = None
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    spaces_between_special_tokens: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    logits_processors: Any = None
+    return_tokens_as_token_ids: Any = None
+    return_token_ids: Any = None
+    cache_salt: Any = None
+    kv_transfer_params: Any = None
+    vllm_xargs: Any = None
+    request_id: Any = None
+    guided_whitespace_pattern: Any = None
+    structural_tag: Any = None
+    prompt_logprobs: Any = None
+    service_tier: Any = None
     # ITT extensions
     think_budget: Annotated[Float | None, documented(0, 1)] = None
     min_think_budget: Annotated[Float | None, documented(0, 1)] = None
@@ -104,6 +182,36 @@ class GenerationRequest(_Body):
                               "stream_options")
         if self.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias")
+        reject_unsupported(self, UNSUPPORTED_COMMON)
+        so = self.structured_outputs
+        if so is not None and (so.whitespace_pattern is not None
+                               or so.structural_tag is not None):
+            raise bad_request("structured_outputs: whitespace_pattern and structural_tag are "
+                              "not supported", "structured_outputs")
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < -1 \
+                or self.truncate_prompt_tokens == 0:
+            raise bad_request("truncate_prompt_tokens must be -1 (the context length) or an "
+                              f"integer >= 1, got {self.truncate_prompt_tokens}",
+                              "truncate_prompt_tokens")
+
+    def truncate(self, ids: list[int], max_model_len: int) -> list[int]:
+        """vLLM's ``truncate_prompt_tokens``: keep the last k prompt tokens."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return ids
+        return ids[-(max_model_len if k == -1 else k):]
+
+
+def reject_unsupported(req: BaseModel, fields: dict[str, tuple]) -> None:
+    for name, harmless in fields.items():
+        value = getattr(req, name)
+        if value is not None and not any(value == h and type(value) is type(h)
+                                         or (isinstance(h, float) and value == h
+                                             and not isinstance(value, bool))
+                                         for h in harmless):
+            raise bad_request(f"{name} is not supported by itt-server"
+                              + (f" (only {', '.join(map(repr, harmless))})" if harmless
+                                 else ""), name)
 
 
 PromptField = str | list[str] | list[Int] | list[list[Int]]
@@ -149,7 +257,25 @@ class ChatCompletionRequest(GenerationRequest):
     top_logprobs: Annotated[Int | None, documented(0, 20)] = None
     max_completion_tokens: Int | None = None
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    # vLLM's chat template controls, and echo of the last (assistant) message
+    echo: Bool = False
+    add_generation_prompt: Bool = True
+    continue_final_message: Bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    # Not supported: declared so that giving them is a 400 (UNSUPPORTED_CHAT)
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    verbosity: Any = None
+    chat_template: Any = None
+    documents: Any = None
+    mm_processor_kwargs: Any = None
 
     def check(self) -> None:
         self.check_common()
@@ -157,11 +283,27 @@ class ChatCompletionRequest(GenerationRequest):
             raise bad_request("messages must not be empty", "messages")
         if self.tools:
             raise bad_request("tools are not supported", "tools")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise bad_request("only response_format type 'text' is supported",
-                              "response_format")
+        reject_unsupported(self, UNSUPPORTED_CHAT)
+        for key, value in (self.chat_template_kwargs or {}).items():
+            if key != "add_generation_prompt" or not isinstance(value, bool):
+                raise bad_request("chat_template_kwargs: the chat template takes only "
+                                  f"add_generation_prompt (a boolean), got {key!r}",
+                                  "chat_template_kwargs")
+        if self.continue_final_message:
+            if self.messages[-1].role != "assistant":
+                raise bad_request("continue_final_message needs the last message to be the "
+                                  "assistant's", "continue_final_message")
+            if self.generation_prompt:
+                raise bad_request("continue_final_message and add_generation_prompt cannot "
+                                  "both be true", "continue_final_message")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+
+    @property
+    def generation_prompt(self) -> bool:
+        """``add_generation_prompt``, which ``chat_template_kwargs`` may also set."""
+        return bool((self.chat_template_kwargs or {}).get("add_generation_prompt",
+                                                          self.add_generation_prompt))
 
     @property
     def max_new_tokens(self) -> int | None:
