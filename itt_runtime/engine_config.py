@@ -1,0 +1,137 @@
+"""The engine's configuration (``EngineConfig``, whose ``option`` fields are also itt-server
+flags), the read-only facts of a loaded engine (``EngineInfo``) and its statistics
+(``EngineStats``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from itt_runtime.config import ConfigError, ModelConfig, option
+from itt_runtime.runner.model_runner import ROUTED_COMPUTE
+from itt_runtime.sampling_params import SamplingParams
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's configuration. Fields made with ``option`` are also itt-server flags."""
+
+    model: str = option("default", "model directory, or 'default' for the shipped model")
+    device: str = option("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
+    dtype: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or "
+                        "float16")
+    max_model_len: int | None = option(None, "context length (prompt + generated)",
+                                       "positive_int", default_text="the model's max positions")
+    max_num_seqs: int = option(64, "sequences in the running batch", "positive_int")
+    max_num_batched_tokens: int = option(2048, "tokens computed per engine step (the step's "
+                                         "token budget)", "positive_int")
+    block_size: int = option(16, "tokens per KV block", "positive_int")
+    kv_cache_memory: int | None = option(
+        None, "KV cache size: bytes or 512MiB, 4G (powers of 1024)", "bytes",
+        default_text="half the free GPU memory; 512MiB on CPU")
+    kv_cache_fraction: float = 0.5           # of free device memory (CUDA) when no bytes given
+    cpu_kv_cache_default: int = 512 * 2**20
+    enable_chunked_prefill: bool = option(True, "split long prompts over steps to fill the "
+                                          "token budget", "bool")
+    default_think_budget: float | None = option(
+        None, "think budget of requests that do not set one", "budget",
+        default_text="the model's (its trained capacity)")
+    seed: int = option(0, "seed of the sampler for requests without a seed",
+                       "non_negative_int")
+    # Routed steps: "gather" runs the block on exactly the routed tokens (a device sync per
+    # routed step), "masked" on every token without a sync; "auto" is masked for decode-only
+    # steps on CUDA and gather otherwise (see runner/forward.py).
+    routed_compute: str = option(
+        "auto", "routed thinking steps on exactly the routed tokens (gather: one device sync "
+        "per routed step) or on every token with the routed results kept (masked: no sync); "
+        "auto: masked for decode-only steps on CUDA, gather otherwise",
+        choices=ROUTED_COMPUTE)
+    enforce_eager: bool = option(False, "CUDA: run every step eagerly instead of replaying "
+                                 "decode steps captured as CUDA graphs", "bool")
+    elastic_thinking: bool = option(
+        False, "lower the think budget of requests that set min_think_budget when latency "
+        "targets are missed, and restore it when load falls", "bool")
+    target_itl_ms: float | None = option(None, "elastic thinking: inter-token latency target "
+                                         "(ms)", "milliseconds", default_text="none")
+    target_ttft_ms: float | None = option(None, "elastic thinking: time-to-first-token "
+                                          "target (ms)", "milliseconds", default_text="none")
+    enable_prefix_caching: bool = option(
+        True, "reuse the KV streams of cached prompt prefixes (same tokens, same routing "
+        "thresholds)", "bool")
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+        need(self.dtype == "auto" or self.dtype in DTYPES,
+             f"dtype must be auto or one of {sorted(set(DTYPES))}, got {self.dtype!r}")
+        need(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        need(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
+        need(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
+        need(self.kv_cache_memory is None or self.kv_cache_memory > 0,
+             "kv_cache_memory must be positive")
+        need(0.0 < self.kv_cache_fraction <= 1.0, "kv_cache_fraction must be in (0, 1]")
+        need(self.routed_compute in ROUTED_COMPUTE,
+             f"routed_compute must be one of {ROUTED_COMPUTE}, got {self.routed_compute!r}")
+        targets = (self.target_itl_ms, self.target_ttft_ms)
+        need(all(t is None or t > 0 for t in targets), "latency targets must be positive")
+        need(self.elastic_thinking or targets == (None, None),
+             "--target-itl-ms and --target-ttft-ms need --elastic-thinking")
+        need(not self.elastic_thinking or targets != (None, None),
+             "--elastic-thinking needs --target-itl-ms or --target-ttft-ms (or both)")
+        need(self.default_think_budget is None or 0.0 <= self.default_think_budget <= 1.0,
+             f"default_think_budget must be in [0, 1], got {self.default_think_budget}")
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} requested but CUDA is not available")
+        return dev
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """Read-only facts about a loaded engine, for the server and tools."""
+    model_path: Path
+    model_config: ModelConfig
+    device: str
+    dtype: str
+    max_model_len: int
+    max_num_seqs: int
+    block_size: int
+    num_kv_blocks: int
+    default_think_budget: float              # of requests that set none
+
+    def think_budget(self, params: SamplingParams) -> float:
+        """The think budget a request runs at: its own, or the default."""
+        return self.default_think_budget if params.think_budget is None else params.think_budget
+
+
+@dataclass
+class EngineStats:
+    """Snapshot for metrics. Counters are cumulative since start."""
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_blocks: int
+    num_preemptions: int
+    tokens_computed: int
+    block_applications: int
+    routed_tokens: list[int] = field(default_factory=list)   # per routed stream
+    prefix_cache_queries: int = 0            # tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0               # of which found
+    prefix_cache_nodes: int = 0              # cached prefixes held
+    elastic_scale: float = 1.0               # elastic requests run at min + scale·(req − min)
+    elastic_reduced_steps: int = 0           # steps run with the scale below 1
