@@ -138,7 +138,8 @@ class Scheduler:
         while self.waiting and token_budget > 0 and not preempted \
                 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            node = self._cached_prefix(seq)
+            queried = self._may_use_cache(seq)
+            node = self._cached_prefix(seq) if queried else None
             computed = node.num_tokens if node else seq.num_computed_tokens
             remaining = seq.num_tokens - computed
             n = min(remaining, token_budget)
@@ -147,6 +148,8 @@ class Scheduler:
             if not self.kv.can_allocate(seq.seq_id, n, adopting=node):
                 break
             self.waiting.popleft()
+            if queried and self.kv.prefix_cache is not None:   # counted once admitted
+                self.kv.prefix_cache.count(seq.num_tokens, node.num_tokens if node else 0)
             copies = self._adopt(seq, node) if node else []
             kv = self.kv.allocate(seq.seq_id, n)
             seq.status = Status.RUNNING
@@ -210,21 +213,23 @@ class Scheduler:
             hashes.append(chain_hash(parent, tokens[k * bs:(k + 1) * bs]))
         return hashes[:num_blocks]
 
+    def _may_use_cache(self, seq: Sequence) -> bool:
+        """A sequence with no KV yet, computed at its requested budget; one that wants prompt
+        logprobs only on first admission (a recompute keeps the entries it has)."""
+        return (self.kv.prefix_cache is not None and not seq.num_computed_tokens
+                and not seq.budget_changed
+                and not (seq.wants_prompt_logprobs and seq.output_token_ids))
+
     def _cached_prefix(self, seq: Sequence) -> CacheNode | None:
-        """The longest cached prefix a sequence with no KV yet can start from. It always
-        leaves the last token to compute (its logits pick the next one). A sequence that
-        wants prompt logprobs uses nodes that carry them, and only on first admission."""
+        """The longest cached prefix ``seq`` can start from. It always leaves the last token
+        to compute (its logits pick the next one). A sequence that wants prompt logprobs uses
+        nodes that carry them for the same top-k."""
         cache = self.kv.prefix_cache
-        if cache is None or seq.num_computed_tokens or seq.budget_changed:
-            return None
+        assert cache is not None
         wants_lp = seq.wants_prompt_logprobs
-        if wants_lp and seq.output_token_ids:
-            return None
         limit = (seq.num_prompt_tokens if wants_lp else seq.num_tokens) - 1
         hashes = self._block_hashes(seq, limit // self.kv.block_size)
-        node = cache.lookup(hashes, limit, seq.params.prompt_logprobs if wants_lp else None)
-        cache.count(seq.num_tokens, node.num_tokens if node else 0)
-        return node
+        return cache.lookup(hashes, limit, seq.params.prompt_logprobs if wants_lp else None)
 
     def _adopt(self, seq: Sequence, node: CacheNode) -> list[tuple[int, int]]:
         copies = self.kv.adopt(seq.seq_id, node)

@@ -76,7 +76,7 @@ class PrefixCache:
                prompt_logprobs_k: int | None = None) -> CacheNode | None:
         """The longest cached node among ``hashes`` (the sequence's block-hash chain) that
         covers at most ``max_tokens`` tokens and, if prompt logprobs are wanted, has them
-        for the same top-k. Counts the query and the hit."""
+        for the same top-k. (The scheduler counts queries and hits once it admits.)"""
         best = None
         for k in range(min(len(hashes), max_tokens // self.block_size), 0, -1):
             node = self.nodes.get(hashes[k - 1])
@@ -91,6 +91,7 @@ class PrefixCache:
         return best
 
     def count(self, queried: int, hit: int) -> None:
+        """One admitted sequence's lookup: ``queried`` tokens, ``hit`` of them cached."""
         self.queries += queried
         self.hits += hit
 
