@@ -16,7 +16,7 @@ from server import chat_template
 from server.engine_client import EngineClient
 from server.generation import UsageCounter, check_model, new_id, sampling_params
 from server.lifecycle import Lifecycle
-from server.logprobs import ChatLogprobsBuilder
+from server.logprobs import ChatLogprobsBuilder, prompt_logprobs
 from server.protocol import ChatCompletionRequest
 from server.responses import (
     ChatChoice,
@@ -70,7 +70,8 @@ class ChatHandler:
         top = (req.top_logprobs or 0) if req.logprobs else None
         grammar = await self.client.structured.grammar(req)
         params = sampling_params(req, max_tokens, logprobs=top,
-                                 extra_stop=[chat_template.STOP], grammar=grammar)
+                                 extra_stop=[chat_template.STOP], grammar=grammar,
+                                 prompt_logprobs=req.prompt_logprobs)
         self.client.validate(ids, params)
         usage = UsageCounter(self.client.budget(params), self.client.model_config.max_extra_steps)
         usage.add_prompt(len(ids))
@@ -101,8 +102,12 @@ class ChatHandler:
             choices.append(ChatChoice(index=c.index, message=ChatMessageOut(content=content),
                                       logprobs=logprobs, finish_reason=c.finish_reason,
                                       stop_reason=_visible(c.stop_reason), thinking=thinking))
+        plp = None
+        if run.req.prompt_logprobs is not None:                  # vLLM's
+            plp = prompt_logprobs(self.client.tokenizer, run.prompt_ids,
+                                  acc.prompt_logprobs or [], run.req.prompt_logprobs)
         return ChatCompletion(id=run.id, model=run.model, choices=choices,
-                              usage=run.usage.usage())
+                              usage=run.usage.usage(), prompt_logprobs=plp)
 
     async def _stream(self, run: _Run):
         def chunk(choice: ChatChunkChoice) -> ChatCompletionChunk:

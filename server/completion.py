@@ -16,7 +16,7 @@ from server.engine_client import EngineClient
 from server.errors import bad_request
 from server.generation import UsageCounter, check_model, new_id, sampling_params
 from server.lifecycle import Lifecycle
-from server.logprobs import CompletionLogprobsBuilder, extend
+from server.logprobs import CompletionLogprobsBuilder, extend, prompt_logprobs
 from server.protocol import MAX_PROMPTS, CompletionRequest
 from server.responses import Completion, CompletionChoice, CompletionLogprobs
 from server.streaming import shutting_down, sse_response, until_disconnected
@@ -58,7 +58,9 @@ class CompletionHandler:
         echo_lp = req.logprobs if req.echo and req.logprobs is not None else None
         grammar = await self.client.structured.grammar(req)
         params = sampling_params(req, 16 if req.max_tokens is None else req.max_tokens,
-                                 logprobs=req.logprobs, prompt_logprobs=echo_lp,
+                                 logprobs=req.logprobs,
+                                 prompt_logprobs=echo_lp if echo_lp is not None
+                                 else req.prompt_logprobs,
                                  grammar=grammar)
         for p in prompts:
             self.client.validate(p.ids, params)
@@ -118,7 +120,12 @@ class CompletionHandler:
             if acc.prompt_logprobs is not None:
                 run.prompt_logprobs[i] = acc.prompt_logprobs
             for c in acc.outputs:
-                choices.append(self._choice(run, i, c, first=True))
+                choice = self._choice(run, i, c, first=True)
+                if run.req.prompt_logprobs is not None:       # vLLM's, per choice
+                    choice.prompt_logprobs = prompt_logprobs(
+                        self.client.tokenizer, run.prompts[i].ids, acc.prompt_logprobs or [],
+                        run.req.prompt_logprobs)
+                choices.append(choice)
         return Completion(id=run.id, model=run.model, choices=choices, usage=run.usage.usage())
 
     # ---- a stream -------------------------------------------------------------------------

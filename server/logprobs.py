@@ -7,7 +7,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from itt_runtime.tokenizer import Tokenizer
-from server.responses import CompletionLogprobs, TokenLogprob, TopLogprob
+from server.responses import (
+    CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
+    TokenLogprob,
+    TopLogprob,
+)
 from server.tokens import TokenTexts, piece_text
 
 Entry = dict[int, float] | None
@@ -68,6 +74,29 @@ class ChatLogprobsBuilder:
             out.append(TokenLogprob(token=text, logprob=entry[tid], bytes=list(text.encode()),
                                     top_logprobs=top))
         return out
+
+
+def prompt_logprobs(tok: Tokenizer, prompt_ids: list[int], entries: Sequence[Entry],
+                    k: int) -> PromptLogprobs:
+    """vLLM's ``prompt_logprobs``: per prompt token, None for the first, else the token's
+    logprob and the top ``k``, keyed by token id, with 1-based ranks. Only the top k are
+    read from the device, so a prompt token outside them has rank None."""
+    out: PromptLogprobs = []
+    for tid, entry in zip(prompt_ids, entries):
+        if entry is None:
+            out.append(None)
+            continue
+        in_top = len(entry) == k          # else the top k plus the prompt token
+        ranked = sorted((kv for kv in entry.items() if in_top or kv[0] != tid),
+                        key=lambda kv: -kv[1])
+        table = {str(alt): PromptLogprob(logprob=lp, rank=rank,
+                                         decoded_token=piece_text(tok, alt))
+                 for rank, (alt, lp) in enumerate(ranked, 1)}
+        if not in_top:
+            table = {str(tid): PromptLogprob(logprob=entry[tid], rank=None,
+                                             decoded_token=piece_text(tok, tid)), **table}
+        out.append(table)
+    return out
 
 
 def _top_logprob(token: str, logprob: float) -> TopLogprob:

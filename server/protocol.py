@@ -87,7 +87,7 @@ UNSUPPORTED_COMMON: dict[str, tuple] = {
     "logits_processors": (), "return_tokens_as_token_ids": (False,),
     "return_token_ids": (False,), "cache_salt": (), "kv_transfer_params": (),
     "vllm_xargs": (), "request_id": (), "guided_whitespace_pattern": (),
-    "structural_tag": (), "prompt_logprobs": (), "service_tier": ("auto", "default"),
+    "structural_tag": (), "service_tier": ("auto", "default"),
 }
 UNSUPPORTED_CHAT: dict[str, tuple] = {
     "tool_choice": ("none", "auto"),          # without tools both mean "no tool calls"
@@ -126,6 +126,7 @@ class GenerationRequest(_Body):
     # vLLM's
     add_special_tokens: Bool = True         # BOS before the prompt
     truncate_prompt_tokens: Annotated[Int | None, documented(-1)] = None
+    prompt_logprobs: Annotated[Int | None, documented(0, 20)] = None   # not streamed
     # Structured outputs (server/structured.py)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsParams | None = None
@@ -155,7 +156,6 @@ class GenerationRequest(_Body):
     request_id: Any = None
     guided_whitespace_pattern: Any = None
     structural_tag: Any = None
-    prompt_logprobs: Any = None
     service_tier: Any = None
     # ITT extensions
     think_budget: Annotated[Float | None, documented(0, 1)] = None
@@ -183,6 +183,9 @@ class GenerationRequest(_Body):
         if self.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias")
         reject_unsupported(self, UNSUPPORTED_COMMON)
+        if self.prompt_logprobs is not None and self.stream:
+            raise bad_request("prompt_logprobs is not available when streaming (as in vLLM)",
+                              "prompt_logprobs")
         so = self.structured_outputs
         if so is not None and (so.whitespace_pattern is not None
                                or so.structural_tag is not None):
@@ -230,6 +233,10 @@ class CompletionRequest(GenerationRequest):
             raise bad_request("best_of is not supported (it must equal n)", "best_of")
         if self.suffix:
             raise bad_request("suffix is not supported", "suffix")
+        if self.echo and self.logprobs is not None and self.prompt_logprobs is not None \
+                and self.prompt_logprobs != self.logprobs:
+            raise bad_request("with echo and logprobs, prompt_logprobs must equal logprobs "
+                              "(the prompt is scored once)", "prompt_logprobs")
 
 
 class TextPart(_Body):

@@ -53,6 +53,16 @@ class Usage(_Out):
     _omit_if_none = frozenset({"thinking"})
 
 
+class PromptLogprob(_Out):
+    """vLLM's entry of ``prompt_logprobs`` (keyed by token id)."""
+    logprob: float
+    rank: int | None          # 1-based rank in the model's distribution; None: beyond top-k
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionLogprobs(_Out):
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
@@ -67,7 +77,8 @@ class CompletionChoice(_Out):
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     thinking: list[int] | None = None
-    _omit_if_none = frozenset({"stop_reason", "thinking"})
+    prompt_logprobs: PromptLogprobs | None = None        # vLLM's
+    _omit_if_none = frozenset({"stop_reason", "thinking", "prompt_logprobs"})
 
 
 class Completion(_Out):
@@ -116,6 +127,8 @@ class ChatCompletion(_Out):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None        # vLLM's
+    _omit_if_none = frozenset({"prompt_logprobs"})
 
 
 class ChatDelta(_Out):

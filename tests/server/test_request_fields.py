@@ -17,7 +17,7 @@ BAD = {"priority": 1, "use_beam_search": True, "length_penalty": 0.5,
        "bad_words": ["x"], "logits_processors": ["a"], "return_tokens_as_token_ids": True,
        "return_token_ids": True, "cache_salt": "s", "kv_transfer_params": {"a": 1},
        "vllm_xargs": {"a": 1}, "request_id": "r", "guided_whitespace_pattern": " ",
-       "structural_tag": "{}", "prompt_logprobs": 1, "service_tier": "flex",
+       "structural_tag": "{}", "service_tier": "flex",
        "tool_choice": "required", "parallel_tool_calls": False, "functions": [{"name": "f"}],
        "function_call": "auto", "audio": {"voice": "x"}, "modalities": ["audio"],
        "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "low",
@@ -122,6 +122,31 @@ def test_chat_echo_streams_the_last_message_first(tiny_server):
                     "add_generation_prompt": False})
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text.startswith("Once")
+
+
+def test_prompt_logprobs_as_vllm(tiny_server, tokenizer):
+    http = tiny_server.http()
+    ids = tokenizer.encode("And God said, Let there be light")
+    echo = usage(http, "/v1/completions", prompt=ids, echo=True, logprobs=2)
+    scored = echo["choices"][0]["logprobs"]["token_logprobs"]
+    out = usage(http, "/v1/completions", prompt=ids, prompt_logprobs=2)
+    plp = out["choices"][0]["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    for j in range(1, len(ids)):
+        entry = plp[j]
+        assert entry[str(ids[j])]["logprob"] == pytest.approx(scored[j], abs=1e-5)
+        ranks = sorted(e["rank"] for e in entry.values() if e["rank"] is not None)
+        assert ranks == [1, 2]
+        best = max(entry.values(), key=lambda e: e["logprob"])
+        assert best["rank"] == 1
+    chat = usage(http, "/v1/chat/completions", messages=MSGS, prompt_logprobs=0)
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+    assert all(len(e) == 1 for e in chat["prompt_logprobs"][1:])
+    assert "prompt_logprobs" not in usage(http, "/v1/completions", prompt=ids)["choices"][0]
+    for body in ({"stream": True, "prompt_logprobs": 1},
+                 {"echo": True, "logprobs": 1, "prompt_logprobs": 2}):
+        r = http.post("/v1/completions", json={"prompt": ids, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
 
 
 class _M:
