@@ -136,6 +136,27 @@ def test_streaming_with_a_schema(server):
     jsonschema.validate(json.loads(text), SCHEMAS["nested_enum"])
 
 
+def test_openai_sdk_parse_with_a_pydantic_model(server):
+    """What LangChain's with_structured_output and the SDK's parse() send: a strict
+    json_schema generated from a Pydantic model."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        name: str = Field(max_length=12)
+        kind: Literal["cat", "dog", "bird"]
+        legs: int = Field(ge=0, le=4)
+
+    client = server.client(timeout=120)
+    r = client.chat.completions.parse(
+        model="default", messages=[{"role": "user", "content": "Describe a pet."}],
+        response_format=Pet, max_tokens=100, temperature=1.0, seed=1, n=4)
+    for c in r.choices:
+        assert c.finish_reason == "stop"
+        assert isinstance(c.message.parsed, Pet)
+
+
 def test_max_tokens_inside_the_structure_is_length(server):
     r = server.http().post("/v1/completions", json={
         "prompt": "A record:", "max_tokens": 4, "temperature": 0,
