@@ -76,7 +76,6 @@ def main(argv=None) -> int:
     except (ConfigError, OSError, ValueError) as e:
         print(f"itt-eval: error: {e}", file=sys.stderr)
         return 2
-    torch.set_grad_enabled(False)
     rows = [evaluate_budget(model, windows, b) for b in budgets]
     cfg = model.cfg
     paper = (evaluate_budget(model, windows, None, capacity=cfg.train_capacity)

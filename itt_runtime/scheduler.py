@@ -260,6 +260,8 @@ class Scheduler:
             boundary = k * bs
             if boundary == end:
                 lengths = list(kv.lengths)
+            elif not self.kv.num_routed_streams:                  # a dense model
+                lengths = [boundary] * nb
             else:                          # inside the chunk: count the routed tokens before
                 assert routed is not None, "the runner returns routing for multi-token rows"
                 before = routed[:boundary - start]

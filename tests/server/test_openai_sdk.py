@@ -46,7 +46,9 @@ def test_completion_plain_equals_the_offline_engine(client, reference):
     assert r.usage.prompt_tokens == len(reference.tokenizer.encode(PROMPT))
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     thinking = r.usage.model_extra["thinking"]
-    assert set(thinking) == {"think_budget", "mean_extra_steps", "mean_normalized_depth"}
+    assert set(thinking) == {"think_budget", "applied_think_budget", "mean_extra_steps",
+                             "mean_normalized_depth"}
+    assert thinking["applied_think_budget"] == thinking["think_budget"]   # no elastic thinking
     assert thinking["mean_extra_steps"] == pytest.approx(mean(want.thinking))
     assert thinking["mean_normalized_depth"] == pytest.approx(
         thinking["mean_extra_steps"] / MAX_EXTRA)
