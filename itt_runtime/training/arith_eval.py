@@ -51,6 +51,8 @@ def evaluate_model(path: str, settings: list[tuple[str, int]], budgets: list[flo
     cfg = model.cfg
     rows = []
     llm = None
+    if not cfg.is_itt:
+        budgets = [None]                                   # a dense model has no budget
     for task, digits in settings:
         if task == "mix":         # the held-out problems in the training mix: what was calibrated
             tc = cfg.extra.get("_training", {}).get("train_config", {})
@@ -134,6 +136,7 @@ def format_markdown(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+@torch.no_grad()           # scoped: tests call main() in-process
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m itt_runtime.training.arith_eval",
                                 description=__doc__,
@@ -151,7 +154,6 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the rows to this file")
     p.add_argument("--markdown", action="store_true", help="print a markdown table instead")
     a = p.parse_args(argv)
-    torch.set_grad_enabled(False)
     settings = [parse_setting(s) for s in a.settings.split(",") if s]
     budgets = [float(b) for b in a.budgets.split(",")]
     results = {"itt": evaluate_model(a.model, settings, budgets, a.n, a.engine_check)}

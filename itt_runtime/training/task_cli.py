@@ -28,7 +28,7 @@ from itt_runtime.training.task_trainer import (
     train_tasks,
 )
 
-CALIB_PROBLEMS = 4000
+CALIB_PROBLEMS = 2000
 
 
 def calibration_batch(tok: Tokenizer, tc: TaskTrainConfig, n: int = CALIB_PROBLEMS):
