@@ -47,6 +47,7 @@ def shutting_down() -> APIError:
 async def _events(chunks: AsyncIterator[BaseModel], stopping: asyncio.Event,
                   release: Callable[[], None]) -> AsyncIterator[str]:
     stop = asyncio.ensure_future(stopping.wait())
+    nxt: asyncio.Future | None = None
     try:
         it = aiter(chunks)
         while True:
@@ -70,6 +71,12 @@ async def _events(chunks: AsyncIterator[BaseModel], stopping: asyncio.Event,
         yield f"data: {_json(internal_error(error_id).body())}\n\n"
     finally:
         stop.cancel()
+        if nxt is not None and not nxt.done():
+            # The client left (this generator was cancelled) while a chunk was pending: stop
+            # that read first, or closing the chunk generator fails and the request is never
+            # aborted in the engine.
+            nxt.cancel()
+            await asyncio.gather(nxt, return_exceptions=True)
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
