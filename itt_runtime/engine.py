@@ -6,6 +6,7 @@ and ``LLM`` drives it for offline use.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import torch
 
 from itt_runtime.config import ConfigError
 from itt_runtime.elastic import ElasticController
-from itt_runtime.engine_config import EngineConfig, EngineInfo, EngineStats
+from itt_runtime.engine_config import STEP_TOKEN_BUCKETS, EngineConfig, EngineInfo, EngineStats
 from itt_runtime.kv_cache.block_pool import BlockPool
 from itt_runtime.kv_cache.manager import KVCacheManager, cdiv
 from itt_runtime.model.loader import load_model, resolve_model_path
@@ -84,7 +85,10 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs, block_size=config.block_size,
             num_kv_blocks=num_blocks,
             default_think_budget=(mc.default_budget if config.default_think_budget is None
-                                  else config.default_think_budget))
+                                  else config.default_think_budget),
+            enable_prefix_caching=config.enable_prefix_caching)
+        self.step_token_counts = [0] * (len(STEP_TOKEN_BUCKETS) + 1)
+        self.step_token_sum = 0
         log.info("loaded %s (%s, %d layers, ITT layers %s x%d) on %s as %s; %d KV blocks of "
                  "%d tokens (%.1f MiB)", self.model_path, "ITT" if mc.is_itt else "dense",
                  mc.n_layers, list(mc.itt_layers), mc.think_steps, self.device,
@@ -179,6 +183,8 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
+        self.step_token_counts[bisect.bisect_left(STEP_TOKEN_BUCKETS, plan.num_tokens)] += 1
+        self.step_token_sum += plan.num_tokens
         start = time.perf_counter()
         try:
             output = self.runner.execute_model(plan)
@@ -312,7 +318,8 @@ class LLMEngine:
             prefix_cache_hits=cache.hits if cache else 0,
             prefix_cache_nodes=len(cache) if cache else 0,
             elastic_scale=self.controller.scale if self.controller else 1.0,
-            elastic_reduced_steps=self.controller.reduced_steps if self.controller else 0)
+            elastic_reduced_steps=self.controller.reduced_steps if self.controller else 0,
+            step_token_counts=list(self.step_token_counts), step_token_sum=self.step_token_sum)
 
     def kv_bytes_per_token(self, budget: float) -> float:
         """ITT_SPEC formula: (n_layers + b·(S−1)·|itt|) · 2 · kv_heads · head_dim · size."""

@@ -13,6 +13,9 @@ from itt_runtime.config import ConfigError, ModelConfig, option
 from itt_runtime.runner.model_runner import ROUTED_COMPUTE
 from itt_runtime.sampling_params import SamplingParams
 
+# Bucket upper bounds of the tokens-per-step histogram (vLLM's iteration_tokens buckets).
+STEP_TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -113,6 +116,7 @@ class EngineInfo:
     block_size: int
     num_kv_blocks: int
     default_think_budget: float              # of requests that set none
+    enable_prefix_caching: bool = False
 
     def think_budget(self, params: SamplingParams) -> float:
         """The think budget a request runs at: its own, or the default."""
@@ -135,3 +139,7 @@ class EngineStats:
     prefix_cache_nodes: int = 0              # cached prefixes held
     elastic_scale: float = 1.0               # elastic requests run at min + scale·(req − min)
     elastic_reduced_steps: int = 0           # steps run with the scale below 1
+    # Tokens per engine step: counts per bucket of STEP_TOKEN_BUCKETS (+ one for above all),
+    # and their sum (vLLM's iteration_tokens histogram).
+    step_token_counts: list[int] = field(default_factory=list)
+    step_token_sum: int = 0

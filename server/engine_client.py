@@ -84,7 +84,8 @@ class EngineClient:
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncGenerator[RequestOutput, None]:
         """Delta outputs of one request (see AsyncLLMEngine.generate), observed by metrics."""
-        tracker = self.metrics.track(len(prompt_token_ids), params.n, self.budget(params))
+        tracker = self.metrics.track(len(prompt_token_ids), params.n, self.budget(params),
+                                     params.max_tokens)
         try:
             async with aclosing(self.engine.generate(prompt_token_ids, params,
                                                      request_id)) as outputs:

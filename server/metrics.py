@@ -10,10 +10,19 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from itt_runtime.async_engine import AsyncLLMEngine
+from itt_runtime.engine_config import STEP_TOKEN_BUCKETS
 from itt_runtime.outputs import RequestMetrics, RequestOutput
 
 # vLLM's bucket boundaries.
@@ -24,6 +33,8 @@ ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
 BUDGET_BUCKETS = [round(0.1 * i, 1) for i in range(11)]
+N_BUCKETS = [1.0, 2.0, 5.0, 10.0, 20.0]
+HTTP_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 FINISH_REASONS = ("stop", "length", "abort")
 
 
@@ -57,6 +68,9 @@ class Metrics:
 
         self.http_requests = Counter("itt_http_requests", "HTTP requests by route and status",
                                      ["model_name", "method", "path", "status"], registry=reg)
+        self.http_duration = Histogram(
+            "itt_http_request_duration_seconds", "HTTP request duration by route and status",
+            ["model_name", "method", "path", "status"], buckets=HTTP_BUCKETS, registry=reg)
         self.prompt_tokens = counter("itt_prompt_tokens", "Prompt tokens processed")
         self.generation_tokens = counter("itt_generation_tokens", "Tokens generated")
         self.request_success = Counter("itt_request_success", "Finished requests (per choice)",
@@ -82,6 +96,20 @@ class Metrics:
             [float(i) for i in range(max_extra + 1)])
         self.think_budget = histogram("itt_request_think_budget", "Think budget per request",
                                       BUDGET_BUCKETS)
+        self.prefill_time = histogram("itt_request_prefill_time_seconds",
+                                      "First scheduled to first token", LATENCY_BUCKETS)
+        self.decode_time = histogram("itt_request_decode_time_seconds",
+                                     "First token to finish", LATENCY_BUCKETS)
+        self.inference_time = histogram("itt_request_inference_time_seconds",
+                                        "First scheduled to finish", LATENCY_BUCKETS)
+        self.params_n = histogram("itt_request_params_n", "Requested n per request",
+                                  N_BUCKETS)
+        self.params_max_tokens = histogram("itt_request_params_max_tokens",
+                                           "Requested max_tokens per request",
+                                           buckets_1_2_5(max_len))
+        # The standard process, platform and GC metrics of the default registry.
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=reg)
         self.applied_budget = histogram(
             "itt_request_applied_think_budget",
             "Per request: token-weighted mean of the think budgets its tokens were computed at "
@@ -91,11 +119,15 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def count_http(self, method: str, path: str, status: int) -> None:
+    def count_http(self, method: str, path: str, status: int, seconds: float) -> None:
         self.http_requests.labels(self.model_name, method, path, str(status)).inc()
+        self.http_duration.labels(self.model_name, method, path, str(status)).observe(seconds)
 
-    def track(self, num_prompt_tokens: int, n: int, think_budget: float) -> RequestTracker:
+    def track(self, num_prompt_tokens: int, n: int, think_budget: float,
+              max_tokens: int) -> RequestTracker:
         self.think_budget.observe(think_budget)
+        self.params_n.observe(n)
+        self.params_max_tokens.observe(max_tokens)
         return RequestTracker(self, num_prompt_tokens, n)
 
 
@@ -154,6 +186,10 @@ class RequestTracker:
             self.m.applied_budget.observe(self.applied_budget_sum / sum(self.generated))
         if t and t.first_scheduled_time:
             self.m.queue_time.observe(t.first_scheduled_time - arrival)
+            self.m.inference_time.observe(finished - t.first_scheduled_time)
+            if t.first_token_time:
+                self.m.prefill_time.observe(t.first_token_time - t.first_scheduled_time)
+                self.m.decode_time.observe(finished - t.first_token_time)
         if t and t.first_token_time:
             ttft = t.first_token_time - arrival
             self.m.ttft.observe(ttft)
@@ -205,6 +241,22 @@ class EngineCollector:
         yield family(CounterMetricFamily, "itt_elastic_reduced_steps",
                      "Engine steps run with elastic requests below their requested budget",
                      s.elastic_reduced_steps)
+        info = self.engine.info
+        config = GaugeMetricFamily("itt_cache_config_info", "KV cache configuration",
+                                   labels=["model_name", "block_size", "num_gpu_blocks",
+                                           "enable_prefix_caching", "num_kv_streams"])
+        config.add_metric(name + [str(info.block_size), str(info.num_kv_blocks),
+                                  str(info.enable_prefix_caching), str(mc.num_kv_streams)], 1)
+        yield config
+        steps = HistogramMetricFamily("itt_iteration_tokens", "Tokens per engine step",
+                                      labels=["model_name"])
+        cumulative, buckets = 0, []
+        for bound, count in zip([*map(float, STEP_TOKEN_BUCKETS), float("inf")],
+                                s.step_token_counts or [0] * (len(STEP_TOKEN_BUCKETS) + 1)):
+            cumulative += count
+            buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
+        steps.add_metric(name, buckets, sum_value=s.step_token_sum)
+        yield steps
         yield family(CounterMetricFamily, "itt_block_applications",
                      "Block applications computed (base + routed steps)", s.block_applications)
         yield family(CounterMetricFamily, "itt_block_applications_max",

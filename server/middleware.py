@@ -4,6 +4,7 @@ untouched): HTTP request counting, the request-size limit, and API-key checks.""
 from __future__ import annotations
 
 import hmac
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -12,7 +13,8 @@ from server.metrics import Metrics
 
 
 class HTTPMetricsMiddleware:
-    """Counts every HTTP response in ``itt_http_requests_total{method, path, status}``.
+    """Counts every HTTP response in ``itt_http_requests_total{method, path, status}`` and
+    times it in ``itt_http_request_duration_seconds`` (to the end of the body).
     ``path`` is the route (unknown paths are ``other``, so scanners cannot blow up the
     label set); an unhandled exception counts as 500."""
 
@@ -33,10 +35,11 @@ class HTTPMetricsMiddleware:
             await send(message)
 
         path = scope["path"] if scope["path"] in self.known_paths else "other"
+        start = time.perf_counter()
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            self.metrics.count_http(scope["method"], path, status)
+            self.metrics.count_http(scope["method"], path, status, time.perf_counter() - start)
 
 
 class BodyLimitMiddleware:

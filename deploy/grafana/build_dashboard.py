@@ -81,6 +81,21 @@ SERVING = [
      "stop: stop token or string; length: max_tokens; abort: cancelled or drained."),
     ("Queue time", "timeseries", "s", quantiles("itt_request_queue_time_seconds"),
      "Arrival to first scheduled."),
+    ("Prefill vs decode time", "timeseries", "s", [
+        (f"histogram_quantile(0.5, sum by (le) "
+         f"({rate('itt_request_prefill_time_seconds_bucket')}))", "prefill p50"),
+        (f"histogram_quantile(0.5, sum by (le) "
+         f"({rate('itt_request_decode_time_seconds_bucket')}))", "decode p50")],
+     "Per request: first scheduled to first token (prefill), first token to finish (decode)."),
+    ("Tokens per engine step", "timeseries", "short", [
+        (f"sum({rate('itt_iteration_tokens_sum')}) / sum({rate('itt_iteration_tokens_count')})",
+         "mean tokens / step")],
+     "How full the engine's steps are: the token budget used per step."),
+    ("Process memory", "timeseries", "bytes", [
+        # Process metrics have no model label: keep the instances that serve the model.
+        (f"sum by (instance) (process_resident_memory_bytes"
+         f" and on (instance) itt_num_kv_blocks{{{SEL}}})", "{{instance}}")],
+     "Resident memory of each replica's server process."),
     ("Request prompt length", "heatmap", "short", heatmap_of("itt_request_prompt_tokens"),
      "Prompt tokens per request."),
     ("Request generation length", "heatmap", "short",

@@ -5,6 +5,7 @@ requests still produce their solo output."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -93,6 +94,34 @@ def test_request_metrics_move(server):
     for gauge in ("itt_num_requests_running", "itt_num_requests_waiting",
                   "itt_kv_cache_usage_perc"):
         assert metric(after, gauge) == 0
+
+
+def test_vllm_parity_metrics_move(server):
+    """Prefill/decode/inference time, request parameters, tokens per step, the cache-config
+    info, HTTP durations and the process metrics; and promtool finds the exposition clean."""
+    before = server.metrics()
+    complete(server, max_tokens=5, ignore_eos=True)
+    complete(server, max_tokens=3, ignore_eos=True, n=2, temperature=0.7, seed=2)
+    after = server.metrics()
+    for name in ("itt_request_prefill_time_seconds", "itt_request_decode_time_seconds",
+                 "itt_request_inference_time_seconds", "itt_request_params_n",
+                 "itt_request_params_max_tokens"):
+        assert delta(after, before, f"{name}_count") == 2, name
+    assert delta(after, before, "itt_request_params_n_sum") == 3
+    assert delta(after, before, "itt_request_params_max_tokens_sum") == 8
+    # Every token computed went through some step: the step histogram sums to the counter.
+    assert delta(after, before, "itt_iteration_tokens_sum") == delta(
+        after, before, "itt_tokens_computed_total") > 0
+    assert delta(after, before, "itt_iteration_tokens_count") >= 5
+    assert delta(after, before, "itt_http_request_duration_seconds_count", method="POST",
+                 path="/v1/completions", status="200") == 2
+    info = [labels for (name, labels) in after if name == "itt_cache_config_info"]
+    assert dict(info[0])["num_gpu_blocks"] == str(KV_BLOCKS)
+    assert metric(after, "process_resident_memory_bytes") > 0
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, text=True,
+                           capture_output=True)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_bucket_boundaries(server):
