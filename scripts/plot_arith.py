@@ -25,8 +25,8 @@ from itt_runtime.model.itt import ThresholdRouting  # noqa: E402
 from itt_runtime.model.loader import load_model  # noqa: E402
 from itt_runtime.training import tasks  # noqa: E402
 
-COLORS = {"add2": "tab:blue", "add3": "tab:red", "add4": "tab:purple", "mul2": "tab:olive",
-          "mul3": "tab:green"}
+COLORS = {"add2": "tab:blue", "add3": "tab:red", "add4": "tab:purple", "mix": "tab:gray",
+          "mul2": "tab:olive", "mul3": "tab:green"}
 MARKERS = {"dense": "s", "loop": "^"}
 
 
@@ -39,7 +39,8 @@ def accuracy_vs_compute(results: dict, out: Path) -> None:
         rows = [r for r in results["itt"] if r["setting"] == s]
         c = COLORS.get(s)
         ax.plot([r["blocks_per_token"] for r in rows], [100 * r["accuracy"] for r in rows],
-                "o-", color=c, label=f"ITT ×4 {s} (budget 0 … 1)")
+                "o-", color=c,
+                label=f"ITT ×4 {s} (budget 0 … 1)" if s != "mix" else "ITT ×4 training mix")
         for r in rows if s == hardest else []:             # budget labels on one line
             ax.annotate(f"{r['budget']:g}", (r["blocks_per_token"], 100 * r["accuracy"]),
                         textcoords="offset points", xytext=(3, -10), fontsize=7, color=c)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 
 import torch
 
@@ -43,7 +44,14 @@ def parse_setting(s: str) -> tuple[str, int]:
     return task, int(digits)
 
 
-def evaluate_model(path: str, settings: list[tuple[str, int]], budgets: list[float | None],
+def threshold_routing(cfg, budget: float):
+    """routing_for(lengths, T) of exact_match: causal thresholds at ``budget`` for every row."""
+    def route(lengths, T):
+        return ThresholdRouting.for_budgets(cfg, [budget] * len(lengths))
+    return route
+
+
+def evaluate_model(path: str, settings: list[tuple[str, int]], budgets: Sequence[float | None],
                    n: int, engine_check: int = 0) -> list[dict]:
     """Rows {setting, budget, accuracy, problems, blocks_per_token, routed, routed_per_step
     (the fraction at each routed step of each ITT layer)[, engine_agree]}."""
@@ -64,15 +72,12 @@ def evaluate_model(path: str, settings: list[tuple[str, int]], budgets: list[flo
         else:
             problems = tasks.take("eval", EVAL_SEED, task, digits, n)
         for b in budgets:
-            if cfg.is_itt:
-                budget = cfg.default_budget if b is None else b
-                route = (lambda lengths, T, bb=budget:
-                         ThresholdRouting.for_budgets(cfg, [bb] * len(lengths)))
-            else:
-                budget, route = None, None
+            budget = (cfg.default_budget if b is None else b) if cfg.is_itt else None
+            route = threshold_routing(cfg, budget) if budget is not None else None
             acc, extra, per_stream = exact_match(model, tok, problems, route)
-            row = {"setting": task if task == "mix" else f"{task}{digits}", "budget": budget, "accuracy": acc,
-                   "problems": len(problems), "blocks_per_token": cfg.n_layers + extra,
+            row = {"setting": task if task == "mix" else f"{task}{digits}", "budget": budget,
+                   "accuracy": acc, "problems": len(problems),
+                   "blocks_per_token": cfg.n_layers + extra,
                    "routed": extra / cfg.max_extra_steps if cfg.is_itt else None,
                    "routed_per_step": per_stream}
             if engine_check:

@@ -69,8 +69,9 @@ def run_task(a: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in ITTModel(cfg).parameters())
     print(f"{n_params / 1e6:.3f}M parameters; {tc.max_steps} steps × {tc.batch_size} problems",
           file=sys.stderr)
-    model = train_tasks(cfg, tc, tok, work, log=lambda m: print(m, file=sys.stderr, flush=True))
-    if not model.finished:
+    result = train_tasks(cfg, tc, tok, work, log=lambda m: print(m, file=sys.stderr, flush=True))
+    model = result.model
+    if not result.finished:
         print(f"stopped at step {tc.stop_at}; run again without --stop-at to resume",
               file=sys.stderr)
         return 0
@@ -84,9 +85,9 @@ def run_task(a: argparse.Namespace) -> int:
         model.cfg = dataclasses.replace(cfg, calibration=calibrate(model, ids, valid=valid))
     model.cfg = dataclasses.replace(model.cfg, extra={"_training": {
         "task": "arith", "train_config": dataclasses.asdict(tc), "parameters": n_params,
-        "steps_done": model.steps_done,
-        "problems_seen": model.steps_done * tc.batch_size,
-        "wall_time_s": round(time.time() - t_start), "history": model.history}})
+        "steps_done": result.steps_done,
+        "problems_seen": result.steps_done * tc.batch_size,
+        "wall_time_s": round(time.time() - t_start), "history": result.history}})
     save_model(model, tok_file, a.out, dtype=ship_dtype)
     print(f"wrote {a.out}", file=sys.stderr)
     return 0

@@ -136,9 +136,17 @@ def exact_match(model: ITTModel, tok: Tokenizer, problems: list[tasks.Problem],
     return correct / max(1, len(problems)), extra, per_stream
 
 
+@dataclass
+class TaskTrainResult:
+    model: ITTModel                  # in eval mode
+    history: list[dict]
+    steps_done: int
+    finished: bool                   # False: stopped at --stop-at, resume to finish
+
+
 def train_tasks(cfg: ModelConfig, tc: TaskTrainConfig, tok: Tokenizer, work_dir: Path,
-                log=print) -> ITTModel:
-    """Train (resuming from ``work_dir/state.pt``) on the task stream; returns the model."""
+                log=print) -> TaskTrainResult:
+    """Train (resuming from ``work_dir/state.pt``) on the task stream."""
     torch.manual_seed(tc.seed)
     model = ITTModel(cfg)
     init_weights(model)
@@ -148,6 +156,7 @@ def train_tasks(cfg: ModelConfig, tc: TaskTrainConfig, tok: Tokenizer, work_dir:
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
     step, history, elapsed0 = 0, [], 0.0
+    elapsed = 0.0
     state_file = work_dir / "state.pt"
     if state_file.exists():
         state = torch.load(state_file, weights_only=False)
@@ -199,7 +208,4 @@ def train_tasks(cfg: ModelConfig, tc: TaskTrainConfig, tok: Tokenizer, work_dir:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                         "step": step, "history": history, "train_config": asdict(tc),
                         "elapsed_s": elapsed0 + time.perf_counter() - t0}, state_file)
-    model.history = history
-    model.steps_done = step
-    model.finished = step >= tc.max_steps or stopped_early
-    return model.eval()
+    return TaskTrainResult(model.eval(), history, step, step >= tc.max_steps or stopped_early)

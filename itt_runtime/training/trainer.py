@@ -6,6 +6,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,15 @@ def batches(stream: torch.Tensor, seq_len: int, batch_size: int, gen: torch.Gene
         yield chunk[:, :-1], chunk[:, 1:]
 
 
-def lr_at(step: int, tc: TrainConfig) -> float:
+class Schedule(Protocol):
+    """What ``lr_at`` reads: TrainConfig and the task trainer's TaskTrainConfig both have it."""
+    lr: float
+    min_lr_ratio: float
+    warmup_steps: int
+    max_steps: int
+
+
+def lr_at(step: int, tc: Schedule) -> float:
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / tc.warmup_steps
     progress = (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps)
