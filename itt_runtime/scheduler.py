@@ -18,6 +18,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from itt_runtime.kv_cache.manager import KVCacheManager, SequenceKV
 from itt_runtime.kv_cache.prefix_cache import CacheNode, chain_hash, root_hash
 from itt_runtime.output_processor import append_token
@@ -84,9 +86,9 @@ class RunnerOutput:
     routed_counts: dict[str, list[int]]      # seq_id -> tokens routed to each routed stream
     sampled: list[SampledToken]
     prompt_logprobs: list[tuple[Sequence, int, dict[int, float]]]   # (seq, position, entry)
-    # seq_id -> per new token, per routed stream, 1 if routed: multi-token rows only, and
+    # seq_id -> (new tokens, routed streams) array, 1 where routed: multi-token rows only, and
     # only when prefix caching needs the stream lengths at block boundaries inside a chunk.
-    routed_masks: dict[str, list[list[int]]] = field(default_factory=dict)
+    routed_masks: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -256,6 +258,8 @@ class Scheduler:
         counts = output.routed_counts[seq.seq_id]          # routed this step, per stream
         nb = self.kv.num_base_streams
         lp_ok = seq.wants_prompt_logprobs
+        # Routed tokens of this step up to and including each new token, per stream.
+        cumulative = routed.cumsum(0) if routed is not None else None
         for k in range(first, last + 1):
             boundary = k * bs
             if boundary == end:
@@ -263,10 +267,10 @@ class Scheduler:
             elif not self.kv.num_routed_streams:                  # a dense model
                 lengths = [boundary] * nb
             else:                          # inside the chunk: count the routed tokens before
-                assert routed is not None, "the runner returns routing for multi-token rows"
-                before = routed[:boundary - start]
+                assert cumulative is not None, "the runner returns routing for chunk rows"
+                before = cumulative[boundary - start - 1]
                 lengths = [boundary] * nb + [
-                    kv.lengths[nb + j] - counts[j] + sum(r[j] for r in before)
+                    kv.lengths[nb + j] - counts[j] + int(before[j])
                     for j in range(self.kv.num_routed_streams)]
             keep_lp = lp_ok and boundary <= seq.num_prompt_tokens - 1
             self.kv.cache_prefix(

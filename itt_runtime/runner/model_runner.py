@@ -74,17 +74,17 @@ class ModelRunner:
         chunked = routed is not None and any(s.num_new_tokens > 1 for s in scheduled)
         if routed is not None and chunked:
             parts.append(routed.flatten().long())
-        host = torch.cat(parts).tolist()
         B = len(scheduled)
-        extra_steps, counts = host[S:S + row], host[S + row:S + row + B * K]
+        host_t = torch.cat(parts).cpu()                  # one copy, however it is read
+        host = host_t[:S + row + B * K].tolist()
+        extra_steps, counts = host[S:S + row], host[S + row:]
         routed_masks = {}
-        if chunked:
-            flat, start = host[S + row + B * K:], 0
+        if chunked:                  # (T, K) as an array: the scheduler takes cumulative sums
+            mask, start = host_t[S + row + B * K:].view(-1, K).numpy(), 0
             for s in scheduled:
                 n = s.num_new_tokens
                 if n > 1:
-                    routed_masks[s.seq.seq_id] = [flat[(start + i) * K:(start + i + 1) * K]
-                                                  for i in range(n)]
+                    routed_masks[s.seq.seq_id] = mask[start:start + n]
                 start += n
         return RunnerOutput(
             routed_counts={s.seq.seq_id: counts[b * K:(b + 1) * K]
