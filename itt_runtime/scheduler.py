@@ -274,7 +274,7 @@ class Scheduler:
                     for j in range(self.kv.num_routed_streams)]
             keep_lp = lp_ok and boundary <= seq.num_prompt_tokens - 1
             self.kv.cache_prefix(
-                seq.seq_id, hashes[k - 1], boundary, lengths,
+                seq.seq_id, hashes[k - 1], hashes[k - 2] if k > 1 else None, boundary, lengths,
                 seq.prompt_logprobs[:boundary + 1] if keep_lp else None,
                 seq.params.prompt_logprobs if keep_lp else None)
 

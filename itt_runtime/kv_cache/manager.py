@@ -135,14 +135,17 @@ class KVCacheManager:
                                           copy_sources=[src for src, _ in copies])
         return copies
 
-    def cache_prefix(self, seq_id: str, key: bytes, num_tokens: int, lengths: list[int],
+    def cache_prefix(self, seq_id: str, key: bytes, parent_key: bytes | None,
+                     num_tokens: int, lengths: list[int],
                      prompt_logprobs: list | None = None,
                      prompt_logprobs_k: int | None = None) -> None:
         """Cache the state of ``seq_id``'s streams after its first ``num_tokens`` tokens
-        (``lengths``: each stream's length at that point)."""
+        (``lengths``: each stream's length at that point; ``parent_key``: the key one block
+        earlier, None for the first block)."""
         assert self.prefix_cache is not None
-        self.prefix_cache.insert(key, num_tokens, self._tables[seq_id].block_tables, lengths,
-                                 prompt_logprobs, prompt_logprobs_k)
+        self.prefix_cache.insert(key, parent_key, num_tokens,
+                                 self._tables[seq_id].block_tables, lengths, prompt_logprobs,
+                                 prompt_logprobs_k)
 
     def free(self, seq_id: str) -> None:
         kv = self._tables.pop(seq_id, None)

@@ -49,16 +49,31 @@ def chain_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
                            digest_size=16).digest()
 
 
-@dataclass
+@dataclass(eq=False)
 class CacheNode:
+    """The state after ``num_tokens`` tokens, stored as a delta on its parent (the node one
+    block earlier on the same chain): per stream, the parent's first ``keep[s]`` blocks (its
+    full ones) followed by this node's ``own[s]`` blocks. A node holds references to its own
+    blocks only, so caching every block boundary of a prompt costs O(streams) per boundary;
+    a node with children is never evicted (they use its blocks)."""
     key: bytes
     num_tokens: int                          # k · block_size
-    block_tables: list[list[int]]            # per stream: blocks of its first lengths[s]
+    parent: CacheNode | None
+    keep: list[int]                          # per stream: blocks taken from the parent
+    own: list[list[int]]                     # per stream: blocks this node references
     lengths: list[int]                       # per stream: tokens stored
     # Prompt logprob entries of positions 1 … num_tokens (index 0 unused), with the top-k
     # they were computed for; None if the sequence that made the node had none.
     prompt_logprobs: list | None = None
     prompt_logprobs_k: int | None = None
+    children: int = 0
+
+    @property
+    def block_tables(self) -> list[list[int]]:
+        """Per stream, every block holding its first ``lengths[s]`` tokens."""
+        if self.parent is None:
+            return [list(t) for t in self.own]
+        return [p[:k] + o for p, k, o in zip(self.parent.block_tables, self.keep, self.own)]
 
 
 class PrefixCache:
@@ -95,28 +110,41 @@ class PrefixCache:
         self.queries += queried
         self.hits += hit
 
-    def insert(self, key: bytes, num_tokens: int, block_tables: list[list[int]],
-               lengths: list[int], prompt_logprobs: list | None = None,
+    def insert(self, key: bytes, parent_key: bytes | None, num_tokens: int,
+               block_tables: list[list[int]], lengths: list[int],
+               prompt_logprobs: list | None = None,
                prompt_logprobs_k: int | None = None) -> bool:
-        """Cache the first ``lengths[s]`` tokens of each stream (a reference to every block
-        that holds them). False if the key is cached already."""
+        """Cache the first ``lengths[s]`` tokens of each stream of ``block_tables`` (a
+        sequence's tables), as a delta on the node ``parent_key`` if it is cached. The parent
+        may hold other blocks than the sequence's (another sequence cached that key first);
+        their content is the same, since the key determines it. False if ``key`` is cached
+        already."""
         if key in self.nodes:
             self.nodes.move_to_end(key)
             return False
-        tables = [list(t[:cdiv(n, self.block_size)]) for t, n in zip(block_tables, lengths)]
-        for t in tables:
+        bs = self.block_size
+        tables = [t[:cdiv(n, bs)] for t, n in zip(block_tables, lengths)]
+        parent = self.nodes.get(parent_key) if parent_key is not None else None
+        keep = [n // bs for n in parent.lengths] if parent else [0] * len(tables)
+        own = [t[k:] for t, k in zip(tables, keep)]
+        for t in own:
             self.pool.incref(t, by_cache=True)
-        self.nodes[key] = CacheNode(key, num_tokens, tables, list(lengths), prompt_logprobs,
-                                    prompt_logprobs_k)
+        if parent is not None:
+            parent.children += 1
+        self.nodes[key] = CacheNode(key, num_tokens, parent, keep, own, list(lengths),
+                                    prompt_logprobs, prompt_logprobs_k)
         return True
 
     def evict(self, num_free_wanted: int) -> None:
-        """Drop least recently used nodes until the pool has ``num_free_wanted`` free blocks
-        or no node is left."""
+        """Drop least recently used leaf nodes (a node with children holds their blocks)
+        until the pool has ``num_free_wanted`` free blocks or no node is left."""
         while self.pool.num_free < num_free_wanted and self.nodes:
-            _, node = self.nodes.popitem(last=False)
-            for t in node.block_tables:
+            node = next(n for n in self.nodes.values() if n.children == 0)
+            del self.nodes[node.key]
+            for t in node.own:
                 self.pool.free(t, by_cache=True)
+            if node.parent is not None:
+                node.parent.children -= 1
 
     def clear(self) -> None:
         self.evict(self.pool.num_blocks + 1)

@@ -47,7 +47,7 @@ def test_adopt_shares_full_blocks_and_copies_the_partial_one():
     kv.allocate("a", 8)
     kv.commit("a", 8, [3])                        # 3 of 8 tokens routed
     assert kv.get("a").block_tables == [[0, 1], [2, 3], [4]]
-    kv.cache_prefix("a", b"k", 8, [8, 8, 3])
+    kv.cache_prefix("a", b"k", None, 8, [8, 8, 3])
     node = kv.prefix_cache.nodes[b"k"]
     assert node.block_tables == [[0, 1], [2, 3], [4]] and node.lengths == [8, 8, 3]
     assert kv.can_allocate("b", 1, adopting=node)
@@ -67,13 +67,36 @@ def test_adopt_shares_full_blocks_and_copies_the_partial_one():
     assert len(kv.prefix_cache) == 0 and kv.pool.num_free == 1
 
 
+def test_nodes_are_deltas_on_their_parent_and_leaves_go_first():
+    kv = KVCacheManager(BlockPool(16), block_size=4, num_streams=2, num_base_streams=1,
+                        enable_prefix_caching=True)
+    kv.allocate("a", 12)
+    kv.commit("a", 12, [6])                       # routed stream: 6 tokens in blocks [3, 4]
+    assert kv.get("a").block_tables == [[0, 1, 2], [3, 4]]
+    kv.cache_prefix("a", b"k1", None, 4, [4, 2])
+    kv.cache_prefix("a", b"k2", b"k1", 8, [8, 5])
+    kv.cache_prefix("a", b"k3", b"k2", 12, [12, 6])
+    n1, n2, n3 = (kv.prefix_cache.nodes[k] for k in (b"k1", b"k2", b"k3"))
+    # Each node references only what its parent's full blocks do not cover.
+    assert (n1.own, n2.own, n3.own) == ([[0], [3]], [[1], [3, 4]], [[2], [4]])
+    assert n3.keep == [2, 1] and n3.block_tables == [[0, 1, 2], [3, 4]]
+    assert n2.block_tables == [[0, 1], [3, 4]] and (n1.children, n2.children) == (1, 1)
+    assert [kv.pool.refs(b) for b in range(5)] == [2, 2, 2, 3, 3]    # a + the nodes
+    kv.free("a")
+    kv.prefix_cache.lookup([b"k1"], 4)            # k1 is now the most recent, yet a parent
+    kv.prefix_cache.evict(kv.pool.num_free + 1)   # frees block 2 (k3's own base block)
+    assert list(kv.prefix_cache.nodes) == [b"k2", b"k1"] and n2.children == 0
+    kv.prefix_cache.clear()
+    assert kv.pool.num_free == 16 and kv.pool.num_evictable == 0
+
+
 def test_eviction_is_lru_and_never_takes_a_held_block():
     kv = KVCacheManager(BlockPool(6), block_size=4, num_streams=1, num_base_streams=1,
                         enable_prefix_caching=True)
     for name, key in (("a", b"ka"), ("b", b"kb")):
         kv.allocate(name, 4)
         kv.commit(name, 4, [])
-        kv.cache_prefix(name, key, 4, [4])
+        kv.cache_prefix(name, key, None, 4, [4])
     assert kv.get("a").block_tables == [[0]] and kv.get("b").block_tables == [[1]]
     kv.free("a")                                  # block 0: cache only; block 1: b + cache
     kv.prefix_cache.lookup([b"ka"], 4)            # touch a's node: b's is now the older
@@ -209,7 +232,7 @@ def check_reference_counts(engine: LLMEngine) -> None:
             holders.update(t)
         holders.update(seq_kv.copy_sources)
     for node in kv.prefix_cache.nodes.values():
-        for t in node.block_tables:
+        for t in node.own:
             holders.update(t)
     for b in range(pool.num_blocks):
         assert pool.refs(b) == holders[b], f"block {b}"
