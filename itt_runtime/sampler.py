@@ -44,11 +44,13 @@ class Sampler:
         self.generator: torch.Generator | None = None
         self.seed = seed
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]):
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
+                 grammar_masks: dict[str, torch.Tensor] | None = None):
         """logits (S, V) fp32, one row per sequence. Returns (tokens (S,) on the device,
         logprobs list[dict[int, float]] per row, or None when no row asked for them).
         Reading the tokens is left to the caller, so that the step syncs with the device once;
-        decisions here use the host-side parameters only."""
+        decisions here use the host-side parameters only. ``grammar_masks``: each grammar
+        row's next-token bitmask by seq_id, when the runner computed them during the step."""
         wanted = [s.params.logprobs for s in seqs]
         raw_logprobs = (None if all(w is None for w in wanted)
                         else torch.log_softmax(logits, dim=-1))
@@ -60,7 +62,11 @@ class Sampler:
                 logits[i, banned] = -float("inf")
         rows = [i for i, s in enumerate(seqs) if s.params.grammar is not None]
         if rows:                    # structured outputs: only what each grammar allows next
-            structured_output.apply_grammars(logits, [seqs[i] for i in rows], rows)
+            masks = None
+            if grammar_masks is not None and all(seqs[i].seq_id in grammar_masks
+                                                 for i in rows):
+                masks = torch.stack([grammar_masks[seqs[i].seq_id] for i in rows])
+            structured_output.apply_grammars(logits, [seqs[i] for i in rows], rows, masks)
         tokens = logits.argmax(-1)
         if not all(s.params.greedy for s in seqs):
             greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)

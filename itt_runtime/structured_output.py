@@ -116,16 +116,29 @@ def choice_grammar(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c) for c in choices)
 
 
-def apply_grammars(logits: torch.Tensor, seqs: list, rows: list[int]) -> None:
-    """Mask ``logits`` (N, V) in place: row ``rows[j]`` keeps only the tokens that
-    ``seqs[j]``'s grammar allows next. Creates a sequence's matcher on its first call."""
+def next_token_bitmasks(seqs: list, vocab_size: int) -> torch.Tensor:
+    """(len(seqs), ceil(V/32)) int32: the tokens each sequence's grammar allows next. Host
+    work only, so the runner computes it on a worker thread while the model step runs.
+    Creates a sequence's matcher on its first call."""
     import xgrammar as xgr
-    bitmask = xgr.allocate_token_bitmask(len(logits), logits.shape[1])   # (N, ceil(V/32))
-    for seq, row in zip(seqs, rows):
+    bitmask = xgr.allocate_token_bitmask(len(seqs), vocab_size)
+    for j, seq in enumerate(seqs):
         if seq.grammar_matcher is None:
             seq.grammar_matcher = seq.params.grammar.matcher()
-        seq.grammar_matcher.fill_next_token_bitmask(bitmask, row)
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
+        seq.grammar_matcher.fill_next_token_bitmask(bitmask, j)
+    return bitmask
+
+
+def apply_grammars(logits: torch.Tensor, seqs: list, rows: list[int],
+                   bitmask: torch.Tensor | None = None) -> None:
+    """Mask ``logits`` (N, V) in place: row ``rows[j]`` keeps only the tokens that
+    ``seqs[j]``'s grammar allows next (``bitmask``: their masks, computed ahead)."""
+    import xgrammar as xgr
+    if bitmask is None:
+        bitmask = next_token_bitmasks(seqs, logits.shape[1])
+    full = xgr.allocate_token_bitmask(len(logits), logits.shape[1])   # (N, ceil(V/32))
+    full[rows] = bitmask
+    xgr.apply_token_bitmask_inplace(logits, full.to(logits.device, non_blocking=True),
                                     indices=rows)
     for seq, row in zip(seqs, rows):
         banned = seq.params.grammar.banned

@@ -8,9 +8,11 @@ engine can re-run a failed plan one request at a time.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from itt_runtime import structured_output
 from itt_runtime.kv_cache.manager import cdiv
 from itt_runtime.model.itt import ITTModel
 from itt_runtime.runner.attention import KVCache
@@ -31,6 +33,7 @@ class ModelRunner:
                  return_routing: bool = False) -> None:
         self.forward = PagedForward(model, cache)
         self.cache = cache
+        self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="itt-grammar")
         # Prefix caching needs each stream's length at block boundaries inside a chunk.
         self.return_routing = return_routing
         self.sampler = sampler
@@ -47,6 +50,12 @@ class ModelRunner:
         copies = [c for s in plan.scheduled for c in s.block_copies]
         if copies:                   # before anything of the step writes to the cache
             self.cache.copy_blocks(copies)
+        # Grammar masks of the rows that sample are host work: done during the forward.
+        constrained = [s.seq for s in plan.scheduled
+                       if s.samples and s.seq.params.grammar is not None]
+        masks = (self._mask_worker.submit(structured_output.next_token_bitmasks, constrained,
+                                          self.forward.cfg.vocab_size)
+                 if constrained else None)
         # Single-token rows first: the forward attends over them in one call.
         scheduled = sorted(plan.scheduled, key=lambda s: s.num_new_tokens != 1)
         decode_only = all(s.logit_positions == [0] and s.num_new_tokens == 1
@@ -65,7 +74,10 @@ class ModelRunner:
             sample_logits = out.logits[:len(sample_rows)]
         else:
             sample_logits = out.logits[to_device(sample_rows, self.device)]
-        tokens, logprobs = (self.sampler(sample_logits, sample_seqs) if sample_rows
+        grammar_masks = (dict(zip((q.seq_id for q in constrained), masks.result()))
+                         if masks is not None else None)
+        tokens, logprobs = (self.sampler(sample_logits, sample_seqs, grammar_masks)
+                            if sample_rows
                             else (out.extra_steps[:0], None))
         # The step's one device-to-host read: sampled tokens, thinking depths, routed counts.
         S, K = len(sample_rows), self.max_extra_steps

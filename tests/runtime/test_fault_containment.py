@@ -32,11 +32,11 @@ def poison_sampler(engine: LLMEngine, bad_request: str) -> list[int]:
     """The sampler raises whenever ``bad_request`` is in its batch; returns call counts."""
     real, calls = engine.runner.sampler, [0]
 
-    def sampler(logits, seqs):
+    def sampler(logits, seqs, *rest):
         calls[0] += 1
         if any(s.request_id == bad_request for s in seqs):
             raise RuntimeError("injected sampler fault")
-        return real(logits, seqs)
+        return real(logits, seqs, *rest)
     engine.runner.sampler = sampler
     return calls
 

@@ -102,3 +102,26 @@ def test_mixed_batch_gives_each_greedy_request_its_output_alone(llm, compiler):
     batch = [o.outputs[0] for o in llm.generate(prompts, params)]
     assert [c.token_ids for c in batch] == [c.token_ids for c in alone]
     assert batch[2].text.strip() in ("red", "green", "blue")
+
+
+def test_grammar_masks_are_computed_during_the_step_and_used(compiler, llm):
+    """The runner hands the sampler each grammar row's mask, computed on its worker thread
+    while the forward ran; the output is what the sampler computing it itself gives."""
+    grammar = compiler.compile(GrammarSpec("regex", "(yes|no)!"))
+    runner = llm.engine.runner
+    real, seen = runner.sampler, []
+
+    def spy(logits, seqs, grammar_masks=None):
+        seen.append(grammar_masks)
+        return real(logits, seqs, grammar_masks)
+    runner.sampler = spy
+    try:
+        out = llm.generate(["Answer:"], SamplingParams(max_tokens=8, temperature=0,
+                                                       grammar=grammar))
+    finally:
+        runner.sampler = real
+    assert out[0].outputs[0].text in ("yes!", "no!")
+    assert seen and all(m is not None and len(m) == 1 for m in seen)
+    alone = LLM(str(llm.engine.model_path)).generate(
+        ["Answer:"], SamplingParams(max_tokens=8, temperature=0, grammar=grammar))
+    assert alone[0].outputs[0].text == out[0].outputs[0].text

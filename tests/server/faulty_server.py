@@ -29,10 +29,10 @@ def inject(mode: str) -> None:
             return
         sampler = self.runner.sampler
 
-        def sample(logits, seqs):
+        def sample(logits, seqs, *rest):
             if any(s.params.max_tokens == POISON_MAX_TOKENS for s in seqs):
                 raise RuntimeError("injected sampler fault: secret internal detail")
-            return sampler(logits, seqs)
+            return sampler(logits, seqs, *rest)
         self.runner.sampler = sample
 
     engine_module.LLMEngine.__init__ = init
