@@ -80,7 +80,10 @@ class PrefixCache:
     def __init__(self, pool: BlockPool, block_size: int) -> None:
         self.pool = pool
         self.block_size = block_size
-        self.nodes: OrderedDict[bytes, CacheNode] = OrderedDict()    # least recent first
+        self.nodes: dict[bytes, CacheNode] = {}
+        # The evictable nodes (no children), least recently used first: eviction takes the
+        # first, in O(1), however many parents the cache holds.
+        self.leaves: OrderedDict[bytes, CacheNode] = OrderedDict()
         self.queries = 0                     # tokens looked up
         self.hits = 0                        # tokens found
 
@@ -101,8 +104,8 @@ class PrefixCache:
                 continue
             best = node
             break
-        if best is not None:
-            self.nodes.move_to_end(best.key)
+        if best is not None and best.key in self.leaves:
+            self.leaves.move_to_end(best.key)
         return best
 
     def count(self, queried: int, hit: int) -> None:
@@ -120,7 +123,8 @@ class PrefixCache:
         their content is the same, since the key determines it. False if ``key`` is cached
         already."""
         if key in self.nodes:
-            self.nodes.move_to_end(key)
+            if key in self.leaves:
+                self.leaves.move_to_end(key)
             return False
         bs = self.block_size
         tables = [t[:cdiv(n, bs)] for t, n in zip(block_tables, lengths)]
@@ -131,20 +135,25 @@ class PrefixCache:
             self.pool.incref(t, by_cache=True)
         if parent is not None:
             parent.children += 1
-        self.nodes[key] = CacheNode(key, num_tokens, parent, keep, own, list(lengths),
-                                    prompt_logprobs, prompt_logprobs_k)
+            self.leaves.pop(parent.key, None)
+        node = CacheNode(key, num_tokens, parent, keep, own, list(lengths), prompt_logprobs,
+                         prompt_logprobs_k)
+        self.nodes[key] = self.leaves[key] = node
         return True
 
     def evict(self, num_free_wanted: int) -> None:
         """Drop least recently used leaf nodes (a node with children holds their blocks)
         until the pool has ``num_free_wanted`` free blocks or no node is left."""
-        while self.pool.num_free < num_free_wanted and self.nodes:
-            node = next(n for n in self.nodes.values() if n.children == 0)
+        while self.pool.num_free < num_free_wanted and self.leaves:
+            _, node = self.leaves.popitem(last=False)
             del self.nodes[node.key]
             for t in node.own:
                 self.pool.free(t, by_cache=True)
-            if node.parent is not None:
-                node.parent.children -= 1
+            parent = node.parent
+            if parent is not None:
+                parent.children -= 1
+                if parent.children == 0:          # evictable now (as if just used)
+                    self.leaves[parent.key] = parent
 
     def clear(self) -> None:
         self.evict(self.pool.num_blocks + 1)

@@ -85,7 +85,8 @@ def test_nodes_are_deltas_on_their_parent_and_leaves_go_first():
     kv.free("a")
     kv.prefix_cache.lookup([b"k1"], 4)            # k1 is now the most recent, yet a parent
     kv.prefix_cache.evict(kv.pool.num_free + 1)   # frees block 2 (k3's own base block)
-    assert list(kv.prefix_cache.nodes) == [b"k2", b"k1"] and n2.children == 0
+    assert set(kv.prefix_cache.nodes) == {b"k1", b"k2"} and n2.children == 0
+    assert list(kv.prefix_cache.leaves) == [b"k2"]       # k1 still has a child
     kv.prefix_cache.clear()
     assert kv.pool.num_free == 16 and kv.pool.num_evictable == 0
 
