@@ -1,7 +1,8 @@
 """PNG plots of load test results (matplotlib, Agg backend: no display needed):
 
 - latency.png: TTFT, ITL and E2E percentiles against the swept load (concurrency or rate);
-- throughput.png: output tokens/s and requests/s against the load;
+- throughput.png: output tokens/s, requests/s (and goodput, when SLOs were given) and the
+  mean think budget the server applied (elastic thinking) against the load;
 - budget.png: thinking depth, median TTFT and ITL, and output tokens/s against the think budget
   (from budget sweeps, or from the per-budget breakdown of mixed runs).
 
@@ -45,7 +46,7 @@ def series_by_budget(res: dict) -> dict[str, list[dict]]:
 
 def plot_load(results: dict[str, dict], out: Path) -> list[Path]:
     fig_lat, axes_lat = plt.subplots(1, 3, figsize=(15, 4.5))
-    fig_thr, axes_thr = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig_thr, axes_thr = plt.subplots(1, 3, figsize=(16, 4.5))
     xlabel, colors = "load", iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10)
     # One colour per line group (file, budget), one line style per statistic, one marker per file.
     for i, (name, res) in enumerate(results.items()):
@@ -63,12 +64,19 @@ def plot_load(results: dict[str, dict], out: Path) -> list[Path]:
                 ax.set_title(title)
             for ax, key in zip(axes_thr, ("output_throughput", "request_throughput")):
                 ax.plot(xs, [r[key] for r in runs], color=color, marker=marker, label=tag)
+            if any(r.get("goodput") is not None for r in runs):
+                axes_thr[1].plot(xs, [r.get("goodput") or 0.0 for r in runs], "--",
+                                 color=color, marker=marker, label=f"{tag} goodput")
+            applied = [r.get("mean_applied_think_budget") for r in runs]
+            if any(a is not None for a in applied):
+                axes_thr[2].plot(xs, applied, color=color, marker=marker, label=tag)
     for ax in axes_lat:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("ms")
         ax.legend(fontsize="x-small")
         ax.grid(alpha=0.3)
-    for ax, title in zip(axes_thr, ["output tokens/s", "requests/s"]):
+    for ax, title in zip(axes_thr, ["output tokens/s", "requests/s (dashed: goodput)",
+                                    "mean applied think budget"]):
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.legend(fontsize="small")
