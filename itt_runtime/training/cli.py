@@ -30,6 +30,22 @@ def train_tokenizer(text_files: list[Path], vocab_size: int, out_prefix: Path) -
     return out_prefix.with_suffix(".model")
 
 
+def model_config(a: argparse.Namespace, tok: Tokenizer) -> ModelConfig:
+    """The model the shape flags describe (``--itt-layers``: odd, none, or a list)."""
+    if a.itt_layers == "odd":
+        itt_layers = tuple(range(1, a.n_layers, 2))
+    elif a.itt_layers == "none":
+        itt_layers = ()
+    else:
+        itt_layers = tuple(int(x) for x in a.itt_layers.split(","))
+    return ModelConfig(vocab_size=tok.vocab_size, d_model=a.d_model, n_layers=a.n_layers,
+                       n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, ffn_dim=a.ffn_dim,
+                       max_position_embeddings=a.max_positions, itt_layers=itt_layers,
+                       think_steps=a.think_steps if itt_layers else 1,
+                       train_capacity=a.train_capacity,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="itt-train", description=__doc__)
     p.add_argument("--train", type=Path, nargs="+", help="training text files")
@@ -89,18 +105,7 @@ def main(argv=None) -> int:
         print(f"training tokenizer ({a.vocab_size} pieces) …", file=sys.stderr)
         tok_file = train_tokenizer(a.train, a.vocab_size, work / "tokenizer")
     tok = Tokenizer(tok_file)
-    if a.itt_layers == "odd":
-        itt_layers = tuple(range(1, a.n_layers, 2))
-    elif a.itt_layers == "none":
-        itt_layers = ()
-    else:
-        itt_layers = tuple(int(x) for x in a.itt_layers.split(","))
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=a.d_model, n_layers=a.n_layers,
-                      n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, ffn_dim=a.ffn_dim,
-                      max_position_embeddings=a.max_positions, itt_layers=itt_layers,
-                      think_steps=a.think_steps if itt_layers else 1,
-                      train_capacity=a.train_capacity,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = model_config(a, tok)
     tc = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
     train_stream = torch.cat([encode_corpus(tok, f) for f in a.train])
     eval_stream = encode_corpus(tok, a.heldout)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from itt_runtime.config import ModelConfig
 from itt_runtime.model.itt import ITTModel
 from itt_runtime.model.loader import save_model
 from itt_runtime.tokenizer import Tokenizer
 from itt_runtime.training import tasks
 from itt_runtime.training.calibrate import calibrate
+from itt_runtime.training.cli import model_config
 from itt_runtime.training.task_trainer import (
     TaskTrainConfig,
     encode_problems,
@@ -46,18 +46,7 @@ def run_task(a: argparse.Namespace) -> int:
     if not Path(tok_file).exists():
         tok_file = train_char_tokenizer(work / "tokenizer")
     tok = Tokenizer(tok_file)
-    if a.itt_layers == "odd":
-        itt_layers = tuple(range(1, a.n_layers, 2))
-    elif a.itt_layers == "none":
-        itt_layers = ()
-    else:
-        itt_layers = tuple(int(x) for x in a.itt_layers.split(","))
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=a.d_model, n_layers=a.n_layers,
-                      n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, ffn_dim=a.ffn_dim,
-                      max_position_embeddings=a.max_positions, itt_layers=itt_layers,
-                      think_steps=a.think_steps if itt_layers else 1,
-                      train_capacity=a.train_capacity,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = model_config(a, tok)
     tc = TaskTrainConfig(
         max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr, min_lr_ratio=a.min_lr_ratio,
         warmup_steps=a.warmup_steps, weight_decay=a.weight_decay, grad_clip=a.grad_clip,

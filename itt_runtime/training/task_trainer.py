@@ -25,7 +25,7 @@ from itt_runtime.config import ModelConfig
 from itt_runtime.model.itt import ITTModel, Routing
 from itt_runtime.tokenizer import Tokenizer
 from itt_runtime.training import tasks
-from itt_runtime.training.trainer import init_weights, lr_at
+from itt_runtime.training.trainer import lr_at, new_model
 
 IGNORE = -100
 
@@ -147,14 +147,7 @@ class TaskTrainResult:
 def train_tasks(cfg: ModelConfig, tc: TaskTrainConfig, tok: Tokenizer, work_dir: Path,
                 log=print) -> TaskTrainResult:
     """Train (resuming from ``work_dir/state.pt``) on the task stream."""
-    torch.manual_seed(tc.seed)
-    model = ITTModel(cfg)
-    init_weights(model)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "routers" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "routers" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
+    model, opt = new_model(cfg, tc)
     step, history, elapsed0 = 0, [], 0.0
     elapsed = 0.0
     state_file = work_dir / "state.pt"

@@ -93,9 +93,10 @@ def evaluate(model: ITTModel, windows: torch.Tensor, batch_size: int, routing=No
     return total / count
 
 
-def train(cfg: ModelConfig, tc: TrainConfig, tok: Tokenizer, train_stream: torch.Tensor,
-          eval_stream: torch.Tensor, work_dir: Path, log=print) -> ITTModel:
-    """Train (resuming from ``work_dir/state.pt`` if present) and return the model."""
+def new_model(cfg: ModelConfig, tc) -> tuple[ITTModel, torch.optim.AdamW]:
+    """A freshly initialised model (seeded by ``tc.seed``) and its AdamW: weight decay on the
+    matrices except the routers. ``tc``: a TrainConfig or anything with seed, lr and
+    weight_decay."""
     torch.manual_seed(tc.seed)
     model = ITTModel(cfg)
     init_weights(model)
@@ -104,6 +105,13 @@ def train(cfg: ModelConfig, tc: TrainConfig, tok: Tokenizer, train_stream: torch
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
+    return model, opt
+
+
+def train(cfg: ModelConfig, tc: TrainConfig, tok: Tokenizer, train_stream: torch.Tensor,
+          eval_stream: torch.Tensor, work_dir: Path, log=print) -> ITTModel:
+    """Train (resuming from ``work_dir/state.pt`` if present) and return the model."""
+    model, opt = new_model(cfg, tc)
     gen = torch.Generator().manual_seed(tc.seed)
     step, history = 0, []
     state_file = work_dir / "state.pt"
