@@ -216,6 +216,7 @@ class LLMEngine:
         if budget != seq.think_budget:
             seq.think_budget = budget
             seq.thresholds = self.model_config.thresholds_for(budget)
+            seq.budget_changed = True
 
     def _observe(self, plan: SchedulerOutput, seconds: float) -> None:
         assert self.controller is not None

@@ -44,6 +44,9 @@ class Sequence:
     min_think_budget: float | None = None
     position_budgets: list[float] = field(default_factory=list)
     applied_budgets: list[float] = field(default_factory=list)
+    # Set once the budget has left the requested one: from then on its KV no longer matches
+    # a prefix-cache key (a flag, not a scan of position_budgets on every step).
+    budget_changed: bool = False
     num_cached_tokens: int = 0        # prompt tokens taken from the prefix cache (first admission)
     block_hashes: list[bytes] = field(default_factory=list)   # prefix-cache keys, per full block
     finish_reason: str | None = None
@@ -75,13 +78,6 @@ class Sequence:
     @property
     def elastic(self) -> bool:
         return self.min_think_budget is not None
-
-    @property
-    def budget_changed(self) -> bool:
-        """Whether any of its positions was computed below the requested budget (its KV then
-        no longer matches a prefix-cache key)."""
-        return self.elastic and (self.think_budget != self.requested_think_budget or any(
-            b != self.requested_think_budget for b in self.position_budgets))
 
     @property
     def wants_prompt_logprobs(self) -> bool:

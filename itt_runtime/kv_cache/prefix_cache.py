@@ -71,9 +71,15 @@ class CacheNode:
     @property
     def block_tables(self) -> list[list[int]]:
         """Per stream, every block holding its first ``lengths[s]`` tokens."""
-        if self.parent is None:
-            return [list(t) for t in self.own]
-        return [p[:k] + o for p, k, o in zip(self.parent.block_tables, self.keep, self.own)]
+        chain = [self]
+        while chain[-1].parent is not None:
+            chain.append(chain[-1].parent)
+        tables: list[list[int]] = [[] for _ in self.own]
+        for node in reversed(chain):             # root first: truncate, then extend, in place
+            for table, keep, own in zip(tables, node.keep, node.own):
+                del table[keep:]
+                table.extend(own)
+        return tables
 
 
 class PrefixCache:

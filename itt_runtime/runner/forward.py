@@ -186,7 +186,6 @@ class PagedForward:
             2, pos_blk[:, None, None].expand(T, cfg.n_layers, 1))[..., 0] * bs \
             + (batch.positions % bs)[:, None]                            # (T, n_layers)
         routed_counts = torch.zeros(B, cfg.max_extra_steps, dtype=torch.long, device=x.device)
-        extra_steps = torch.zeros(T, dtype=torch.long, device=x.device)
         routed_all = torch.zeros(T, cfg.max_extra_steps, dtype=torch.bool, device=x.device)
         thresholds_tok = (batch.thresholds[batch.tok_seq] if batch.token_thresholds is None
                           else batch.token_thresholds)                   # (T, routed streams)
@@ -205,12 +204,11 @@ class PagedForward:
                 x, counts = routed_step(layer, t, cfg.n_layers + k, x, cos, sin, logits_r,
                                         routed, batch)
                 routed_counts[:, k] = counts
-                extra_steps += routed
                 routed_all[:, k] = routed
             itt_index += 1
         h = x[batch.logit_rows]
-        return StepOutput(model.output_logits(h), routed_counts, extra_steps[batch.logit_rows],
-                          routed_all)
+        extra_steps = routed_all[batch.logit_rows].sum(1)               # (S,) routed steps
+        return StepOutput(model.output_logits(h), routed_counts, extra_steps, routed_all)
 
     def _gathered_step(self, layer, t: int, stream: int, x, cos, sin, logits_r, routed,
                        batch: StepBatch):
