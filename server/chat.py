@@ -7,7 +7,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from itt_runtime.llm import merge
 from itt_runtime.outputs import CompletionOutput
@@ -27,7 +27,7 @@ from server.responses import (
     ChatLogprobs,
     ChatMessageOut,
 )
-from server.streaming import shutting_down, sse_response, until_disconnected
+from server.streaming import respond, shutting_down
 from server.tokens import check_size, encode
 
 
@@ -80,14 +80,9 @@ class ChatHandler:
         if req.echo and last.role == "assistant":       # as vLLM: echo the last message
             run.echo = last.text
         ticket = self.client.admit(params.n)
-        stopping = self.lifecycle.stopping
-        if req.stream:
-            return sse_response(self._stream(run), stopping, ticket.release)
-        try:
-            body = await until_disconnected(request, self._complete(run), stopping)
-        finally:
-            ticket.release()
-        return JSONResponse(body.model_dump(mode="json"))
+        return await respond(request, req.stream, lambda: self._stream(run),
+                             lambda: self._complete(run), self.lifecycle.stopping,
+                             ticket.release)
 
     async def _complete(self, run: _Run) -> ChatCompletion:
         acc = None

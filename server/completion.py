@@ -7,7 +7,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from itt_runtime.llm import merge
 from itt_runtime.outputs import CompletionOutput, RequestOutput
@@ -19,7 +19,7 @@ from server.lifecycle import Lifecycle
 from server.logprobs import CompletionLogprobsBuilder, extend, prompt_logprobs
 from server.protocol import MAX_PROMPTS, CompletionRequest
 from server.responses import Completion, CompletionChoice, CompletionLogprobs
-from server.streaming import shutting_down, sse_response, until_disconnected
+from server.streaming import respond, shutting_down
 from server.tokens import check_size, encode
 
 
@@ -69,14 +69,9 @@ class CompletionHandler:
             usage.add_prompt(len(p.ids))
         run = _Run(req, model, prompts, params, usage)
         ticket = self.client.admit(len(prompts) * params.n)
-        stopping = self.lifecycle.stopping
-        if req.stream:
-            return sse_response(self._stream(run), stopping, ticket.release)
-        try:
-            body = await until_disconnected(request, self._complete(run), stopping)
-        finally:
-            ticket.release()
-        return JSONResponse(body.model_dump(mode="json"))
+        return await respond(request, req.stream, lambda: self._stream(run),
+                             lambda: self._complete(run), self.lifecycle.stopping,
+                             ticket.release)
 
     # ---- prompts --------------------------------------------------------------------------
     def _prompts(self, req: CompletionRequest) -> list[Prompt]:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
@@ -27,6 +27,21 @@ T = TypeVar("T")
 # nginx's code for "client closed request": what the HTTP metrics record for a client that
 # left before its response was ready.
 CLIENT_CLOSED = 499
+
+
+async def respond(request: Request, stream: bool, chunks: Callable[[], AsyncIterator[BaseModel]],
+                  whole: Callable[[], Awaitable[BaseModel]], stopping: asyncio.Event,
+                  release: Callable[[], None]) -> Response:
+    """A handler's response: the SSE stream of ``chunks()``, or the JSON of ``whole()`` awaited
+    until the client leaves or the drain deadline passes. ``release`` (the admission ticket)
+    runs once it is over, however it ends."""
+    if stream:
+        return sse_response(chunks(), stopping, release)
+    try:
+        body = await until_disconnected(request, whole(), stopping)
+    finally:
+        release()
+    return JSONResponse(body.model_dump(mode="json"))
 
 
 def sse_response(chunks: AsyncIterator[BaseModel], stopping: asyncio.Event,

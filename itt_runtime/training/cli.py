@@ -46,6 +46,16 @@ def model_config(a: argparse.Namespace, tok: Tokenizer) -> ModelConfig:
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
 
 
+def round_to_ship_dtype(model: ITTModel, name: str) -> torch.dtype:
+    """Round the weights to the dtype they ship in (kept in fp32), so that routing is
+    calibrated on the weights as they will be served. Returns that dtype."""
+    ship_dtype = getattr(torch, name)
+    with torch.no_grad():
+        for t in model.parameters():
+            t.copy_(t.to(ship_dtype).float())
+    return ship_dtype
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="itt-train", description=__doc__)
     p.add_argument("--train", type=Path, nargs="+", help="training text files")
@@ -119,10 +129,7 @@ def main(argv=None) -> int:
         print(f"stopped at step {tc.stop_at}; run again without --stop-at to resume",
               file=sys.stderr)
         return 0
-    ship_dtype = getattr(torch, a.ship_dtype)
-    with torch.no_grad():       # calibrate the weights as they will ship
-        for t in model.parameters():
-            t.copy_(t.to(ship_dtype).float())
+    ship_dtype = round_to_ship_dtype(model, a.ship_dtype)
     if cfg.is_itt:
         print("calibrating routing thresholds on held-out text …", file=sys.stderr)
         calib_stream = encode_corpus(tok, a.calib) if a.calib else eval_stream

@@ -20,7 +20,7 @@ from itt_runtime.model.loader import save_model
 from itt_runtime.tokenizer import Tokenizer
 from itt_runtime.training import tasks
 from itt_runtime.training.calibrate import calibrate
-from itt_runtime.training.cli import model_config
+from itt_runtime.training.cli import model_config, round_to_ship_dtype
 from itt_runtime.training.task_trainer import (
     TaskTrainConfig,
     encode_problems,
@@ -64,10 +64,7 @@ def run_task(a: argparse.Namespace) -> int:
         print(f"stopped at step {tc.stop_at}; run again without --stop-at to resume",
               file=sys.stderr)
         return 0
-    ship_dtype = getattr(torch, a.ship_dtype)
-    with torch.no_grad():       # calibrate the weights as they will ship
-        for t in model.parameters():
-            t.copy_(t.to(ship_dtype).float())
+    ship_dtype = round_to_ship_dtype(model, a.ship_dtype)
     if cfg.is_itt:
         print("calibrating routing thresholds on held-out problems …", file=sys.stderr)
         ids, valid = calibration_batch(tok, tc)
