@@ -67,7 +67,7 @@ class AsyncLLMEngine:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
     def stats(self) -> EngineStats:
-        """The latest snapshot, refreshed by the engine thread after every step."""
+        """The latest snapshot, refreshed by the engine thread after every step and abort."""
         return self._stats
 
     # ---- requests -------------------------------------------------------------------------
@@ -155,7 +155,10 @@ class AsyncLLMEngine:
             out = self.engine.abort(cmd[1])
             if out is not None:
                 self._deliver(out)
-        self._stats = self.engine.stats()
+            # Freed blocks show at once, even if no step follows. Adds do not refresh the
+            # snapshot: until the next step schedules them, every new request counts as
+            # waiting, and admission (server/engine_client.py) would count it twice.
+            self._stats = self.engine.stats()
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)
