@@ -69,21 +69,17 @@ class GrammarCompiler:
         with self._lock:
             if self._compiler is None:
                 tok = self.tokenizer
-                # Byte-fallback sentencepiece: xgrammar maps "▁" to a space and <0xNN> to
-                # its byte. Control and unknown pieces get "" so that no text matches them.
-                vocab = [("" if tok.sp.is_control(i) or tok.sp.is_unknown(i)
-                          else tok.sp.id_to_piece(i)) for i in range(tok.vocab_size)]
-                info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.BYTE_FALLBACK,
+                # Each token as the raw bytes it adds to the text (any tokenizer kind: "▁"
+                # and "Ġ" are a space, byte tokens their byte). Special tokens get b"" so
+                # that no text matches them.
+                vocab = [tok.token_bytes(i) or b"" for i in range(tok.vocab_size)]
+                info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.RAW,
                                          vocab_size=self.vocab_size,
-                                         stop_token_ids=[tok.eos_token_id],
-                                         add_prefix_space=True)
+                                         stop_token_ids=[tok.eos_token_id])
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1)
                 self._control = torch.zeros(self.vocab_size, dtype=torch.bool)
-                for i in range(tok.vocab_size):
-                    piece = tok.sp.id_to_piece(i)
-                    raw = int(piece[3:5], 16) if tok.sp.is_byte(i) else None
-                    self._control[i] = (raw < 0x20 if raw is not None
-                                        else any(ord(ch) < 0x20 for ch in piece))
+                for i, raw in enumerate(vocab):
+                    self._control[i] = any(b < 0x20 for b in raw)
             return self._compiler
 
     def _compile(self, spec: GrammarSpec) -> CompiledGrammar:

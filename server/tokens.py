@@ -3,13 +3,8 @@ logprob tables show."""
 
 from __future__ import annotations
 
-import re
-
 from itt_runtime.tokenizer import Tokenizer
 from server.errors import bad_request
-
-_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
 
 # Normalisation (NFKC) can merge a few characters into one before pieces are matched.
 _NORMALISATION_SLACK = 4
@@ -26,31 +21,17 @@ def check_size(tok: Tokenizer, text: str, max_model_len: int, param: str) -> Non
 
 
 def encode(tok: Tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
-    """Encode text; the literal strings of the BOS and EOS tokens (``<s>``, ``</s>``) become
-    those tokens, as Hugging Face tokenizers do (lm-evaluation-harness finds the EOS id by
-    tokenizing ``eos_token``). ``add_special_tokens`` prepends BOS."""
-    specials = {tok.bos_token: tok.bos_token_id, tok.eos_token: tok.eos_token_id}
-    specials = {s: i for s, i in specials.items() if i is not None and i >= 0 and s}
-    ids = [tok.bos_token_id] if add_special_tokens and tok.bos_token_id >= 0 else []
-    if not specials:
-        return ids + tok.encode(text, add_bos=False)
-    pattern = "(" + "|".join(re.escape(s) for s in specials) + ")"
-    for part in re.split(pattern, text):
-        if part in specials:
-            ids.append(specials[part])
-        elif part:
-            ids.extend(tok.encode(part, add_bos=False))
-    return ids
+    """Encode a request's text as Hugging Face tokenizers do: literal special tokens
+    (``<s>``, ``</s>``, ``<|im_start|>``) become those tokens (lm-evaluation-harness finds the
+    EOS id by tokenizing ``eos_token``); ``add_special_tokens`` adds BOS where the tokenizer
+    does. See ``Tokenizer.encode_prompt``."""
+    return tok.encode_prompt(text, add_special_tokens)
 
 
 def piece_text(tok: Tokenizer, token_id: int) -> str:
-    """A token's text on its own: ``▁`` is a space, byte pieces are their byte (when ASCII)."""
-    piece = tok.id_to_piece(token_id)
-    m = _BYTE_PIECE.match(piece)
-    if m:
-        b = int(m.group(1), 16)
-        return chr(b) if b < 0x80 else piece
-    return piece.replace("\u2581", " ")
+    """A token's text on its own (``Tokenizer.token_text``): ``▁``/``Ġ`` is a space, byte
+    tokens are their character when whole, else their piece (``<0xE3>``)."""
+    return tok.token_text(token_id)
 
 
 class TokenTexts:
