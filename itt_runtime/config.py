@@ -16,6 +16,11 @@ class ConfigError(ValueError):
     """A model configuration (or checkpoint) is invalid; the message names the problem."""
 
 
+class CheckpointError(ConfigError):
+    """A model directory is missing, incomplete or inconsistent (the message names the file
+    and the problem)."""
+
+
 def option(default, help: str, kind: str = "str", flag: str | None = None,
            default_text: str | None = None, choices: tuple[str, ...] | None = None):
     """A configuration field that is also a command-line flag: its default lives here once,
@@ -59,6 +64,23 @@ class RoutingCalibration:
         return row[k - 1] * (1.0 - w) + row[k] * w
 
 
+ROPE_SCALING_TYPES = ("linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling for contexts longer than pre-training (as transformers'
+    ``rope_scaling``): ``linear`` divides every frequency by ``factor``; ``llama3`` (Llama
+    3.1/3.2) divides only the low frequencies, keeps the high ones and blends in between,
+    with wavelength bounds ``original_max_position_embeddings / {low,high}_freq_factor``."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float | None = None             # llama3 only
+    high_freq_factor: float | None = None            # llama3 only
+    original_max_position_embeddings: int | None = None   # llama3 only
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 8192
@@ -79,6 +101,15 @@ class ModelConfig:
     default_think_budget: float | None = None  # None -> train_capacity
     bos_token_id: int = 1
     eos_token_id: int = 2
+    # Checkpoint features of LLaMA-family models from Hugging Face (itt_runtime/model/hf.py);
+    # an upcycled model keeps them in this format.
+    extra_eos_token_ids: tuple[int, ...] = ()  # also end generation (Llama 3's <|eot_id|> …)
+    head_dim_override: int | None = None       # HF 'head_dim' when not d_model // n_heads
+    qkv_bias: bool = False                     # Qwen2: biases on q, k and v
+    o_bias: bool = False                       # Llama 'attention_bias': q, k, v and o
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None          # Mistral/Qwen2: context must fit in it
+    torch_dtype: str | None = None             # the checkpoint's dtype (informational)
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -102,11 +133,21 @@ class ModelConfig:
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool),
                  f"'{name}' must be an integer, got {v!r}")
-        need(isinstance(self.tie_embeddings, bool),
-             f"'tie_embeddings' must be true or false, got {self.tie_embeddings!r}")
+        for name in ("tie_embeddings", "qkv_bias", "o_bias"):
+            v = getattr(self, name)
+            need(isinstance(v, bool), f"'{name}' must be true or false, got {v!r}")
+        need(all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                 for i in self.extra_eos_token_ids),
+             f"'extra_eos_token_ids' must be a list of token ids, got "
+             f"{list(self.extra_eos_token_ids)}")
+        for name in ("head_dim_override", "sliding_window"):
+            v = getattr(self, name)
+            need(v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
+                 f"'{name}' must be a positive integer or null, got {v!r}")
+        self._check_rope_scaling(need)
         need(all(isinstance(i, int) and not isinstance(i, bool) for i in self.itt_layers),
              f"'itt_layers' must be a list of integer layer indices, got {list(self.itt_layers)}")
-        need(self.d_model % self.n_heads == 0,
+        need(self.head_dim_override is not None or self.d_model % self.n_heads == 0,
              f"'d_model' ({self.d_model}) must be divisible by 'n_heads' ({self.n_heads})")
         need(self.n_heads % self.n_kv_heads == 0,
              f"'n_heads' ({self.n_heads}) must be divisible by 'n_kv_heads' ({self.n_kv_heads})")
@@ -141,10 +182,40 @@ class ModelConfig:
                  f"'calibration.thresholds' must have shape (itt layers, think_steps-1, budgets)"
                  f" = {shape}, got {got}")
 
+    def _check_rope_scaling(self, need) -> None:
+        rs = self.rope_scaling
+        if rs is None:
+            return
+        need(rs.rope_type in ROPE_SCALING_TYPES,
+             f"'rope_scaling' type {rs.rope_type!r} is not supported (supported: "
+             f"{', '.join(ROPE_SCALING_TYPES)})")
+        need(isinstance(rs.factor, (int, float)) and not isinstance(rs.factor, bool)
+             and rs.factor >= 1.0, f"'rope_scaling.factor' must be a number >= 1, got "
+             f"{rs.factor!r}")
+        if rs.rope_type == "llama3":
+            lo, hi = rs.low_freq_factor, rs.high_freq_factor
+            need(all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                     for v in (lo, hi)) and lo < hi,      # type: ignore[operator]
+                 "'rope_scaling' llama3 needs 0 < low_freq_factor < high_freq_factor, got "
+                 f"{lo!r}, {hi!r}")
+            n = rs.original_max_position_embeddings
+            need(isinstance(n, int) and not isinstance(n, bool) and n > 0,
+                 "'rope_scaling.original_max_position_embeddings' must be a positive integer, "
+                 f"got {n!r}")
+
     # ---- derived values -------------------------------------------------------------
     @property
     def head_dim(self) -> int:
+        if self.head_dim_override is not None:
+            return self.head_dim_override
         return self.d_model // self.n_heads
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every token id that ends generation: ``eos_token_id`` first (a negative
+        ``eos_token_id``, from a checkpoint that names none, is left out)."""
+        first = (self.eos_token_id,) if self.eos_token_id >= 0 else ()
+        return (*first, *(i for i in self.extra_eos_token_ids if i != self.eos_token_id))
 
     @property
     def n_routed_steps(self) -> int:
@@ -193,6 +264,12 @@ class ModelConfig:
         d = asdict(self)
         d.pop("extra")
         d["itt_layers"] = list(self.itt_layers)
+        d["extra_eos_token_ids"] = list(self.extra_eos_token_ids)
+        # Features a model does not use are left out, so older readers still load it.
+        for name in ("extra_eos_token_ids", "head_dim_override", "qkv_bias", "o_bias",
+                     "rope_scaling", "sliding_window", "torch_dtype"):
+            if getattr(self, name) == self.__dataclass_fields__[name].default:
+                del d[name]
         if self.calibration is not None:
             d["calibration"] = {
                 "budgets": list(self.calibration.budgets),
@@ -218,6 +295,16 @@ class ModelConfig:
             if not isinstance(raw["itt_layers"], list):
                 raise ConfigError("config.json: 'itt_layers' must be a list of layer indices")
             raw["itt_layers"] = tuple(raw["itt_layers"])
+        if "extra_eos_token_ids" in raw:
+            if not isinstance(raw["extra_eos_token_ids"], list):
+                raise ConfigError("config.json: 'extra_eos_token_ids' must be a list of ids")
+            raw["extra_eos_token_ids"] = tuple(raw["extra_eos_token_ids"])
+        rs = raw.get("rope_scaling")
+        if rs is not None:
+            try:
+                raw["rope_scaling"] = RopeScaling(**rs)
+            except TypeError as e:
+                raise ConfigError(f"config.json: malformed 'rope_scaling' ({e})") from None
         cal = raw.get("calibration")
         if cal is not None:
             try:

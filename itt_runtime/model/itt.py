@@ -128,7 +128,8 @@ class ITTModel(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size,
                                                                  bias=False)
-        self.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
+                             cfg.rope_scaling)
         self.history: list[dict] = []       # training log, set by the trainer
         self.finished = True                # False: a training run stopped early
 

@@ -7,11 +7,13 @@ every operation except how attention gathers its keys and values.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from itt_runtime.config import ModelConfig
+from itt_runtime.config import ModelConfig, RopeScaling
 
 
 class RMSNorm(nn.Module):
@@ -29,12 +31,41 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def rope_inv_freq(head_dim: int, theta: float,
+                  scaling: RopeScaling | None = None) -> torch.Tensor:
+    """RoPE's inverse frequencies (D/2,), fp32, with the checkpoint's frequency scaling.
+
+    ``llama3`` (Llama 3.1/3.2): with L = original_max_position_embeddings, a frequency whose
+    wavelength 2π/f is longer than L/low_freq_factor is divided by ``factor``; one shorter
+    than L/high_freq_factor is kept; in between it is blended, with the weight of the kept
+    frequency rising linearly in L/wavelength from low_freq_factor to high_freq_factor.
+    Same fp32 operations as transformers, so the tables agree to the last bit."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":          # positions divided by factor, equivalently
+        return inv_freq / scaling.factor
+    assert scaling.rope_type == "llama3", scaling.rope_type      # ModelConfig validated it
+    assert scaling.low_freq_factor is not None and scaling.high_freq_factor is not None
+    assert scaling.original_max_position_embeddings is not None
+    factor, lo, hi = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    old_len = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    long_wave = wavelen > old_len / lo                                   # divided by factor
+    short_wave = wavelen < old_len / hi                                  # kept
+    scaled = torch.where(long_wave, inv_freq / factor, inv_freq)
+    keep = (old_len / wavelen - lo) / (hi - lo)                          # 0 … 1 in between
+    blended = (1 - keep) * scaled / factor + keep * scaled
+    return torch.where(~short_wave & ~long_wave, blended, scaled)
+
+
 class Rotary(nn.Module):
     """cos/sin tables for RoPE (the "rotate half" layout used by LLaMA and HF)."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+    def __init__(self, head_dim: int, max_positions: int, theta: float,
+                 scaling: RopeScaling | None = None) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        inv_freq = rope_inv_freq(head_dim, theta, scaling)
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)                      # (P, D/2)
         emb = torch.cat([freqs, freqs], dim=-1)               # (P, D)
@@ -64,22 +95,25 @@ class Block(nn.Module):
         d, hd = cfg.d_model, cfg.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
         self.attn_norm = RMSNorm(d, cfg.norm_eps)
-        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        qkv_bias = cfg.qkv_bias or cfg.o_bias                # o_bias: Llama's attention_bias
+        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=cfg.o_bias)
         self.mlp_norm = RMSNorm(d, cfg.norm_eps)
         self.gate_proj = nn.Linear(d, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(d, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, d, bias=False)
         self.fused: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.fused_qkv_bias: torch.Tensor | None = None
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
         """For inference, once, after the weights are loaded and placed: q|k|v and gate|up
         become one weight each (one matmul instead of three and two), and the separate
-        projections' weights become views into them, so every weight is held once. Moving
-        the block afterwards (``.to``) would copy the views apart: fuse last."""
+        projections' weights become views into them, so every weight is held once (q|k|v
+        biases likewise). Moving the block afterwards (``.to``) would copy the views apart:
+        fuse last."""
         if self.fused is not None:
             return
         nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
@@ -90,6 +124,12 @@ class Block(nn.Module):
             proj.weight = nn.Parameter(w, requires_grad=False)
         for proj, w in zip((self.gate_proj, self.up_proj), gate_up.split([ffn, ffn])):
             proj.weight = nn.Parameter(w, requires_grad=False)
+        if self.q_proj.bias is not None:
+            bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+            for proj, b in zip((self.q_proj, self.k_proj, self.v_proj),
+                               bias.split([nq, nkv, nkv])):
+                proj.bias = nn.Parameter(b, requires_grad=False)
+            self.fused_qkv_bias = bias
         self.fused = (qkv, gate_up)
 
     def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -99,7 +139,8 @@ class Block(nn.Module):
         if self.fused is not None:
             nq = self.n_heads * self.head_dim
             nkv = self.n_kv_heads * self.head_dim
-            q, k, v = F.linear(h, self.fused[0]).split([nq, nkv, nkv], dim=-1)
+            q, k, v = F.linear(h, self.fused[0], self.fused_qkv_bias).split([nq, nkv, nkv],
+                                                                           dim=-1)
         else:
             q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
         q = q.reshape(*shape, self.n_heads, self.head_dim)
