@@ -136,12 +136,21 @@ class Scheduler:
                 continue
             break                                   # seq itself was preempted
 
+        # Blocks this step computes for the first time, by key: a waiting request whose next
+        # block is one of them waits a step and then adopts it instead of computing it again.
+        in_flight = self._blocks_in_flight(scheduled)
+        deferred: list[Sequence] = []
+
         # 2. waiting requests, first come first served; none if anything was preempted
         while self.waiting and token_budget > 0 and not preempted \
                 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             queried = self._may_use_cache(seq)
             node = self._cached_prefix(seq) if queried else None
+            if queried and len(deferred) < self.max_num_seqs \
+                    and self._next_block_in_flight(seq, node, in_flight):
+                deferred.append(self.waiting.popleft())
+                continue
             computed = node.num_tokens if node else seq.num_computed_tokens
             remaining = seq.num_tokens - computed
             n = min(remaining, token_budget)
@@ -160,6 +169,9 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n, kv, block_copies=copies))
             token_budget -= n
+            if queried:
+                in_flight.update(self._blocks_in_flight(scheduled[-1:]))
+        self.waiting.extendleft(reversed(deferred))             # at the front, in order
         for s in scheduled:
             s.logit_positions = logit_positions(s.seq, s.num_new_tokens, s.samples)
         return SchedulerOutput(scheduled)
@@ -229,9 +241,50 @@ class Scheduler:
         cache = self.kv.prefix_cache
         assert cache is not None
         wants_lp = seq.wants_prompt_logprobs
-        limit = (seq.num_prompt_tokens if wants_lp else seq.num_tokens) - 1
+        limit = self._reusable_tokens(seq)
         hashes = self._block_hashes(seq, limit // self.kv.block_size)
         return cache.lookup(hashes, limit, seq.params.prompt_logprobs if wants_lp else None)
+
+    @staticmethod
+    def _reusable_tokens(seq: Sequence) -> int:
+        """The most tokens of ``seq`` a cached prefix may cover: all but the last (or, for
+        prompt logprobs, all but the prompt's last)."""
+        return (seq.num_prompt_tokens if seq.wants_prompt_logprobs else seq.num_tokens) - 1
+
+    def _blocks_in_flight(self, scheduled: list[ScheduledSeq]) -> dict[bytes, int | None]:
+        """Keys of the full blocks that multi-token rows of ``scheduled`` complete this step
+        and will cache, each with the prompt-logprobs top-k its node will carry (None: none).
+        Single-token (decode) rows are left out: they rarely complete a block another request
+        is waiting for, and this runs every step."""
+        if self.kv.prefix_cache is None:
+            return {}
+        bs, out = self.kv.block_size, {}
+        for s in scheduled:
+            seq = s.seq
+            if s.num_new_tokens < 2 or seq.budget_changed:
+                continue
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + s.num_new_tokens
+            k = seq.params.prompt_logprobs if seq.wants_prompt_logprobs else None
+            hashes = self._block_hashes(seq, end // bs)
+            for h in hashes[start // bs:]:
+                out[h] = k
+        return out
+
+    def _next_block_in_flight(self, seq: Sequence, node: CacheNode | None,
+                              in_flight: dict[bytes, int | None]) -> bool:
+        """Whether the first block ``seq`` would compute is being computed this step by
+        another request, in a form ``seq`` can adopt next step (same key, and the prompt
+        logprobs it needs). Requests that share a prompt and arrive together (lm-eval's
+        continuations of one context, a burst behind one system prompt) then compute the
+        shared part once instead of once each."""
+        if not in_flight:
+            return False
+        bs = self.kv.block_size
+        nxt = (node.num_tokens if node else 0) // bs
+        hashes = self._block_hashes(seq, self._reusable_tokens(seq) // bs)
+        if nxt >= len(hashes) or hashes[nxt] not in in_flight:
+            return False
+        return not seq.wants_prompt_logprobs or in_flight[hashes[nxt]] == seq.params.prompt_logprobs
 
     def _adopt(self, seq: Sequence, node: CacheNode) -> list[tuple[int, int]]:
         copies = self.kv.adopt(seq.seq_id, node)

@@ -222,6 +222,41 @@ def test_prompt_logprobs_come_back_from_the_cache(tiny_model_dir, shared_prompts
             assert a.keys() == b.keys() and max(abs(a[t] - b[t]) for t in b) <= 1e-4
 
 
+def test_requests_arriving_together_compute_their_shared_prefix_once(tiny_model_dir,
+                                                                     shared_prompts):
+    """Four continuations of one context added in the same step (lm-eval sends them as one
+    batch): the first computes the shared blocks, the others wait one step and adopt them.
+    A request with another prefix is admitted meanwhile; outputs equal a cold cache's."""
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=2,
+                            prompt_logprobs=1)
+    other = shared_prompts[0][::-1][:40]                     # shares no block with the rest
+    prompts = [*shared_prompts, other]
+    cold_engine = LLMEngine(EngineConfig(model=str(tiny_model_dir),
+                                         enable_prefix_caching=False))
+    cold = run(cold_engine, prompts, params)
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir)))
+    for i, p in enumerate(prompts):
+        engine.add_request(f"t-{i}", p, params)
+    warm: dict = {}
+
+    def step() -> None:
+        for out in engine.step():
+            i = int(out.request_id.split("-")[1])
+            toks, think, lps, _ = warm.get(i, ([], [], [], 0))
+            c = out.outputs[0]
+            warm[i] = (toks + c.token_ids, think + c.thinking, lps + (c.logprobs or []),
+                       out.num_cached_tokens)
+
+    step()
+    assert sorted(s.request_id for s in engine.scheduler.running) == ["t-0", "t-4"]
+    assert [s.request_id for s in engine.scheduler.waiting] == ["t-1", "t-2", "t-3"]
+    while engine.has_unfinished():
+        step()
+    assert_same(warm, cold)
+    assert [warm[i][3] for i in range(5)] == [0, 32, 32, 32, 0]
+    assert engine.stats().tokens_computed < cold_engine.stats().tokens_computed - 3 * 32 + 1
+
+
 # ---- randomized sharing, aborts and preemptions ---------------------------------------------
 def check_reference_counts(engine: LLMEngine) -> None:
     """Every block's count equals its holders: sequences (tables and pending copy sources)
