@@ -1,5 +1,13 @@
 """itt-train: train a sentencepiece tokenizer and an ITT (or dense) model from text files,
-or (``--task arith``) from the synthetic arithmetic stream of training/tasks.py."""
+or (``--task arith``) from the synthetic arithmetic stream of training/tasks.py.
+
+``--init DIR`` continues training from a checkpoint (dense, ITT, or an upcycled dense model,
+see training/upcycle.py) with the same schedule, checkpointing and calibration. The
+architecture and tokenizer then come from DIR: a shape flag that disagrees with DIR is an
+error (as a serving engine refuses a config that contradicts the checkpoint), one that agrees
+is accepted. ``--router-warmup-steps K`` trains only φ and the routers for the first K steps,
+and ``--itt-lr-mult`` scales their learning rate (see ``optimizer_for`` in trainer.py and
+docs/MODEL_CARD_UPCYCLE.md for why an upcycled model wants both)."""
 
 from __future__ import annotations
 
@@ -12,13 +20,19 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from itt_runtime.config import ModelConfig
+from itt_runtime.config import ConfigError, ModelConfig
 from itt_runtime.data import encode_corpus, eval_windows
 from itt_runtime.model.itt import ITTModel
-from itt_runtime.model.loader import save_model
+from itt_runtime.model.loader import load_model, save_model
 from itt_runtime.tokenizer import Tokenizer
 from itt_runtime.training.calibrate import calibrate
 from itt_runtime.training.trainer import TrainConfig, train
+from itt_runtime.training.upcycle import write_checkpoint
+
+# Shape flags: their defaults (a fresh model); with --init the checkpoint decides instead.
+ARCH_DEFAULTS = {"vocab_size": 8192, "d_model": 256, "n_layers": 8, "n_heads": 8,
+                 "n_kv_heads": 4, "ffn_dim": 688, "max_positions": 1024, "itt_layers": "odd",
+                 "think_steps": 4, "train_capacity": 0.6}
 
 
 def train_tokenizer(text_files: list[Path], vocab_size: int, out_prefix: Path) -> Path:
@@ -30,14 +44,18 @@ def train_tokenizer(text_files: list[Path], vocab_size: int, out_prefix: Path) -
     return out_prefix.with_suffix(".model")
 
 
+def parse_itt_layers(spec: str, n_layers: int) -> tuple[int, ...]:
+    """``--itt-layers``: odd, none, or a comma-separated list."""
+    if spec == "odd":
+        return tuple(range(1, n_layers, 2))
+    if spec == "none":
+        return ()
+    return tuple(int(x) for x in spec.split(","))
+
+
 def model_config(a: argparse.Namespace, tok: Tokenizer) -> ModelConfig:
     """The model the shape flags describe (``--itt-layers``: odd, none, or a list)."""
-    if a.itt_layers == "odd":
-        itt_layers = tuple(range(1, a.n_layers, 2))
-    elif a.itt_layers == "none":
-        itt_layers = ()
-    else:
-        itt_layers = tuple(int(x) for x in a.itt_layers.split(","))
+    itt_layers = parse_itt_layers(a.itt_layers, a.n_layers)
     return ModelConfig(vocab_size=tok.vocab_size, d_model=a.d_model, n_layers=a.n_layers,
                        n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, ffn_dim=a.ffn_dim,
                        max_position_embeddings=a.max_positions, itt_layers=itt_layers,
@@ -67,8 +85,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--task: largest multiplicand (× one digit); 0 = no multiplication")
     p.add_argument("--curriculum", action=argparse.BooleanOptionalAction, default=True,
                    help="--task: open digit counts gradually over the first half")
-    p.add_argument("--max-wall-s", type=float, default=0.0,
-                   help="--task: stop after this many seconds and ship (0 = no limit)")
     p.add_argument("--capacities", default="",
                    help="--task: comma-separated capacities cycled step by step (elastic "
                         "training); default: --train-capacity every step")
@@ -78,17 +94,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     p.add_argument("--work-dir", type=Path, help="checkpoints and tokenizer (default OUT.work)")
     p.add_argument("--tokenizer", type=Path, help="reuse this tokenizer.model")
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-layers", type=int, default=8)
-    p.add_argument("--n-heads", type=int, default=8)
-    p.add_argument("--n-kv-heads", type=int, default=4)
-    p.add_argument("--ffn-dim", type=int, default=688)
-    p.add_argument("--max-positions", type=int, default=1024)
-    p.add_argument("--itt-layers", default="odd",
-                   help="'odd' (every other layer, as in the paper), 'none', or e.g. '1,3,5'")
-    p.add_argument("--think-steps", type=int, default=4)
-    p.add_argument("--train-capacity", type=float, default=0.6)
+    p.add_argument("--init", type=Path,
+                   help="continue from this model directory (dense or ITT); its architecture "
+                        "and tokenizer are used, and shape flags must agree with it")
+    help_ = {"itt_layers": "'odd' (every other layer, as in the paper), 'none', or e.g. '1,3,5'"}
+    for name, default in ARCH_DEFAULTS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=None,
+                       help=f"{help_.get(name, '')} (default {default})".strip())
     p.add_argument("--ship-dtype", choices=["float32", "bfloat16"], default="bfloat16")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -96,7 +108,31 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
             p.add_argument(flag, type=type(f.default), default=f.default)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.arch_given = {k: getattr(a, k) for k in ARCH_DEFAULTS if getattr(a, k) is not None}
+    for name, default in ARCH_DEFAULTS.items():
+        if getattr(a, name) is None:
+            setattr(a, name, default)
+    return a
+
+
+def init_conflicts(a: argparse.Namespace, cfg: ModelConfig) -> list[str]:
+    """Shape flags given on the command line that disagree with the --init checkpoint."""
+    have: dict[str, object] = {
+            "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+            "n_kv_heads": cfg.n_kv_heads, "ffn_dim": cfg.ffn_dim,
+            "max_positions": cfg.max_position_embeddings, "vocab_size": cfg.vocab_size,
+            "itt_layers": cfg.itt_layers, "think_steps": cfg.think_steps,
+            "train_capacity": cfg.train_capacity}
+    out = []
+    for name, given in a.arch_given.items():
+        want = parse_itt_layers(given, cfg.n_layers) if name == "itt_layers" else given
+        if name in ("think_steps", "train_capacity") and not cfg.is_itt:
+            continue                                 # meaningless for a dense model
+        if want != have[name]:
+            out.append(f"--{name.replace('_', '-')} {given} (the checkpoint has "
+                       f"{list(cfg.itt_layers) if name == 'itt_layers' else have[name]})")
+    return out
 
 
 def main(argv=None) -> int:
@@ -107,15 +143,33 @@ def main(argv=None) -> int:
     if not a.train or not a.heldout:
         print("itt-train: --train and --heldout are required (or --task)", file=sys.stderr)
         return 2
+    init: ITTModel | None = None
+    if a.init is not None:
+        try:
+            init, tok = load_model(a.init)
+        except ConfigError as e:
+            print(f"itt-train: error: --init: {e}", file=sys.stderr)
+            return 2
+        conflicts = init_conflicts(a, init.cfg)
+        if a.tokenizer is not None:
+            conflicts.append(f"--tokenizer {a.tokenizer} (the checkpoint has its own)")
+        if conflicts:
+            print(f"itt-train: error: --init {a.init} fixes the architecture and tokenizer; "
+                  f"drop {'; '.join(conflicts)} (itt-upcycle makes ITT layers)",
+                  file=sys.stderr)
+            return 2
     work = a.work_dir or a.out.with_name(a.out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    tok_file = a.tokenizer or work / "tokenizer.model"
-    if not Path(tok_file).exists():
-        print(f"training tokenizer ({a.vocab_size} pieces) …", file=sys.stderr)
-        tok_file = train_tokenizer(a.train, a.vocab_size, work / "tokenizer")
-    tok = Tokenizer(tok_file)
-    cfg = model_config(a, tok)
+    if init is not None:
+        cfg, tok_file = init.cfg, a.init / "tokenizer.model"
+    else:
+        tok_file = a.tokenizer or work / "tokenizer.model"
+        if not Path(tok_file).exists():
+            print(f"training tokenizer ({a.vocab_size} pieces) …", file=sys.stderr)
+            tok_file = train_tokenizer(a.train, a.vocab_size, work / "tokenizer")
+        tok = Tokenizer(tok_file)
+        cfg = model_config(a, tok)
     tc = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
     train_stream = torch.cat([encode_corpus(tok, f) for f in a.train])
     eval_stream = encode_corpus(tok, a.heldout)
@@ -124,7 +178,7 @@ def main(argv=None) -> int:
           f"tokens; {tc.max_steps * tc.batch_size * tc.seq_len / 1e6:.2f}M tokens to see",
           file=sys.stderr)
     model = train(cfg, tc, tok, train_stream, eval_stream, work,
-                  log=lambda m: print(m, file=sys.stderr))
+                  log=lambda m: print(m, file=sys.stderr), init=init)
     if not model.finished:
         print(f"stopped at step {tc.stop_at}; run again without --stop-at to resume",
               file=sys.stderr)
@@ -138,8 +192,12 @@ def main(argv=None) -> int:
     model.cfg = dataclasses.replace(model.cfg, extra={"_training": {
         "train_config": dataclasses.asdict(tc), "parameters": n_params,
         "train_tokens_seen": tc.max_steps * tc.batch_size * tc.seq_len,
-        "wall_time_s": round(time.time() - t_start), "history": model.history}})
-    save_model(model, tok_file, a.out, dtype=ship_dtype)
+        "wall_time_s": round(time.time() - t_start), "history": model.history,
+        **({"init": str(a.init)} if a.init else {})}})
+    if init is not None:
+        write_checkpoint(model, a.out, ship_dtype, tokenizer_from=a.init)
+    else:
+        save_model(model, tok_file, a.out, dtype=ship_dtype)
     print(f"wrote {a.out}", file=sys.stderr)
     return 0
 

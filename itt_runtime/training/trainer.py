@@ -35,6 +35,12 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     stop_at: int = 0          # > 0: save state and stop at this step (resume later)
+    max_wall_s: float = 0.0   # > 0: stop (and ship what there is) after this long
+    # Upcycled models (``itt-train --init``, training/upcycle.py): for the first
+    # router_warmup_steps steps only φ and the routers learn, and those two always learn at
+    # lr × itt_lr_mult. See ``optimizer_for``.
+    router_warmup_steps: int = 0
+    itt_lr_mult: float = 1.0
 
 
 def batches(stream: torch.Tensor, seq_len: int, batch_size: int, gen: torch.Generator):
@@ -93,25 +99,52 @@ def evaluate(model: ITTModel, windows: torch.Tensor, batch_size: int, routing=No
     return total / count
 
 
+def is_itt_param(name: str) -> bool:
+    """φ and the routers: the parameters an ITT layer adds to a dense layer."""
+    return name.endswith(".phi") or ".routers." in name
+
+
+def optimizer_for(model: ITTModel, tc) -> torch.optim.AdamW:
+    """AdamW with weight decay on the backbone's matrices only (not the routers, not φ, not
+    norms). φ and the routers form their own group, whose ``lr_mult`` (``tc.itt_lr_mult``)
+    scales the schedule: an upcycled model starts them at φ_t = 0, and Adam moves a
+    parameter by about lr per step, so at the backbone's continued-training lr φ_t would
+    stay a small fraction of φ_0 = 1 for the whole of a short run."""
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    itt: list[torch.nn.Parameter] = []
+    for n, p in model.named_parameters():
+        (itt if is_itt_param(n) else decay if p.dim() >= 2 else no_decay).append(p)
+    mult = getattr(tc, "itt_lr_mult", 1.0)
+    groups = [{"params": decay, "weight_decay": tc.weight_decay, "lr_mult": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
+              {"params": itt, "weight_decay": 0.0, "lr_mult": mult}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, betas=(0.9, 0.95),
+                             eps=1e-8)
+
+
 def new_model(cfg: ModelConfig, tc) -> tuple[ITTModel, torch.optim.AdamW]:
-    """A freshly initialised model (seeded by ``tc.seed``) and its AdamW: weight decay on the
-    matrices except the routers. ``tc``: a TrainConfig or anything with seed, lr and
-    weight_decay."""
+    """A freshly initialised model (seeded by ``tc.seed``) and its AdamW (``optimizer_for``).
+    ``tc``: a TrainConfig or anything with seed, lr and weight_decay."""
     torch.manual_seed(tc.seed)
     model = ITTModel(cfg)
     init_weights(model)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "routers" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "routers" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
-    return model, opt
+    return model, optimizer_for(model, tc)
 
 
 def train(cfg: ModelConfig, tc: TrainConfig, tok: Tokenizer, train_stream: torch.Tensor,
-          eval_stream: torch.Tensor, work_dir: Path, log=print) -> ITTModel:
-    """Train (resuming from ``work_dir/state.pt`` if present) and return the model."""
-    model, opt = new_model(cfg, tc)
+          eval_stream: torch.Tensor, work_dir: Path, log=print,
+          init: ITTModel | None = None) -> ITTModel:
+    """Train (resuming from ``work_dir/state.pt`` if present) and return the model.
+    ``init``: continue from this model's weights (``itt-train --init``) with a fresh
+    optimizer, instead of a random initialisation."""
+    if init is None:
+        model, opt = new_model(cfg, tc)
+    else:
+        torch.manual_seed(tc.seed)
+        model = init.float().train()
+        opt = optimizer_for(model, tc)
+    backbone = [p for n, p in model.named_parameters() if not is_itt_param(n)]
     gen = torch.Generator().manual_seed(tc.seed)
     step, history = 0, []
     state_file = work_dir / "state.pt"
@@ -130,15 +163,21 @@ def train(cfg: ModelConfig, tc: TrainConfig, tok: Tokenizer, train_stream: torch
     model.train()
     bar = tqdm(total=tc.max_steps, initial=step, unit="step", dynamic_ncols=True)
     t0, tokens_since = time.perf_counter(), 0
+    out_of_time = False
     while step < tc.max_steps and not (tc.stop_at and step >= tc.stop_at):
         x, y = next(data)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc)
+            g["lr"] = lr_at(step, tc) * g.get("lr_mult", 1.0)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
             out = forward(x, routing=routing)
         loss = F.cross_entropy(out.logits.flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if step < tc.router_warmup_steps:
+            # Router warm-up: AdamW skips parameters without a gradient (no update, no
+            # weight decay, no moment change), so the backbone stays exactly as loaded.
+            for p in backbone:
+                p.grad = None
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         step += 1
@@ -153,11 +192,17 @@ def train(cfg: ModelConfig, tc: TrainConfig, tok: Tokenizer, train_stream: torch
                             "eval_ppl": math.exp(ev), "elapsed_s": elapsed})
             bar.write(f"step {step}: train loss {loss.item():.3f}  held-out loss {ev:.3f} "
                       f"(ppl {math.exp(ev):.2f})")
-        if step % tc.checkpoint_every == 0 or step in (tc.max_steps, tc.stop_at):
+        out_of_time = bool(tc.max_wall_s) and elapsed > tc.max_wall_s
+        if out_of_time:
+            log(f"wall-time limit {tc.max_wall_s:.0f}s reached at step {step}; shipping")
+        if (step % tc.checkpoint_every == 0 or step in (tc.max_steps, tc.stop_at)
+                or out_of_time):
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                         "generator": gen.get_state(), "step": step, "history": history,
                         "train_config": asdict(tc)}, state_file)
+        if out_of_time:
+            break
     bar.close()
     model.history = history
-    model.finished = step >= tc.max_steps
+    model.finished = step >= tc.max_steps or out_of_time
     return model.eval()
