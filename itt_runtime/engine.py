@@ -203,6 +203,8 @@ class LLMEngine:
         waiting = self.scheduler.waiting
         oldest = now - min(s.metrics.arrival_time for s in waiting) if waiting else 0.0
         scale = self.controller.update(now, oldest)
+        if self.config.enable_chunked_prefill:
+            self.scheduler.prefill_token_cap = self.controller.prefill_cap()
         for seq in list(self.scheduler.running) + list(waiting):
             if seq.elastic:
                 self._set_budget(seq, scale)
@@ -220,7 +222,8 @@ class LLMEngine:
 
     def _observe(self, plan: SchedulerOutput, seconds: float) -> None:
         assert self.controller is not None
-        self.controller.observe_step(seconds)
+        self.controller.observe_step(
+            seconds, sum(s.num_new_tokens for s in plan.scheduled if s.num_new_tokens > 1))
         for s in plan.scheduled:
             m = s.seq.metrics
             if len(s.seq.output_token_ids) == 1 and s.samples and m.first_token_time:

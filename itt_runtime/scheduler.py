@@ -101,6 +101,10 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
+        # At most this many tokens per step for rows computing more than one token (prompt
+        # chunks); None: only the token budget limits them. Elastic thinking sets it to hold
+        # an ITL target (elastic.py); it needs chunked prefill.
+        self.prefill_token_cap: int | None = None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -115,6 +119,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         token_budget = self.max_num_batched_tokens
+        cap = self.prefill_token_cap if self.enable_chunked_prefill else None
+        prompt_budget = cap if cap is not None else token_budget
         scheduled: list[ScheduledSeq] = []
         preempted = False
 
@@ -122,7 +128,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and token_budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, token_budget)
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            n = min(remaining, token_budget)
+            if remaining > 1:                       # a prompt chunk
+                n = min(n, prompt_budget)
+                if n == 0:                          # no prompt tokens left this step
+                    i += 1
+                    continue
             while not self.kv.can_allocate(seq.seq_id, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -132,6 +144,8 @@ class Scheduler:
             else:
                 scheduled.append(ScheduledSeq(seq, n, self.kv.allocate(seq.seq_id, n)))
                 token_budget -= n
+                if remaining > 1:
+                    prompt_budget -= n
                 i += 1
                 continue
             break                                   # seq itself was preempted
@@ -153,8 +167,8 @@ class Scheduler:
                 continue
             computed = node.num_tokens if node else seq.num_computed_tokens
             remaining = seq.num_tokens - computed
-            n = min(remaining, token_budget)
-            if n < remaining and not self.enable_chunked_prefill:
+            n = min(remaining, token_budget, prompt_budget if remaining > 1 else remaining)
+            if n == 0 or (n < remaining and not self.enable_chunked_prefill):
                 break
             if not self.kv.can_allocate(seq.seq_id, n, adopting=node):
                 break
@@ -169,6 +183,8 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n, kv, block_copies=copies))
             token_budget -= n
+            if remaining > 1:
+                prompt_budget -= n
             if queried:
                 in_flight.update(self._blocks_in_flight(scheduled[-1:]))
         self.waiting.extendleft(reversed(deferred))             # at the front, in order

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from itt_runtime.config import ConfigError
-from itt_runtime.elastic import DECREASE, INCREASE, WINDOW_S, ElasticController
+from itt_runtime.elastic import (
+    DECREASE,
+    INCREASE,
+    MIN_CHUNK,
+    WINDOW_S,
+    ElasticController,
+)
 from itt_runtime.engine import EngineConfig, LLMEngine
 from itt_runtime.model.itt import ThresholdRouting
 from itt_runtime.model.loader import load_model
@@ -65,6 +71,74 @@ def test_controller_settles_without_oscillating_on_a_simulated_server():
     assert max(late) - min(late) == 0.0
     assert 0.004 + 0.016 * late[-1] <= 0.012                   # the target is held
     assert 0.004 + 0.016 * late[-1] >= 0.8 * 0.012 - 0.016 * INCREASE   # not over-throttled
+
+
+def test_the_itl_signal_is_a_tail_quantile_of_the_steps_since_the_last_change():
+    c = ElasticController(target_itl=0.050, target_ttft=None)
+    for _ in range(19):
+        c.observe_step(0.010)
+    c.observe_step(0.100)                          # one slow step in 20: below the p90
+    assert c.itl == pytest.approx(0.010)
+    c.observe_step(0.100)
+    c.observe_step(0.100)                          # three in 22: the p90 is slow
+    assert c.itl == pytest.approx(0.100)
+    assert c.update(WINDOW_S, 0.0) == pytest.approx(DECREASE)
+    c.observe_step(0.020)                          # only steps after the change count
+    assert c.itl == pytest.approx(0.020)
+
+
+def test_prompt_tokens_per_step_are_capped_to_fit_the_itl_target():
+    c = ElasticController(target_itl=0.050, target_ttft=None)
+    assert c.prefill_cap() is None                 # nothing measured yet
+    for _ in range(5):
+        c.observe_step(0.010)                      # decode-only steps: 10 ms
+        c.observe_step(0.042, prompt_tokens=64)    # + 0.5 ms per prompt token
+    # 0.8 x 50 ms leaves 30 ms after the decode rows: 60 prompt tokens.
+    assert c.prefill_cap() == 60
+    for _ in range(30):
+        c.observe_step(0.045)                      # decode alone near the target
+    assert c.prefill_cap() == MIN_CHUNK            # prompts still progress
+    assert ElasticController(target_itl=None, target_ttft=1.0).prefill_cap() is None
+
+
+def test_a_prompt_cap_chunks_prompts_but_never_decode_rows(tiny_model_dir):
+    """With a cap, a long prompt arriving while others decode is computed in chunks of at
+    most the cap, every decode row is still served every step, and outputs are unchanged."""
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
+    prompts = [list(range(5, 15)), list(range(20, 90)), list(range(100, 160))]
+
+    def run(cap):
+        engine = LLMEngine(EngineConfig(model=str(tiny_model_dir)))
+        engine.scheduler.prefill_token_cap = cap
+        engine.add_request("r0", prompts[0], params)
+        outs: dict = {}
+        for step in itertools.count():
+            if step == 2:
+                engine.add_request("r1", prompts[1], params)
+                engine.add_request("r2", prompts[2], params)
+            plan = engine.scheduler.schedule()
+            if not plan.scheduled:
+                break
+            if cap is not None:
+                chunk = sum(s.num_new_tokens for s in plan.scheduled if s.num_new_tokens > 1)
+                assert chunk <= cap
+                assert all(s.num_new_tokens == 1 for s in plan.scheduled
+                           if s.seq.output_token_ids)               # decode rows: one each
+            decoding = {s.request_id for s in engine.scheduler.running if s.output_token_ids}
+            assert decoding <= {s.seq.request_id for s in plan.scheduled}
+            for out in engine._update(plan, engine.runner.execute_model(plan)):
+                c = out.outputs[0]
+                toks, lps = outs.get(out.request_id, ([], []))
+                outs[out.request_id] = (toks + c.token_ids, lps + (c.logprobs or []))
+        return outs, step
+
+    free, free_steps = run(None)
+    capped, capped_steps = run(16)
+    assert capped_steps > free_steps                   # the prompts took more steps
+    for rid, (toks, lps) in free.items():
+        assert capped[rid][0] == toks
+        for a, b in zip(capped[rid][1], lps):
+            assert a.keys() == b.keys() and max(abs(a[t] - b[t]) for t in b) <= 1e-4
 
 
 # ---- the engine -----------------------------------------------------------------------------
