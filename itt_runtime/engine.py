@@ -10,14 +10,16 @@ import bisect
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from itt_runtime.config import ConfigError
+from itt_runtime.config import CheckpointError, ConfigError
 from itt_runtime.elastic import ElasticController
 from itt_runtime.engine_config import STEP_TOKEN_BUCKETS, EngineConfig, EngineInfo, EngineStats
 from itt_runtime.kv_cache.block_pool import BlockPool
 from itt_runtime.kv_cache.manager import KVCacheManager, cdiv
+from itt_runtime.model.hf import GENERATION_FILE, read_generation_config
 from itt_runtime.model.loader import load_model, resolve_model_path
 from itt_runtime.output_processor import make_delta, make_request_output
 from itt_runtime.outputs import RequestMetrics, RequestOutput
@@ -54,6 +56,18 @@ class LLMEngine:
         if not 1 <= self.max_model_len <= mc.max_position_embeddings:
             raise ConfigError(f"max_model_len {self.max_model_len} must be in [1, "
                               f"{mc.max_position_embeddings}] (the model's max positions)")
+        if mc.sliding_window is not None and self.max_model_len > mc.sliding_window:
+            # Full attention equals the checkpoint's sliding-window attention only while the
+            # context fits in the window.
+            raise ConfigError(f"{self.model_path / 'config.json'}: 'sliding_window' "
+                              f"{mc.sliding_window} (sliding-window attention) is not supported "
+                              f"beyond the window; serve with --max-model-len "
+                              f"{mc.sliding_window} or less (asked: {self.max_model_len})")
+        # Every id that ends generation: the tokenizer's EOS, config.json's eos_token_id (an
+        # int or a list) and generation_config.json's.
+        self.eos_token_ids = frozenset(
+            i for i in (self.tokenizer.eos_token_id, *mc.eos_token_ids) if i >= 0)
+        generation = read_generation_config(self._generation_config_dir())
         block_bytes = KVCache.bytes_per_block(config.block_size, mc.n_kv_heads, mc.head_dim,
                                               self.dtype)
         num_blocks = self._kv_bytes() // block_bytes - 1        # one scratch block, see KVCache
@@ -67,9 +81,9 @@ class LLMEngine:
                                  mc.n_layers, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill, self.tokenizer,
-                                   self.max_model_len)
+                                   self.max_model_len, self.eos_token_ids)
         self.runner = ModelRunner(
-            self.model, self.cache, Sampler(self.tokenizer.eos_token_id, config.seed),
+            self.model, self.cache, Sampler(self.eos_token_ids, config.seed),
             config.routed_compute,
             use_graphs=self.device.type == "cuda" and not config.enforce_eager,
             max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
@@ -86,7 +100,9 @@ class LLMEngine:
             num_kv_blocks=num_blocks,
             default_think_budget=(mc.default_budget if config.default_think_budget is None
                                   else config.default_think_budget),
-            enable_prefix_caching=config.enable_prefix_caching)
+            enable_prefix_caching=config.enable_prefix_caching,
+            sampling_defaults=({} if config.generation_config == "vllm"
+                               else dict(generation.sampling_defaults)))
         self.step_token_counts = [0] * (len(STEP_TOKEN_BUCKETS) + 1)
         self.step_token_sum = 0
         log.info("loaded %s (%s, %d layers, ITT layers %s x%d) on %s as %s; %d KV blocks of "
@@ -94,6 +110,17 @@ class LLMEngine:
                  mc.n_layers, list(mc.itt_layers), mc.think_steps, self.device,
                  str(self.dtype).replace("torch.", ""), num_blocks, config.block_size,
                  self.kv_cache_bytes / 2**20)
+
+    def _generation_config_dir(self) -> Path:
+        """Where generation_config.json is read from: the model directory ("auto", and for
+        "vllm" too, whose eos ids still count, as in vLLM) or the folder given."""
+        if self.config.generation_config in ("auto", "vllm"):
+            return self.model_path
+        folder = Path(self.config.generation_config).expanduser()
+        if not (folder / GENERATION_FILE).is_file():
+            raise CheckpointError(f"--generation-config {str(folder)!r}: no {GENERATION_FILE} "
+                                  "there")
+        return folder
 
     def _kv_bytes(self) -> int:
         if self.config.kv_cache_memory is not None:
@@ -277,7 +304,7 @@ class LLMEngine:
         """Run one token of a throwaway sequence through the model and the sampler; False if
         that fails too (the engine, not a request, is broken). True if there is no room."""
         seq = Sequence(seq_id="\x00probe", request_id="\x00probe", index=0,
-                       prompt_token_ids=[self.tokenizer.bos_token_id],
+                       prompt_token_ids=[max(self.tokenizer.bos_token_id, 0)],  # no BOS: id 0
                        params=SamplingParams(max_tokens=1, temperature=0.0),
                        think_budget=1.0, thresholds=self.model_config.thresholds_for(1.0))
         if not self.kv.can_allocate(seq.seq_id, 1):

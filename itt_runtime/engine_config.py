@@ -63,6 +63,10 @@ class EngineConfig:
                                          "(ms)", "milliseconds", default_text="none")
     target_ttft_ms: float | None = option(None, "elastic thinking: time-to-first-token "
                                           "target (ms)", "milliseconds", default_text="none")
+    generation_config: str = option(
+        "auto", "sampling defaults for fields a request leaves unset: auto (the model's "
+        "generation_config.json), vllm (none: the API's defaults) or a folder holding a "
+        "generation_config.json; its eos ids always end generation")
     enable_prefix_caching: bool = option(
         True, "reuse the KV streams of cached prompt prefixes (same tokens, same routing "
         "thresholds)", "bool")
@@ -117,6 +121,9 @@ class EngineInfo:
     num_kv_blocks: int
     default_think_budget: float              # of requests that set none
     enable_prefix_caching: bool = False
+    # generation_config.json's sampling defaults (SamplingParams field -> value), applied to
+    # fields a request leaves unset; empty with --generation-config vllm.
+    sampling_defaults: dict = field(default_factory=dict)
 
     def think_budget(self, params: SamplingParams) -> float:
         """The think budget a request runs at: its own, or the default."""

@@ -41,12 +41,17 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """``SamplingParams()`` with the model's generation_config.json defaults (as vLLM's
+        ``LLM.get_default_sampling_params``); what ``generate`` uses when given none."""
+        return SamplingParams(**self.engine.info.sampling_defaults)
+
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) \
             -> list[RequestOutput]:
         """``prompts``: a string, a list of strings, or a list of token-id lists."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = params or SamplingParams()
+        params = params or self.get_default_sampling_params()
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         ids = []
         for prompt, p in zip(prompts, params_list):

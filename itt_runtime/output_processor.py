@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 
 from itt_runtime import structured_output
 from itt_runtime.outputs import CompletionOutput, RequestOutput
@@ -11,8 +12,11 @@ from itt_runtime.tokenizer import Tokenizer
 
 
 def append_token(seq: Sequence, token: int, extra_steps: int, logprobs: dict[int, float],
-                 tok: Tokenizer, max_model_len: int) -> None:
-    """Record one sampled token and set ``finish_reason`` if the sequence is done."""
+                 tok: Tokenizer, max_model_len: int,
+                 eos_token_ids: Collection[int] | None = None) -> None:
+    """Record one sampled token and set ``finish_reason`` if the sequence is done.
+    ``eos_token_ids``: every id that ends generation (default: the tokenizer's EOS)."""
+    eos = (tok.eos_token_id,) if eos_token_ids is None else eos_token_ids
     p = seq.params
     now = time.time()
     if seq.metrics.first_token_time is None:
@@ -26,7 +30,7 @@ def append_token(seq: Sequence, token: int, extra_steps: int, logprobs: dict[int
         seq.cumulative_logprob += logprobs[token]
     if seq.detokenizer is None:
         seq.detokenizer = tok.incremental(seq.prompt_token_ids)
-    is_special = token in (tok.eos_token_id, tok.bos_token_id)
+    is_special = token in eos or token == tok.bos_token_id
     delta = "" if is_special and p.skip_special_tokens else seq.detokenizer.add([token])
     seq.text += delta
     if p.grammar is not None and structured_output.accept(seq, token):
@@ -34,7 +38,7 @@ def append_token(seq: Sequence, token: int, extra_steps: int, logprobs: dict[int
         return
     n_out = len(seq.output_token_ids)
     if n_out >= p.min_tokens:
-        if token == tok.eos_token_id and not p.ignore_eos:
+        if token in eos and not p.ignore_eos:
             seq.finish_reason, seq.stop_reason = "stop", None
             return
         if token in p.stop_token_ids:

@@ -10,6 +10,8 @@ raw distribution (as vLLM does by default), not the processed one.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from itt_runtime import structured_output
@@ -39,8 +41,10 @@ def logprob_entries(logprobs: torch.Tensor, chosen: torch.Tensor, ks: list[int])
 
 
 class Sampler:
-    def __init__(self, eos_token_id: int, seed: int = 0) -> None:
-        self.eos_token_id = eos_token_id
+    def __init__(self, eos_token_ids: int | Collection[int], seed: int = 0) -> None:
+        """``eos_token_ids``: the ids that end generation (kept out while min_tokens holds)."""
+        self.eos_token_ids = ([eos_token_ids] if isinstance(eos_token_ids, int)
+                              else sorted(eos_token_ids))
         self.generator: torch.Generator | None = None
         self.seed = seed
 
@@ -58,7 +62,7 @@ class Sampler:
         for i, seq in enumerate(seqs):
             p = seq.params
             if len(seq.output_token_ids) < p.min_tokens:
-                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else [self.eos_token_id])
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
                 logits[i, banned] = -float("inf")
         rows = [i for i, s in enumerate(seqs) if s.params.grammar is not None]
         if rows:                    # structured outputs: only what each grammar allows next

@@ -94,9 +94,11 @@ class RunnerOutput:
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_chunked_prefill: bool = True, tokenizer: Tokenizer | None = None,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None,
+                 eos_token_ids: frozenset[int] | None = None) -> None:
         self.kv = kv
         self.tokenizer = tokenizer                  # for update_from_output (detokenizing)
+        self.eos_token_ids = eos_token_ids          # None: the tokenizer's EOS alone
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -222,7 +224,7 @@ class Scheduler:
                 continue
             try:
                 append_token(seq, t.token, t.extra_steps, t.logprobs, self.tokenizer,
-                             self.max_model_len)
+                             self.max_model_len, self.eos_token_ids)
             except Exception as error:           # noqa: BLE001 - fails this request only
                 failed[seq.request_id] = error
                 continue

@@ -61,7 +61,8 @@ class CompletionHandler:
                                  logprobs=req.logprobs,
                                  prompt_logprobs=echo_lp if echo_lp is not None
                                  else req.prompt_logprobs,
-                                 grammar=grammar)
+                                 grammar=grammar,
+                                 defaults=self.client.info.sampling_defaults)
         for p in prompts:
             self.client.validate(p.ids, params)
         usage = UsageCounter(self.client.budget(params), self.client.model_config.max_extra_steps)

@@ -4,7 +4,9 @@ ITT's ``thinking`` summary, and response ids."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from typing import Any
 
 from itt_runtime.sampling_params import ParamError, SamplingParams
 from itt_runtime.structured_output import CompiledGrammar
@@ -31,10 +33,14 @@ def check_model(requested: str | None, served: list[str]) -> str:
 def sampling_params(req: GenerationRequest, max_tokens: int, logprobs: int | None = None,
                     prompt_logprobs: int | None = None,
                     extra_stop: Iterable[str] = (),
-                    grammar: CompiledGrammar | None = None) -> SamplingParams:
-    """The engine's parameters for a request; a bad value is a 400 naming it."""
+                    grammar: CompiledGrammar | None = None,
+                    defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+    """The engine's parameters for a request; a bad value is a 400 naming it. ``defaults``:
+    the model's sampling defaults (generation_config.json, ``EngineInfo.sampling_defaults``)
+    for the fields the request leaves unset, as vLLM's ``--generation-config auto``."""
+    unset = {k: v for k, v in (defaults or {}).items() if k not in req.model_fields_set}
     try:
-        return SamplingParams(
+        params = SamplingParams(
             max_tokens=max_tokens, min_tokens=req.min_tokens, temperature=req.temperature,
             top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
@@ -45,6 +51,9 @@ def sampling_params(req: GenerationRequest, max_tokens: int, logprobs: int | Non
             think_budget=req.think_budget, min_think_budget=req.min_think_budget,
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output, grammar=grammar)
+        if unset:
+            params = replace(params, **unset)
+        return params
     except ParamError as e:
         raise from_param_error(e) from None
 

@@ -44,6 +44,15 @@ def is_hf_config(raw: object) -> bool:
     return isinstance(raw, dict) and raw.get("model_type") != "itt" and "architectures" in raw
 
 
+def is_hf_dir(path: Path) -> bool:
+    """Whether directory ``path`` holds a Hugging Face checkpoint (its tensor names need
+    ``itt_name``); False for this project's format or an unreadable config."""
+    try:
+        return is_hf_config(json.loads((path / "config.json").read_text()))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
 def read_json(file: Path) -> dict:
     try:
         raw = json.loads(file.read_text())
@@ -115,8 +124,7 @@ def config_from_hf(raw: dict, file: Path,
             o_bias=arch == "LlamaForCausalLM" and get("attention_bias", False, bool),
             rope_scaling=scaling,
             sliding_window=window if window is not None and window < max_pos else None,
-            torch_dtype=dtype if isinstance(dtype, str) else None,
-            extra={"_architecture": arch})
+            torch_dtype=dtype if isinstance(dtype, str) else None)
     except ConfigError as e:
         fail(str(e).removeprefix("config.json: "))
 

@@ -65,12 +65,19 @@ class Rotary(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling: RopeScaling | None = None) -> None:
         super().__init__()
+        self.cos: torch.Tensor
+        self.sin: torch.Tensor
+        if torch.get_default_device().type == "meta":
+            # Shapes only, for a model built on the meta device (the loader builds the real
+            # tables); computing them there would load torch's meta kernels for seconds.
+            for name in ("cos", "sin"):
+                self.register_buffer(name, torch.empty(max_positions, head_dim),
+                                     persistent=False)
+            return
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)                      # (P, D/2)
         emb = torch.cat([freqs, freqs], dim=-1)               # (P, D)
-        self.cos: torch.Tensor
-        self.sin: torch.Tensor
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 

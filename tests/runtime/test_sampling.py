@@ -121,7 +121,7 @@ def test_penalties_change_distribution(tiny_model_dir):
     logits = torch.randn(1, 32)
     logits[0, 9] = 3.0
     logits[0, 5] = -1.0
-    out = Sampler(eos_token_id=2)._apply_penalties(logits.clone(), [seq])
+    out = Sampler(eos_token_ids=2)._apply_penalties(logits.clone(), [seq])
     assert out[0, 9].item() == pytest.approx(3.0 / 2.0 - 2 * 1.0 - 0.5)
     assert out[0, 5].item() == pytest.approx(-2.0)
     assert out[0, 10].item() == pytest.approx(logits[0, 10].item())
@@ -181,7 +181,7 @@ N_DRAWS = 20000
 def draws(**params) -> torch.Tensor:
     seq = Sequence("s", "s", 0, [1], SamplingParams(**params), 0.0, [])
     logits = PROBS.log().expand(N_DRAWS, -1).contiguous()
-    tokens, logprobs = Sampler(eos_token_id=0, seed=0)(logits, [seq] * N_DRAWS)
+    tokens, logprobs = Sampler(eos_token_ids=0, seed=0)(logits, [seq] * N_DRAWS)
     assert logprobs is None
     return torch.bincount(tokens, minlength=len(PROBS)).double() / N_DRAWS
 
