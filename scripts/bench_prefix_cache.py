@@ -170,27 +170,41 @@ def cloze_items(sz: Sizes, seed: int) -> list[tuple[str, list[str]]]:
             for _ in range(sz.ll_items)]
 
 
-async def loglikelihood(url: str, model: str, sz: Sizes, seed: int) -> dict:
+async def loglikelihood(url: str, model: str, sz: Sizes, seed: int,
+                        batched: bool = False) -> dict:
+    """Each item's continuations as one request each, one after the other (lm-eval's
+    ``local-completions`` with batch_size 1), or ``batched``: all of an item's continuations
+    in one request with a list ``prompt`` (batch_size = the number of choices)."""
     items = iter(enumerate(cloze_items(sz, seed)))
     scores: dict[tuple[int, int], float] = {}           # (item, choice) -> log-likelihood
     usage = {"prompt_tokens": 0, "cached_tokens": 0}
 
+    def score(choice: dict, start: int) -> float:
+        # The continuation's log-likelihood: its echoed tokens (the prompt's tail).
+        lp = choice["logprobs"]
+        return sum(v for v, off in zip(lp["token_logprobs"][:-1], lp["text_offset"])
+                   if v is not None and off >= start)
+
+    async def post(http: httpx.AsyncClient, prompt) -> dict:
+        r = await http.post("/v1/completions", json={
+            "model": model, "prompt": prompt, "max_tokens": 1, "echo": True, "logprobs": 1,
+            "temperature": 0})
+        r.raise_for_status()
+        body = r.json()
+        usage["prompt_tokens"] += body["usage"]["prompt_tokens"]
+        usage["cached_tokens"] += body["usage"]["prompt_tokens_details"]["cached_tokens"]
+        return body
+
     async def worker(http: httpx.AsyncClient) -> None:
         for i, (context, choices) in items:                       # the shared iterator
-            for j, choice in enumerate(choices):
-                r = await http.post("/v1/completions", json={
-                    "model": model, "prompt": context + choice, "max_tokens": 1, "echo": True,
-                    "logprobs": 1, "temperature": 0})
-                r.raise_for_status()
-                body = r.json()
-                lp = body["choices"][0]["logprobs"]
-                # The continuation's log-likelihood: its echoed tokens (the prompt's tail).
-                offsets, start = lp["text_offset"], len(context)
-                scores[i, j] = sum(v for v, off in zip(lp["token_logprobs"][:-1], offsets)
-                                   if v is not None and off >= start)
-                usage["prompt_tokens"] += body["usage"]["prompt_tokens"]
-                usage["cached_tokens"] += body["usage"]["prompt_tokens_details"][
-                    "cached_tokens"]
+            if batched:
+                body = await post(http, [context + c for c in choices])
+                for choice in body["choices"]:
+                    scores[i, choice["index"]] = score(choice, len(context))
+                continue
+            for j, c in enumerate(choices):
+                body = await post(http, context + c)
+                scores[i, j] = score(body["choices"][0], len(context))
 
     start = time.perf_counter()
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
@@ -198,9 +212,14 @@ async def loglikelihood(url: str, model: str, sz: Sizes, seed: int) -> dict:
     return {"wall_s": time.perf_counter() - start, **usage, "_scores": scores}
 
 
+async def loglikelihood_batched(url: str, model: str, sz: Sizes, seed: int) -> dict:
+    return await loglikelihood(url, model, sz, seed, batched=True)
+
+
 BENCHMARKS = {
     "1 shared system prompt": shared_system_prompt,
     "2 loglikelihood (lm-eval)": loglikelihood,
+    "2b loglikelihood, batched": loglikelihood_batched,
     "3 random prompts": random_prompts,
     "4 multi-turn": multi_turn,
 }
@@ -211,6 +230,8 @@ REPORT = {
                                ("output_tok_per_s", "ratio"), ("prompt_tokens", "ratio"),
                                ("cached_tokens", "ratio")],
     "2 loglikelihood (lm-eval)": [("wall_s", "speedup"), ("prompt_tokens", "ratio"),
+                                  ("cached_tokens", "ratio")],
+    "2b loglikelihood, batched": [("wall_s", "speedup"), ("prompt_tokens", "ratio"),
                                   ("cached_tokens", "ratio")],
     "3 random prompts": [("total_tok_per_s", "ratio"), ("ttft_p50_ms", "speedup"),
                          ("cached_tokens", "ratio")],
@@ -236,9 +257,11 @@ def report(results: dict, ll_diff: float) -> str:
             else:
                 rel = f"{on / off:.3f}" if off else "-"
             lines.append(f"{bench:28} {name:24} {on:12.1f} {off:12.1f}  {rel}")
-    on4 = results["4 multi-turn"]["on"]
-    frac = median([r["prompt_tokens_computed"] / r["prompt_tokens_sent"] for r in on4])
-    lines.append(f"multi-turn with caching: {frac:.1%} of the prompt tokens sent were computed")
+    if "4 multi-turn" in results:
+        on4 = results["4 multi-turn"]["on"]
+        frac = median([r["prompt_tokens_computed"] / r["prompt_tokens_sent"] for r in on4])
+        lines.append(f"multi-turn with caching: {frac:.1%} of the prompt tokens sent were "
+                     "computed")
     lines.append(f"loglikelihood: largest |on - off| of a continuation's log-likelihood: "
                  f"{ll_diff:.3g}")
     failed = sum(r.get("failed", 0) for b in results.values() for s in b.values() for r in s)
@@ -281,7 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra flag for both servers (repeatable), e.g. --server-arg=--seed=0")
     p.add_argument("--out", type=Path, help="write every round's figures here (JSON)")
+    p.add_argument("--only", help="comma-separated benchmark numbers to run, e.g. 2,2b")
     args = p.parse_args(argv)
+    if args.only:
+        keep = set(args.only.split(","))
+        for name in list(BENCHMARKS):
+            if name.split()[0] not in keep:
+                del BENCHMARKS[name], REPORT[name]
     sz = QUICK if args.quick else FULL
     if args.rounds:
         sz = Sizes(**{**asdict(sz), "rounds": args.rounds})
