@@ -1,7 +1,8 @@
 """The chat format of this project's own models: plain-text turns that a small base model
-trained on English prose can continue, with no special tokens.
+trained on English prose can continue, with no special tokens but BOS.
 
-    {system}                      ← only if there are system/developer messages
+    <s>{system}                   ← BOS; the system text only if there are system/developer
+                                    messages
                                   ← (blank line after the system text)
     User: {user message}
     Assistant: {assistant message}
@@ -27,7 +28,11 @@ from typing import Any
 
 STOP = "\nUser:"
 
+# BOS comes from the template (``bos_token``), as in Llama's templates: chat requests encode
+# the rendered text without adding special tokens (vLLM's default), so the ids are the same
+# as before this was a template, BOS first.
 PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
     "{% set system = messages | selectattr('role', 'in', ['system', 'developer']) "
     "| map(attribute='content') | join('\\n') %}"
     "{% if system %}{{ system }}\n\n{% endif %}"

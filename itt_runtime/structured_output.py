@@ -106,10 +106,12 @@ class GrammarCompiler:
 
 
 def choice_grammar(choices: list[str]) -> str:
-    """EBNF for exactly one of ``choices`` (JSON string literals are EBNF string literals)."""
+    """EBNF for exactly one of ``choices`` (JSON string literals are EBNF string literals).
+    Non-ASCII characters stay as they are: escaped, a character outside the BMP would be a
+    surrogate pair, which the grammar reads as two (invalid) characters."""
     if not choices or not all(isinstance(c, str) and c for c in choices):
         raise GrammarError("choices must be a non-empty list of non-empty strings")
-    return "root ::= " + " | ".join(json.dumps(c) for c in choices)
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
 def next_token_bitmasks(seqs: list, vocab_size: int) -> torch.Tensor:

@@ -261,15 +261,24 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]) -> None:
         self.tok = tokenizer
         self.ids: list[int] = list(prompt_ids)
-        self.prefix_offset = max(len(self.ids) - self.CONTEXT, 0)
         self.read_offset = len(self.ids)
+        # The context window must not start inside a character: byte fallback decodes a run
+        # of byte tokens that is not valid UTF-8 to U+FFFD throughout, complete characters
+        # after the broken one included.
+        self.prefix_offset = max(len(self.ids) - self.CONTEXT, 0)
+        while self.prefix_offset > 0 and self._continues(self.ids[self.prefix_offset]):
+            self.prefix_offset -= 1
         # A prompt that ends inside a multi-byte character: its trailing bytes belong to the
         # first character the generation completes, so they count as unread.
-        while self.read_offset > 0 and tokenizer.decode(
+        while self.read_offset > self.prefix_offset and tokenizer.decode(
                 self.ids[self.prefix_offset:self.read_offset]).endswith("\ufffd"):
             self.read_offset -= 1
-            self.prefix_offset = min(self.prefix_offset, max(self.read_offset - self.CONTEXT, 0))
         self.text = ""
+
+    def _continues(self, token_id: int) -> bool:
+        """Whether the token starts with a UTF-8 continuation byte (inside a character)."""
+        raw = self.tok.token_bytes(token_id)
+        return raw is not None and len(raw) > 0 and 0x80 <= raw[0] < 0xC0
 
     def add(self, token_ids: list[int]) -> str:
         """Append tokens; return the newly completed text (possibly empty)."""

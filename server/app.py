@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from itt_runtime.async_engine import AsyncLLMEngine
 from server import __version__, openapi
 from server.chat import ChatHandler
+from server.chat_template import ChatTemplate
 from server.completion import CompletionHandler
 from server.config import ServerSettings
 from server.engine_client import EngineClient
@@ -22,6 +23,8 @@ from server.state import ServerState
 
 def create_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     names = list(settings.served_model_names)
+    # Read and compiled before anything starts: a bad --chat-template file is a startup error.
+    template = ChatTemplate.for_model(engine.tokenizer, settings.chat_template)
     lifecycle = Lifecycle()
     metrics = Metrics(names[0], engine)
     client = EngineClient(engine, metrics, settings.max_queue_len)
@@ -30,7 +33,7 @@ def create_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
                   description="OpenAI-compatible server for Inner Thinking Transformer models")
     app.state.server = ServerState(settings=settings, client=client, metrics=metrics,
                                    completions=CompletionHandler(client, names, lifecycle),
-                                   chat=ChatHandler(client, names, lifecycle),
+                                   chat=ChatHandler(client, names, lifecycle, template),
                                    lifecycle=lifecycle)
     for router in routers:
         app.include_router(router)

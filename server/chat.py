@@ -12,8 +12,9 @@ from fastapi.responses import Response
 from itt_runtime.llm import merge
 from itt_runtime.outputs import CompletionOutput
 from itt_runtime.sampling_params import SamplingParams
-from server import chat_template
+from server.chat_template import ChatTemplate, ChatTemplateError
 from server.engine_client import EngineClient
+from server.errors import bad_request
 from server.generation import UsageCounter, check_model, new_id, sampling_params
 from server.lifecycle import Lifecycle
 from server.logprobs import ChatLogprobsBuilder, prompt_logprobs
@@ -42,13 +43,14 @@ class _Run:
     builders: dict[int, ChatLogprobsBuilder] = field(default_factory=dict)
     content_started: set[int] = field(default_factory=set)
     echo: str = ""              # echo: the last (assistant) message, before the reply
-    strip: bool = True          # drop the reply's leading whitespace (after "Assistant:")
+    strip: bool = False         # drop the reply's leading whitespace (after "Assistant:")
 
 
 class ChatHandler:
     def __init__(self, client: EngineClient, served_models: list[str],
-                 lifecycle: Lifecycle) -> None:
+                 lifecycle: Lifecycle, template: ChatTemplate) -> None:
         self.client = client
+        self.template = template
         self.lifecycle = lifecycle
         self.served_models = served_models
 
@@ -57,9 +59,8 @@ class ChatHandler:
             raise shutting_down()
         req.check()
         model = check_model(req.model, self.served_models)
-        text = chat_template.render(req.messages, req.generation_prompt)
-        if req.continue_final_message:       # the last message goes on: no newline after it
-            text = text.removesuffix("\n")
+        text = render(self.template, req.messages, req.generation_prompt,
+                      req.continue_final_message, req.template_kwargs)
         check_size(self.client.tokenizer, text, self.client.max_model_len, "messages")
         ids = req.truncate(encode(self.client.tokenizer, text, req.add_special_tokens),
                            self.client.max_model_len)
@@ -70,12 +71,14 @@ class ChatHandler:
         top = (req.top_logprobs or 0) if req.logprobs else None
         grammar = await self.client.structured.grammar(req)
         params = sampling_params(req, max_tokens, logprobs=top,
-                                 extra_stop=[chat_template.STOP], grammar=grammar,
-                                 prompt_logprobs=req.prompt_logprobs)
+                                 extra_stop=list(self.template.stop), grammar=grammar,
+                                 prompt_logprobs=req.prompt_logprobs,
+                                 defaults=self.client.info.sampling_defaults)
         self.client.validate(ids, params)
         usage = UsageCounter(self.client.budget(params), self.client.model_config.max_extra_steps)
         usage.add_prompt(len(ids))
-        run = _Run(req, model, ids, params, usage, strip=not req.continue_final_message)
+        run = _Run(req, model, ids, params, usage,
+                   strip=self.template.strip_reply and not req.continue_final_message)
         last = req.messages[-1]
         if req.echo and last.role == "assistant":       # as vLLM: echo the last message
             run.echo = last.text
@@ -96,7 +99,8 @@ class ChatHandler:
             content, logprobs, thinking = self._parts(run, c)
             choices.append(ChatChoice(index=c.index, message=ChatMessageOut(content=content),
                                       logprobs=logprobs, finish_reason=c.finish_reason,
-                                      stop_reason=_visible(c.stop_reason), thinking=thinking))
+                                      stop_reason=self._visible(c.stop_reason),
+                                      thinking=thinking))
         plp = None
         if run.req.prompt_logprobs is not None:                  # vLLM's
             plp = prompt_logprobs(self.client.tokenizer, run.prompt_ids,
@@ -126,7 +130,8 @@ class ChatHandler:
 
     def _parts(self, run: _Run, c: CompletionOutput):
         """(content, logprobs, thinking) of output ``c``, whole or one chunk of it. The
-        reply's leading whitespace (after "Assistant:") is dropped."""
+        reply's leading whitespace (after "Assistant:") is dropped where the model's chat
+        format says so (``strip_reply``)."""
         run.usage.add_tokens(c.thinking, c.applied_think_budgets)
         content = c.text
         if c.index not in run.content_started:
@@ -143,7 +148,15 @@ class ChatHandler:
         thinking = list(c.thinking) if run.req.return_thinking else None
         return content, logprobs, thinking
 
+    def _visible(self, stop_reason):
+        """The template's own stop strings are an implementation detail: reported as None."""
+        return None if stop_reason in self.template.stop else stop_reason
 
-def _visible(stop_reason):
-    """The template's own stop string is an implementation detail: report it as None."""
-    return None if stop_reason == chat_template.STOP else stop_reason
+
+def render(template: ChatTemplate, messages, add_generation_prompt: bool,
+           continue_final_message: bool = False, kwargs=None) -> str:
+    """The template's text for ``messages``; a failure is a 400 naming ``messages``."""
+    try:
+        return template.render(messages, add_generation_prompt, continue_final_message, kwargs)
+    except ChatTemplateError as e:
+        raise bad_request(str(e), "messages") from None

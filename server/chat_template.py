@@ -1,36 +1,53 @@
-"""The chat template: plain-text turns that a small base model trained on English prose can
-continue, with no special tokens.
+"""Chat templates: a conversation → the prompt text, by the model's own Jinja template.
 
-    {system}                      ← only if there are system/developer messages
-                                  ← (blank line after the system text)
-    User: {user message}
-    Assistant: {assistant message}
-    User: {user message}
-    Assistant:                    ← the generation prompt; the model writes the reply
+The template is the model's ``chat_template`` (``tokenizer_config.json``, or a
+``chat_template.jinja`` file beside it; see ``itt_runtime.tokenizer.read_tokenizer_config``),
+or the file given with ``--chat-template``. It is rendered as transformers'
+``apply_chat_template`` and vLLM render it, so that a model sees the prompt format it was
+trained on:
 
-Generation stops at the next ``"\\nUser:"`` (the model starting the user's next turn), which is
-not returned. The reply's leading space (the one after ``"Assistant:"``) is not returned
-either. ``JINJA_TEMPLATE`` is the same template in Jinja, for clients that render it
-themselves (``GET /tokenizer_info`` returns it as ``chat_template``).
+- Jinja2's ``ImmutableSandboxedEnvironment`` (a template cannot reach Python internals or
+  mutate its arguments), ``trim_blocks`` and ``lstrip_blocks``, the ``loopcontrols``
+  extension;
+- the variables ``messages`` (``{"role", "content"[, "name"]}`` dicts),
+  ``add_generation_prompt``, ``tools`` and ``documents`` (None: not supported), the special
+  tokens (``bos_token``, ``eos_token``, and ``unk_token``/``pad_token`` where the tokenizer
+  config names them), then the request's ``chat_template_kwargs`` (``enable_thinking``…);
+- the helpers ``raise_exception(message)``, the ``tojson`` filter (no HTML escaping, non-ASCII
+  kept) and ``strftime_now(format)``.
+
+``continue_final_message`` renders without a generation prompt and cuts the text right after
+the final (assistant) message's content, as transformers does. A model without a template
+gets a clear 400 on chat requests (as vLLM does) rather than a guessed format; a template that
+raises, or fails in any other way, is a 400 with its message. A request's own
+``chat_template`` is refused, as vLLM refuses it unless started with
+``--trust-request-chat-template``: a template is code, and the model's is the one it knows.
+
+The shipped models' plain "User:/Assistant:" format is such a template too
+(``itt_runtime/plain_chat.py``), with its stop string and reply stripping beside it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
 
-STOP = "\nUser:"
-ROLE_NAMES = {"user": "User", "assistant": "Assistant"}
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-JINJA_TEMPLATE = (
-    "{% set system = messages | selectattr('role', 'in', ['system', 'developer']) "
-    "| map(attribute='content') | join('\\n') %}"
-    "{% if system %}{{ system }}\n\n{% endif %}"
-    "{% for m in messages if m['role'] in ['user', 'assistant'] %}"
-    "{{ 'User' if m['role'] == 'user' else 'Assistant' }}: {{ m['content'] }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
+from itt_runtime.tokenizer import Tokenizer
+
+# Variables the server sets; chat_template_kwargs may not replace them.
+RESERVED = ("messages", "add_generation_prompt", "tools", "documents")
+
+
+class ChatTemplateError(ValueError):
+    """The conversation cannot be rendered (no template, or the template failed): a 400 at
+    request time; for a ``--chat-template`` file that does not compile, a startup error."""
 
 
 class Message(Protocol):
@@ -41,13 +58,129 @@ class Message(Protocol):
     def text(self) -> str: ...
 
 
-def render(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-    """The prompt text for a conversation (see the module docstring)."""
-    system = "\n".join(m.text for m in messages if m.role in ("system", "developer"))
-    parts = [f"{system}\n\n"] if system else []
-    for m in messages:
-        if m.role in ROLE_NAMES:
-            parts.append(f"{ROLE_NAMES[m.role]}: {m.text}\n")
-    if add_generation_prompt:
-        parts.append("Assistant:")
-    return "".join(parts)
+def _raise_exception(message: Any) -> None:
+    raise jinja2.TemplateError(str(message))
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _environment() -> jinja2.Environment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+def _error_text(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text or type(e).__name__
+
+
+def read_template_file(path: str | Path) -> str:
+    """A ``--chat-template`` file's text, checked to compile; ``ChatTemplateError`` naming
+    the file otherwise (the server checks this before loading the model)."""
+    file = Path(path)
+    try:
+        source = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ChatTemplateError(f"--chat-template {file}: unreadable "
+                                f"({getattr(e, 'strerror', None) or e})") from None
+    try:
+        _environment().from_string(source)
+    except jinja2.TemplateError as e:
+        raise ChatTemplateError(f"--chat-template {file}: does not compile: "
+                                f"{_error_text(e)}") from None
+    return source
+
+
+class ChatTemplate:
+    """One model's chat format: the compiled template, the variables every rendering gets,
+    and the model's chat options (``stop``: extra stop strings, not reported as a stop
+    reason; ``strip_reply``: drop the reply's leading whitespace)."""
+
+    def __init__(self, source: str | None, origin: str, special_tokens: Mapping[str, str],
+                 stop: Sequence[str] = (), strip_reply: bool = False) -> None:
+        self.source = source
+        self.origin = origin
+        self.special_tokens = dict(special_tokens)
+        self.stop = tuple(stop)
+        self.strip_reply = strip_reply
+        self._template: jinja2.Template | None = None
+        self._compile_error: str | None = None
+        if source is not None:
+            try:
+                self._template = _environment().from_string(source)
+            except jinja2.TemplateError as e:
+                self._compile_error = f"the chat template ({origin}) does not compile: " \
+                                      f"{_error_text(e)}"
+
+    @classmethod
+    def for_model(cls, tok: Tokenizer, override: str | Path | None = None) -> ChatTemplate:
+        """The model's template, or ``override`` (a file) instead; ``ChatTemplateError`` if
+        that file is unreadable or does not compile (a startup error, not a 400 later). A
+        model template that does not compile is a 400 on chat requests, naming the error."""
+        specials = {name: getattr(tok, name) for name in ("bos_token", "eos_token")}
+        for name in ("unk_token", "pad_token"):
+            value = tok.config.get(name)
+            specials[name] = value.get("content") if isinstance(value, dict) else value
+        specials = {k: v for k, v in specials.items() if isinstance(v, str)}
+        if override is not None:
+            return cls(read_template_file(override), str(override), specials)
+        options = tok.config.get("itt_chat")
+        options = options if isinstance(options, dict) else {}
+        stop = [s for s in options.get("stop", []) if isinstance(s, str) and s]
+        return cls(tok.chat_template, f"{tok.path.parent}", specials, stop,
+                   bool(options.get("strip_reply", False)))
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+               continue_final_message: bool = False,
+               kwargs: Mapping[str, Any] | None = None) -> str:
+        """The prompt text for a conversation; ``ChatTemplateError`` (a 400) if it fails."""
+        if self._template is None:
+            raise ChatTemplateError(
+                self._compile_error or "this model has no chat template (no 'chat_template' "
+                "in its tokenizer_config.json and no chat_template.jinja); start the server "
+                "with --chat-template FILE, or use /v1/completions")
+        for key in kwargs or {}:
+            if key in RESERVED:
+                raise ChatTemplateError(f"chat_template_kwargs may not set {key!r}")
+        chat = []
+        for m in messages:
+            d = {"role": m.role, "content": m.text}
+            name = getattr(m, "name", None)        # optional in OpenAI's messages
+            if name is not None:
+                d["name"] = name
+            chat.append(d)
+        generation_prompt = add_generation_prompt and not continue_final_message
+        try:
+            text = self._template.render(
+                **self.special_tokens, **dict(kwargs or {}), messages=chat, tools=None,
+                documents=None, add_generation_prompt=generation_prompt)
+        except Exception as e:     # noqa: BLE001 - whatever the template does is its error
+            raise ChatTemplateError(f"the chat template failed: {_error_text(e)}") from None
+        if continue_final_message:
+            text = _cut_after_final(text, chat[-1]["content"])
+        return text
+
+
+def _cut_after_final(text: str, final: str) -> str:
+    """The rendered text up to the end of the final message, where the reply goes on (as
+    transformers cuts it): its trailing whitespace stays if the template kept the message
+    whole, else the text ends at its last non-space character."""
+    core = final.strip()
+    if core not in text:
+        raise ChatTemplateError("continue_final_message: the final message does not appear "
+                                "in the text the chat template renders")
+    at = text.rindex(core)
+    whole = len(final.lstrip())
+    return text[:at + whole] if text[at:at + whole] == final else text[:at + len(core)]

@@ -31,6 +31,7 @@ from itt_runtime.async_engine import AsyncLLMEngine
 from itt_runtime.config import ConfigError
 from itt_runtime.engine import EngineConfig
 from server.app import create_app
+from server.chat_template import ChatTemplateError, read_template_file
 from server.config import ServerSettings
 from server.connections import guarded_h11
 from server.lifecycle import Lifecycle
@@ -248,9 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     try:
+        if settings.chat_template is not None:      # before the model takes time to load
+            read_template_file(settings.chat_template)
         sock = bind(args.host, args.port)
         engine = load_engine(engine_config)
-    except StartupError as e:
+    except (StartupError, ChatTemplateError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     info = engine.info
@@ -259,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
              ", ".join(settings.served_model_names), info.device, info.dtype,
              info.num_kv_blocks, info.block_size, info.max_model_len,
              info.default_think_budget, args.host, sock.getsockname()[1])
-    app = create_app(engine, settings)
+    try:
+        app = create_app(engine, settings)
+    except ChatTemplateError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
     config = uvicorn.Config(
         app, log_level=args.log_level,
         timeout_graceful_shutdown=math.ceil(DrainingServer.GRACE_SECONDS),

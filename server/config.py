@@ -34,6 +34,9 @@ class ServerSettings:
         "for a request; slower ones (slowloris) are closed", "seconds")
     max_connections: int = option(1024, "open connections beyond this get 503 and are "
                                   "closed", "positive_int")
+    chat_template: str | None = option(
+        None, "a file with a Jinja chat template to use instead of the model's own (see "
+        "'Chat templates')", default_text="the model's (tokenizer_config.json)")
     log_level: str = option("info", "log level",
                             choices=("critical", "error", "warning", "info", "debug"))
 

@@ -266,6 +266,8 @@ class ChatCompletionRequest(GenerationRequest):
     tools: list[Any] | None = None
     # vLLM's chat template controls, and echo of the last (assistant) message
     echo: Bool = False
+    # As vLLM: the chat template writes BOS itself ({{ bos_token }}), so none is added.
+    add_special_tokens: Bool = False
     add_generation_prompt: Bool = True
     continue_final_message: Bool = False
     chat_template_kwargs: dict[str, Any] | None = None
@@ -291,10 +293,13 @@ class ChatCompletionRequest(GenerationRequest):
         if self.tools:
             raise bad_request("tools are not supported", "tools")
         reject_unsupported(self, UNSUPPORTED_CHAT)
-        for key, value in (self.chat_template_kwargs or {}).items():
-            if key != "add_generation_prompt" or not isinstance(value, bool):
-                raise bad_request("chat_template_kwargs: the chat template takes only "
-                                  f"add_generation_prompt (a boolean), got {key!r}",
+        kwargs = self.chat_template_kwargs or {}
+        if not isinstance(kwargs.get("add_generation_prompt", False), bool):
+            raise bad_request("chat_template_kwargs: add_generation_prompt must be a boolean",
+                              "chat_template_kwargs")
+        for key in ("messages", "tools", "documents", "continue_final_message"):
+            if key in kwargs:
+                raise bad_request(f"chat_template_kwargs may not set {key!r}",
                                   "chat_template_kwargs")
         if self.continue_final_message:
             if self.messages[-1].role != "assistant":
@@ -313,6 +318,12 @@ class ChatCompletionRequest(GenerationRequest):
                                                           self.add_generation_prompt))
 
     @property
+    def template_kwargs(self) -> dict[str, Any]:
+        """What the chat template gets besides the conversation (``enable_thinking``…)."""
+        return {k: v for k, v in (self.chat_template_kwargs or {}).items()
+                if k != "add_generation_prompt"}
+
+    @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None \
             else self.max_tokens
@@ -324,7 +335,8 @@ class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: Bool = True
+    # vLLM's: True for a prompt, False for messages (the chat template writes BOS).
+    add_special_tokens: Bool | None = None
     add_generation_prompt: Bool = True
     return_token_strs: Bool = False
 

@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter, Request
 
-from server import chat_template
+from server.chat import render
 from server.errors import bad_request
 from server.generation import check_model
 from server.openapi import error_responses, json_body
@@ -25,11 +25,13 @@ async def tokenize(request: Request) -> dict:
         text = req.prompt
     else:
         assert req.messages is not None
-        text = chat_template.render(req.messages, req.add_generation_prompt)
+        text = render(s.chat.template, req.messages, req.add_generation_prompt)
     tok = s.client.tokenizer
     check_size(tok, text, s.client.max_model_len, "prompt" if req.prompt is not None
                else "messages")
-    ids = encode(tok, text, req.add_special_tokens)
+    add_special_tokens = req.add_special_tokens if req.add_special_tokens is not None \
+        else req.prompt is not None
+    ids = encode(tok, text, add_special_tokens)
     return {"count": len(ids), "max_model_len": s.client.max_model_len, "tokens": ids,
             "token_strs": [tok.id_to_piece(i) for i in ids] if req.return_token_strs else None}
 
@@ -50,9 +52,13 @@ async def detokenize(request: Request) -> dict:
 async def tokenizer_info(request: Request) -> dict:
     s = state(request)
     tok = s.client.tokenizer
-    return {"tokenizer_class": "SentencePieceTokenizer", "vocab_size": tok.vocab_size,
-            "bos_token": tok.bos_token, "bos_token_id": tok.bos_token_id,
-            "eos_token": tok.eos_token, "eos_token_id": tok.eos_token_id,
-            "pad_token": None, "add_bos_token": True,
+    return {"tokenizer_class": tok.kind, "vocab_size": tok.vocab_size,
+            "bos_token": tok.bos_token, "bos_token_id": _id(tok.bos_token_id),
+            "eos_token": tok.eos_token, "eos_token_id": _id(tok.eos_token_id),
+            "pad_token": None, "add_bos_token": tok.add_bos_token,
             "model_max_length": s.client.max_model_len,
-            "chat_template": chat_template.JINJA_TEMPLATE}
+            "chat_template": s.chat.template.source}
+
+
+def _id(token_id: int) -> int | None:
+    return token_id if token_id >= 0 else None

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 from live_server import launch, metric
 
+from itt_runtime import plain_chat
 from itt_runtime.llm import LLM
 from itt_runtime.model.loader import DEFAULT_MODEL_DIR
 from itt_runtime.sampling_params import SamplingParams
-from server import chat_template
 
 pytestmark = pytest.mark.skipif(not DEFAULT_MODEL_DIR.is_dir(),
                                 reason="the default model has not been trained yet")
@@ -64,7 +64,7 @@ def test_default_model_chat_and_metrics(server, reference):
                                        messages=messages)
     with server.http() as http:
         ids = http.post("/tokenize", json={"messages": messages}).json()["tokens"]
-    want = greedy(reference, ids, max_tokens=12, stop=[chat_template.STOP]).text.lstrip()
+    want = greedy(reference, ids, max_tokens=12, stop=[plain_chat.STOP]).text.lstrip()
     assert want and r.choices[0].message.content == want
     samples = server.metrics()
     assert metric(samples, "itt_request_success_total", finished_reason="length") + \

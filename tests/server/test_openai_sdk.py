@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 from live_server import MODEL_NAME
 
+from itt_runtime import plain_chat
 from itt_runtime.llm import LLM
 from itt_runtime.outputs import CompletionOutput
 from itt_runtime.sampling_params import SamplingParams
-from server import chat_template
 
 PROMPT = "And God said, Let there be light"
 MAX_EXTRA = 4          # tiny model: 2 ITT layers x (3 - 1) routed steps
@@ -190,7 +190,7 @@ def test_chat_completion_equals_the_offline_engine(client, reference, tiny_serve
         ids = http.post("/tokenize", json={"model": MODEL_NAME,
                                            "messages": messages}).json()["tokens"]
     (want,) = offline(reference, ids, max_tokens=6, think_budget=1.0,
-                      stop=[chat_template.STOP])
+                      stop=[plain_chat.STOP])
     assert want.text.strip()
     assert msg.role == "assistant" and msg.content == want.text.lstrip()
     assert r.usage.prompt_tokens == len(ids)
@@ -223,7 +223,7 @@ def test_chat_logprobs_equal_the_offline_engines(client, reference, tiny_server)
         ids = http.post("/tokenize", json={"model": MODEL_NAME,
                                            "messages": messages}).json()["tokens"]
     (want,) = offline(reference, ids, max_tokens=4, logprobs=2, ignore_eos=True,
-                      stop=[chat_template.STOP])
+                      stop=[plain_chat.STOP])
     assert len(content) == len(want.token_ids) == 4
     for entry, lp, tok in zip(content, want.logprobs, want.token_ids):
         assert entry.logprob == pytest.approx(lp[tok], abs=1e-4)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import pytest
 
-from server import chat_template
+from itt_runtime.plain_chat import PLAIN_CHAT_TEMPLATE
+from server.chat_template import ChatTemplate
 from server.protocol import UNSUPPORTED_CHAT, UNSUPPORTED_COMMON
 
 MSGS = [{"role": "user", "content": "Say something."}]
+PLAIN = ChatTemplate(PLAIN_CHAT_TEMPLATE, "plain", {})   # the tiny model's template
 # A value for each unsupported field that is not one of its no-op values.
 BAD = {"priority": 1, "use_beam_search": True, "length_penalty": 0.5,
        "spaces_between_special_tokens": False, "allowed_token_ids": [1, 2],
@@ -89,22 +91,22 @@ def test_add_special_tokens_and_truncate_prompt_tokens(tiny_server, tokenizer):
 
 def test_chat_template_controls(tiny_server, tokenizer):
     http = tiny_server.http()
-    full = chat_template.render(_msgs(MSGS))
+    full = PLAIN.render(_msgs(MSGS))
     assert usage(http, "/v1/chat/completions", messages=MSGS)["usage"]["prompt_tokens"] == \
         len(tokenizer.encode(full))
-    bare = chat_template.render(_msgs(MSGS), add_generation_prompt=False)
+    bare = PLAIN.render(_msgs(MSGS), add_generation_prompt=False)
     for body in ({"add_generation_prompt": False},
                  {"chat_template_kwargs": {"add_generation_prompt": False}}):
         assert usage(http, "/v1/chat/completions", messages=MSGS,
                      **body)["usage"]["prompt_tokens"] == len(tokenizer.encode(bare))
     cont = MSGS + [{"role": "assistant", "content": "The light"}]
-    text = chat_template.render(_msgs(cont), add_generation_prompt=False)[:-1]
+    text = PLAIN.render(_msgs(cont), add_generation_prompt=False)[:-1]
     out = usage(http, "/v1/chat/completions", messages=cont, continue_final_message=True,
                 add_generation_prompt=False, echo=True, max_tokens=4)
     assert out["usage"]["prompt_tokens"] == len(tokenizer.encode(text))
     assert out["choices"][0]["message"]["content"].startswith("The light")
     for body, param in (({"continue_final_message": True}, "continue_final_message"),
-                        ({"chat_template_kwargs": {"enable_thinking": True}},
+                        ({"chat_template_kwargs": {"messages": []}},
                          "chat_template_kwargs")):
         r = http.post("/v1/chat/completions", json={"messages": cont, **body})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

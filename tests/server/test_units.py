@@ -1,4 +1,4 @@
-"""In-process pieces: the chat template (and its Jinja twin), prompt encoding with special
+"""In-process pieces: the plain chat template, prompt encoding with special
 tokens, bucket helpers, and an error in mid-stream becoming an error chunk and [DONE]."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from itt_runtime.async_engine import AsyncLLMEngine
 from itt_runtime.engine import EngineConfig
-from server import chat_template
+from itt_runtime.plain_chat import PLAIN_CHAT_TEMPLATE
 from server.app import create_app
+from server.chat_template import ChatTemplate
 from server.config import ServerSettings
 from server.engine_client import EngineClient
 from server.errors import APIError
@@ -29,24 +30,37 @@ CONVERSATIONS = [
 ]
 
 
+PLAIN = ChatTemplate(PLAIN_CHAT_TEMPLATE, "plain", {})
+
+
 def test_chat_template_renders_plain_turns():
     msgs = [ChatMessage(**m) for m in CONVERSATIONS[1]]
-    assert chat_template.render(msgs) == \
+    assert PLAIN.render(msgs) == \
         "Be kind.\n\nUser: Hi\nAssistant: Hello.\nUser: How?\nAssistant:"
-    assert chat_template.render(msgs, add_generation_prompt=False).endswith("User: How?\n")
+    assert PLAIN.render(msgs, add_generation_prompt=False).endswith("User: How?\n")
     parts = ChatMessage(role="user", content=[{"type": "text", "text": "a"},
                                                {"type": "text", "text": "b"}])
-    assert chat_template.render([parts]) == "User: ab\nAssistant:"
+    assert PLAIN.render([parts]) == "User: ab\nAssistant:"
+
+
+def python_render(messages, add_generation_prompt=True):
+    """The plain format as Python (how it was rendered before it became a Jinja template)."""
+    system = "\n".join(m["content"] for m in messages if m["role"] in ("system", "developer"))
+    parts = [f"{system}\n\n"] if system else []
+    names = {"user": "User", "assistant": "Assistant"}
+    parts += [f"{names[m['role']]}: {m['content']}\n" for m in messages if m["role"] in names]
+    return "".join(parts) + ("Assistant:" if add_generation_prompt else "")
 
 
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_jinja_template_matches_python(conversation, add_generation_prompt):
-    jinja = jinja2.Environment().from_string(chat_template.JINJA_TEMPLATE).render(
+def test_plain_template_matches_python(conversation, add_generation_prompt):
+    """In the sandbox with trim_blocks/lstrip_blocks (as served) and in a bare environment
+    (as a client might render /tokenizer_info's template), the text is unchanged."""
+    bare = jinja2.Environment().from_string(PLAIN_CHAT_TEMPLATE).render(
         messages=conversation, add_generation_prompt=add_generation_prompt)
-    python = chat_template.render([ChatMessage(**m) for m in conversation],
-                                  add_generation_prompt)
-    assert jinja == python
+    served = PLAIN.render([ChatMessage(**m) for m in conversation], add_generation_prompt)
+    assert served == bare == python_render(conversation, add_generation_prompt)
 
 
 def test_encode_maps_special_token_strings(tokenizer):
