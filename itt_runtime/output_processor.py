@@ -29,9 +29,13 @@ def append_token(seq: Sequence, token: int, extra_steps: int, logprobs: dict[int
         seq.logprobs.append(logprobs)
         seq.cumulative_logprob += logprobs[token]
     if seq.detokenizer is None:
-        seq.detokenizer = tok.incremental(seq.prompt_token_ids)
-    is_special = token in eos or token == tok.bos_token_id
-    delta = "" if is_special and p.skip_special_tokens else seq.detokenizer.add([token])
+        seq.detokenizer = tok.incremental(seq.prompt_token_ids, p.skip_special_tokens)
+    # EOS/BOS add no text; with skip_special_tokens false they do, except an EOS that ends
+    # the sequence (as vLLM: unless include_stop_str_in_output).
+    stops = token in eos and not p.ignore_eos and len(seq.output_token_ids) >= p.min_tokens
+    hidden = (token in eos or token == tok.bos_token_id) and (
+        p.skip_special_tokens or (stops and not p.include_stop_str_in_output))
+    delta = "" if hidden else seq.detokenizer.add([token])
     seq.text += delta
     if p.grammar is not None and structured_output.accept(seq, token):
         seq.finish_reason, seq.stop_reason = "stop", None     # the grammar is complete

@@ -122,8 +122,9 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         raise NotImplementedError
 
-    def incremental(self, prompt_ids: list[int] | None = None) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self, prompt_ids or [])
+    def incremental(self, prompt_ids: list[int] | None = None,
+                    skip_special_tokens: bool = True) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self, prompt_ids or [], skip_special_tokens)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -258,8 +259,10 @@ class IncrementalDetokenizer:
 
     CONTEXT = 6
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]) -> None:
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int],
+                 skip_special_tokens: bool = True) -> None:
         self.tok = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = list(prompt_ids)
         self.read_offset = len(self.ids)
         # The context window must not start inside a character: byte fallback decodes a run
@@ -270,10 +273,13 @@ class IncrementalDetokenizer:
             self.prefix_offset -= 1
         # A prompt that ends inside a multi-byte character: its trailing bytes belong to the
         # first character the generation completes, so they count as unread.
-        while self.read_offset > self.prefix_offset and tokenizer.decode(
-                self.ids[self.prefix_offset:self.read_offset]).endswith("\ufffd"):
+        while self.read_offset > self.prefix_offset and self._decode(
+                self.prefix_offset, self.read_offset).endswith("\ufffd"):
             self.read_offset -= 1
         self.text = ""
+
+    def _decode(self, start: int, end: int) -> str:
+        return self.tok.decode(self.ids[start:end], self.skip_special_tokens)
 
     def _continues(self, token_id: int) -> bool:
         """Whether the token starts with a UTF-8 continuation byte (inside a character)."""
@@ -283,8 +289,8 @@ class IncrementalDetokenizer:
     def add(self, token_ids: list[int]) -> str:
         """Append tokens; return the newly completed text (possibly empty)."""
         self.ids.extend(token_ids)
-        prefix_text = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
-        full_text = self.tok.decode(self.ids[self.prefix_offset:])
+        prefix_text = self._decode(self.prefix_offset, self.read_offset)
+        full_text = self._decode(self.prefix_offset, len(self.ids))
         if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
             return ""
         delta = full_text[len(prefix_text):]

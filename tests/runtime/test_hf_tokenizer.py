@@ -303,3 +303,14 @@ def test_structured_output_choice_outside_the_bmp(tok):
             assert m.accept_token(t)
             ids.append(t)
         assert tok.decode(ids) == target
+
+
+def test_streaming_keeps_special_tokens_when_asked(tok):
+    prompt = tok.encode("Hi", add_bos=True)
+    gen = tok.encode_prompt("<|im_start|>a 日本<|im_end|>b", add_special_tokens=False)
+    for skip in (True, False):
+        full = tok.decode(prompt + gen, skip_special_tokens=skip)
+        head = tok.decode(prompt, skip_special_tokens=skip)
+        inc = tok.incremental(prompt, skip_special_tokens=skip)
+        assert "".join(inc.add([t]) for t in gen) == full[len(head):]
+        assert ("<|im_start|>" in full) != skip
