@@ -314,3 +314,35 @@ def test_streaming_keeps_special_tokens_when_asked(tok):
         inc = tok.incremental(prompt, skip_special_tokens=skip)
         assert "".join(inc.add([t]) for t in gen) == full[len(head):]
         assert ("<|im_start|>" in full) != skip
+
+
+def test_add_bos_token_in_the_config_overrides_the_post_processor(hf_dir, tmp_path):
+    d = tmp_path / "t"
+    shutil.copytree(hf_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "add_bos_token": False}))
+    tok = load_tokenizer(d)
+    assert not tok.add_bos_token and tok.encode("hi") == tok.encode("hi", add_bos=False)
+    raw = json.loads((d / "tokenizer.json").read_text())
+    raw["post_processor"] = None                   # nothing adds BOS now…
+    (d / "tokenizer.json").write_text(json.dumps(raw))
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "add_bos_token": True}))
+    tok = load_tokenizer(d)                        # …but the config asks for it
+    assert tok.add_bos_token
+    assert tok.encode("hi") == [tok.bos_token_id] + tok.encode("hi", add_bos=False)
+    assert tok.bos_token_id not in tok.encode("hi", add_bos=False)
+
+
+def test_special_tokens_map_names_bos_and_eos(hf_dir, tmp_path):
+    d = tmp_path / "t"
+    shutil.copytree(hf_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    bos, eos = cfg.pop("bos_token"), cfg.pop("eos_token")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": {"content": bos, "special": True}, "eos_token": eos}))
+    tok = load_tokenizer(d)
+    assert (tok.bos_token, tok.eos_token) == (bos, eos)
+    (d / "special_tokens_map.json").unlink()
+    tok = load_tokenizer(d)                        # nothing names them
+    assert tok.bos_token_id == tok.eos_token_id == -1 and tok.bos_token is None
