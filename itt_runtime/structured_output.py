@@ -52,7 +52,7 @@ class CompiledGrammar:
 
 class GrammarCompiler:
     """Compiles specs against one tokenizer, caching by spec. Thread-safe; building the
-    tokenizer table (about 2 s for 8192 pieces) happens on first use."""
+    tokenizer table (0.2 s for 8192 pieces, after importing xgrammar) happens on first use."""
 
     CACHE_SIZE = 256
 
@@ -77,9 +77,9 @@ class GrammarCompiler:
                                          vocab_size=self.vocab_size,
                                          stop_token_ids=[tok.eos_token_id])
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1)
-                self._control = torch.zeros(self.vocab_size, dtype=torch.bool)
-                for i, raw in enumerate(vocab):
-                    self._control[i] = any(b < 0x20 for b in raw)
+                control = [any(b < 0x20 for b in raw) for raw in vocab]
+                control += [False] * (self.vocab_size - len(control))   # embedding padding
+                self._control = torch.tensor(control, dtype=torch.bool)
             return self._compiler
 
     def _compile(self, spec: GrammarSpec) -> CompiledGrammar:
