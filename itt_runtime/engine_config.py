@@ -54,8 +54,14 @@ class EngineConfig:
         "per routed step) or on every token with the routed results kept (masked: no sync); "
         "auto: masked for decode-only steps on CUDA, gather otherwise",
         choices=ROUTED_COMPUTE)
-    enforce_eager: bool = option(False, "CUDA: run every step eagerly instead of replaying "
-                                 "decode steps captured as CUDA graphs", "bool")
+    enforce_eager: bool = option(False, "run every step eagerly: no CUDA graphs (CUDA), no "
+                                 "compiled decode steps (CPU, --cpu-compile)", "bool")
+    # Off by default: each decode shape costs 10-130 s of compilation on a 2-core CPU, more
+    # than short jobs (tests, itt-eval, offline LLM runs) save; servers turn it on
+    # (docs/perf-notes.md has the measurements).
+    cpu_compile: bool = option(False, "CPU: run decode-only steps through a decode step "
+                               "compiled with torch.compile (inductor), one per padded batch "
+                               "and context shape, compiled when first needed", "bool")
     elastic_thinking: bool = option(
         False, "lower the think budget of requests that set min_think_budget when latency "
         "targets are missed, and restore it when load falls", "bool")

@@ -16,6 +16,7 @@ from itt_runtime import structured_output
 from itt_runtime.kv_cache.manager import cdiv
 from itt_runtime.model.itt import ITTModel
 from itt_runtime.runner.attention import KVCache
+from itt_runtime.runner.cpu_compile import CompiledDecode, CompileError
 from itt_runtime.runner.cuda_graphs import CaptureError, DecodeGraphs
 from itt_runtime.runner.forward import PagedForward, StepOutput, to_device
 from itt_runtime.sampler import Sampler, logprob_entries
@@ -30,7 +31,7 @@ class ModelRunner:
     def __init__(self, model: ITTModel, cache: KVCache, sampler: Sampler,
                  routed_compute: str = "auto", use_graphs: bool = False,
                  max_num_seqs: int = 64, max_model_len: int = 1024,
-                 return_routing: bool = False) -> None:
+                 return_routing: bool = False, cpu_compile: bool = False) -> None:
         self.forward = PagedForward(model, cache)
         self.cache = cache
         self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="itt-grammar")
@@ -45,6 +46,10 @@ class ModelRunner:
         if use_graphs and routed_compute != "gather":
             self.graphs = DecodeGraphs(self.forward, max_num_seqs,
                                        cdiv(max_model_len, cache.block_size))
+        # CPU: decode-only steps through a step compiled with torch.compile (cpu_compile.py).
+        self.compiled: CompiledDecode | None = None
+        if cpu_compile and self.device.type == "cpu":
+            self.compiled = CompiledDecode(self.forward, max_num_seqs)
 
     def execute_model(self, plan: SchedulerOutput) -> RunnerOutput:
         copies = [c for s in plan.scheduled for c in s.block_copies]
@@ -109,9 +114,19 @@ class ModelRunner:
 
     def _run(self, scheduled: list[ScheduledSeq], decode_only: bool) -> StepOutput:
         """The forward: a captured graph for a decode-only masked step when there is one
-        (falling back to eager for good if a capture fails), eager otherwise."""
+        (falling back to eager for good if a capture fails), a compiled decode step on CPU
+        (the same fallback), eager otherwise."""
         kvs = [s.kv for s in scheduled if s.kv is not None]
         assert len(kvs) == len(scheduled), "every scheduled sequence has its KV streams"
+        compiled = self.compiled
+        if decode_only and compiled is not None and compiled.can_run(len(scheduled)):
+            try:
+                return compiled.run(scheduled, kvs)
+            except CompileError:
+                # Nothing of the step was written: serve it and all later ones eagerly.
+                log.warning("compiled decode step failed; running every step eagerly",
+                            exc_info=True)
+                self.compiled = None
         masked = self._masked_routing(decode_only)
         graphs = self.graphs
         if decode_only and masked and graphs is not None and graphs.can_run(len(scheduled)):

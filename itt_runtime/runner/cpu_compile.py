@@ -1,0 +1,159 @@
+"""Decode steps compiled with ``torch.compile`` (inductor) on CPU.
+
+On CPU a small model's decode step is a few hundred small operators, and running them one by
+one from Python costs more than their arithmetic (docs/perf-notes.md). As CUDA graphs do on a
+GPU (cuda_graphs.py), a decode-only step is compiled once per padded shape and then run as one
+call; inductor fuses the elementwise work (norms, RoPE, softmax, SiLU, residuals) into a few
+C++ loops around the matmuls.
+
+What is compiled is ``decode_step`` (decode_step.py), a pure function: the new K/V come back
+as outputs and are written to the cache here, after the call, with one ``index_copy_`` per
+cache tensor. So a failure inside the compiled call (a compile error, an unsupported
+operator) leaves the cache untouched, and the step can be rerun eagerly.
+
+Shapes: one compiled variant per "any row routable" (a batch at budget 0 skips the routed
+steps, so it is a different graph), compiled with dynamic shapes: the batch size and the
+block-table width are symbols, so a server compiles at most twice, whatever its load (a
+variant per padded shape, as the CUDA graphs have, cost 40-130 s of compilation each on a
+busy 2-core machine, and a growing context would keep hitting new widths). Sizes 0 and 1
+would be specialised by the compiler, so batches and tables are padded to at least 2. The
+compile time is logged, and bounded: once compiles have taken ``compile_budget_s`` in all,
+variants not compiled yet run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from itt_runtime.kv_cache.manager import SequenceKV
+from itt_runtime.runner.decode_step import decode_step, write_new_kv
+from itt_runtime.runner.forward import PagedForward, StepOutput, any_routable
+from itt_runtime.scheduler import ScheduledSeq
+
+log = logging.getLogger("itt_runtime")
+
+# Inductor options (torch._inductor.config names) for the decode step. ``freezing`` makes
+# the weights constants, so inductor can pre-pack them for its CPU matmul kernels.
+INDUCTOR_OPTIONS: dict[str, Any] = {"freezing": True}
+
+
+class CompileError(RuntimeError):
+    """Compiling or running a compiled decode step failed; the KV cache was not written."""
+
+
+Key = tuple[int, int, bool]          # (padded batch, padded width, any row routable)
+MIN_SIZE = 2                         # pad batch and width to this: 1 is specialised
+
+
+class CompiledDecode:
+    """Runs decode-only steps through compiled ``decode_step`` variants.
+
+    ``compile=False`` runs the same padded pure step eagerly (the tests compare both)."""
+
+    def __init__(self, forward: PagedForward, max_batch: int,
+                 compile: bool = True, compile_budget_s: float = 600.0,
+                 options: dict[str, Any] | None = None) -> None:
+        self.forward = forward
+        self.model = forward.model
+        self.cache = forward.cache
+        self.max_batch = max_batch
+        self.compile = compile
+        self.compile_budget_s = compile_budget_s
+        self.compile_seconds = 0.0              # spent so far, all variants together
+        self.options = dict(INDUCTOR_OPTIONS if options is None else options)
+        self.variants: dict[bool, Callable] = {}      # by "any row routable"
+        self.eager_keys: set[bool] = set()      # over the budget: these run eagerly
+        cfg = self.model.cfg
+        self.n_layers, self.num_routed = cfg.n_layers, cfg.max_extra_steps
+
+    def can_run(self, num_seqs: int) -> bool:
+        return num_seqs <= self.max_batch
+
+    def run(self, scheduled: list[ScheduledSeq], kvs: list[SequenceKV]) -> StepOutput:
+        """One decode step: every scheduled sequence computes one token. Raises
+        CompileError, with nothing written to the cache, if the compiled step fails."""
+        B = len(scheduled)
+        routable = any_routable(scheduled)
+        # At budget 0 only the base streams are read or written: pass only their tables.
+        streams = len(kvs[0].block_tables) if routable else self.n_layers
+        width = max(len(t) for kv in kvs for t in kv.block_tables[:streams])
+        key = (max(B, MIN_SIZE), max(width, MIN_SIZE), routable)
+        Bp, W = key[0], key[1]
+        pad = Bp - B
+        scratch = self.cache.scratch_block
+        ids = [s.seq.all_token_ids[s.seq.num_computed_tokens] for s in scheduled] + [0] * pad
+        pos = [s.seq.num_computed_tokens for s in scheduled] + [0] * pad
+        tables = [b for kv in kvs for t in kv.block_tables[:streams]
+                  for b in t + [scratch] * (W - len(t))] + [scratch] * (pad * streams * W)
+        lengths = [n for kv in kvs for n in kv.lengths[:streams]] + [0] * (pad * streams)
+        flat = torch.tensor(ids + pos + tables + lengths, dtype=torch.long)
+        ids_t, pos_t, tables_t, lengths_t = flat.split([Bp, Bp, Bp * streams * W,
+                                                        Bp * streams])
+        if routable:
+            thresholds = torch.tensor([t for s in scheduled for t in s.seq.thresholds]
+                                      + [math.inf] * (pad * self.num_routed)).view(Bp, -1)
+        else:
+            thresholds = torch.full((Bp, self.num_routed), math.inf)
+        args = (self.cache.k, self.cache.v, ids_t, pos_t, tables_t.view(Bp, streams, W),
+                lengths_t.view(Bp, streams), thresholds)
+        with torch.inference_mode():
+            logits, extra, counts, new_k, new_v, slots = self._call(key, args)
+            write_new_kv(self.cache.k, self.cache.v, new_k, new_v, slots)
+        return StepOutput(logits[:B], counts[:B], extra[:B])
+
+    def _call(self, key: Key, args: tuple):
+        fn = self.variants.get(key[2])
+        if fn is None and self.compile and key[2] not in self.eager_keys:
+            if self.compile_seconds >= self.compile_budget_s:
+                log.warning("decode-step compile budget (%.0f s) spent: decode steps%s run "
+                            "eagerly", self.compile_budget_s, "" if key[2] else " at budget 0")
+                self.eager_keys.add(key[2])
+            else:
+                return self._compile_and_call(key, args)
+        if fn is None:
+            return self._eager(key, args)
+        try:
+            return fn(*args)
+        except Exception as e:                  # a recompile on a guard failure can fail too
+            raise CompileError(f"compiled decode step of {key[0]} rows, {key[1]} blocks wide "
+                               f"failed: {e}") from e
+
+    def _eager(self, key: Key, args: tuple):
+        k, v, ids, pos, tables, lengths, thresholds = args
+        return decode_step(self.model, k, v, ids, pos, tables, lengths, thresholds, key[2],
+                           self.cache.scratch_slot)
+
+    def _compile_and_call(self, key: Key, args: tuple):
+        """torch.compile is lazy: the first call compiles. Timed and logged."""
+        routable, scratch_slot = key[2], self.cache.scratch_slot
+        model = self.model
+
+        def step(*a):
+            return decode_step(model, *a, routable, scratch_slot)
+
+        start = time.perf_counter()
+        try:
+            # Only the batch and the table width are symbols: head, block and model sizes
+            # stay constants, which inductor's C++ kernels vectorise best.
+            _, _, ids, pos, tables, lengths, thresholds = args
+            for t in (ids, pos, tables, lengths, thresholds):
+                torch._dynamo.mark_dynamic(t, 0)
+            torch._dynamo.mark_dynamic(tables, 2)
+            fn = torch.compile(step, fullgraph=True, options=self.options)
+            out = fn(*args)
+        except Exception as e:
+            raise CompileError(f"compiling a decode step ({key[0]} rows, {key[1]} blocks "
+                               f"wide) failed: {e}") from e
+        finally:
+            self.compile_seconds += time.perf_counter() - start
+        self.variants[routable] = fn
+        log.info("compiled a decode step%s in %.1f s (%.0f s of %.0f s compile budget used)",
+                 "" if routable else " (budget 0)", time.perf_counter() - start,
+                 self.compile_seconds, self.compile_budget_s)
+        return out

@@ -1,0 +1,159 @@
+"""The CPU decode step (runner/decode_step.py) and its torch.compile'd variants
+(runner/cpu_compile.py): padded pure step = reference, compiled step = eager step =
+reference (logits within 1e-4 fp32, same tokens and routing), and a failed compile falls back
+to eager steps with the reference's output."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from itt_testing import HELDOUT, build_tiny_model, reference_greedy
+
+from itt_runtime.llm import LLM
+from itt_runtime.model.loader import load_model
+from itt_runtime.runner.cpu_compile import CompiledDecode
+from itt_runtime.sampling_params import SamplingParams
+
+MAX_NEW = 5
+BUDGETS = [0.0, 0.5, 1.0]
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(tokenizer_file, tmp_path_factory):
+    """Two layers, one ITT ×2: the smallest graph with a routed step (compiles fastest)."""
+    return build_tiny_model(tokenizer_file, tmp_path_factory.mktemp("tiny_2l"), n_layers=2,
+                            itt_layers=(1,), think_steps=2)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    lines = [ln for ln in HELDOUT.read_text().splitlines() if ln.strip()]
+    rng = random.Random(0)
+    out = []
+    for line in rng.sample(lines, 20):
+        ids = tokenizer.encode(line)
+        if len(out) < 8 and len(ids) >= 2:
+            out.append(ids[: rng.randint(2, min(len(ids), 40))])
+    return out
+
+
+def greedy(budget: float, n: int = MAX_NEW) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, think_budget=budget, ignore_eos=True)
+
+
+def llm_with(model_dir, **kw) -> tuple[LLM, CompiledDecode]:
+    llm = LLM(str(model_dir), max_num_seqs=8)
+    eng = llm.engine
+    compiled = CompiledDecode(eng.runner.forward, 8, **kw)
+    eng.runner.compiled = compiled
+    return llm, compiled
+
+
+def check_against_reference(llm: LLM, model_dir, prompts, budgets, lengths=None) -> None:
+    reference, _ = load_model(model_dir)
+    cases = [(i, b) for i in range(len(prompts)) for b in budgets]
+    lengths = lengths or [MAX_NEW] * len(cases)
+    outs = llm.generate([prompts[i] for i, _ in cases],
+                        [greedy(b, n) for (_, b), n in zip(cases, lengths)])
+    for out, (i, b), n in zip(outs, cases, lengths):
+        tokens, extra, _ = reference_greedy(reference, prompts[i], b, n)
+        assert out.outputs[0].token_ids == tokens, f"prompt {i} budget {b}: tokens differ"
+        assert out.outputs[0].thinking == extra, f"prompt {i} budget {b}: thinking differs"
+
+
+def test_padded_pure_decode_step_matches_reference(tiny_model_dir, prompts):
+    """Eager, no compiler: rows padded to batch buckets, tables to width buckets, new K/V
+    written after the step; budgets mixed, requests ending at different steps."""
+    llm, compiled = llm_with(tiny_model_dir, compile=False)
+    lengths = [1 + k % MAX_NEW for k in range(len(prompts) * len(BUDGETS))]
+    check_against_reference(llm, tiny_model_dir, prompts, BUDGETS, lengths)
+    assert not compiled.variants and not compiled.compile_seconds    # nothing was compiled
+    zero = llm.generate(prompts[:3], greedy(0.0))           # budget 0 only: no routed steps
+    assert [o.outputs[0].thinking for o in zero] == [[0] * MAX_NEW] * 3
+
+
+def test_decode_step_writes_only_its_own_slots(tiny_model_dir, prompts):
+    """The K/V written after a decode step land exactly in the slots its real rows own (and
+    scratch): every stream's next slot at b = 1, only the base streams' at b = 0."""
+    llm, _ = llm_with(tiny_model_dir, compile=False)
+    eng = llm.engine
+    budgets = [1.0, 0.0, 1.0]
+    for k, b in enumerate(budgets):
+        eng.add_request(str(k), prompts[k], greedy(b))
+    eng.step()                                                     # the prompts
+    bs, n_layers = eng.config.block_size, eng.model_config.n_layers
+    expected = set()
+    for k, b in enumerate(budgets):
+        kv = eng.kv.get(str(k))
+        streams = range(len(kv.lengths) if b == 1.0 else n_layers)
+        expected |= {kv.block_tables[s][kv.lengths[s] // bs] * bs + kv.lengths[s] % bs
+                     for s in streams}
+    before = eng.cache.k.clone()
+    eng.step()                                                     # one padded decode step
+    changed = (eng.cache.k != before).flatten(2).any(-1).flatten().nonzero()[:, 0].tolist()
+    scratch = range(eng.cache.scratch_slot, eng.cache.scratch_slot + bs)
+    assert {s for s in changed if s not in scratch} == expected
+
+
+def test_compiled_step_equals_eager_step_and_reference(small_model_dir, prompts):
+    """torch.compile (inductor, the shipped options), both variants: mixed budgets and
+    budget 0, over batches of 6 down to 1 rows (dynamic shapes: one compile each). Logits of
+    the compiled and the eager step agree within 1e-4, routing exactly, and generation
+    equals the reference model's."""
+    llm, compiled = llm_with(small_model_dir)
+    check_against_reference(llm, small_model_dir, prompts[:3], [0.0, 1.0],
+                            lengths=[MAX_NEW, 2, 3, MAX_NEW, 4, 1])
+    assert set(compiled.variants) == {True}, compiled.variants
+    check_against_reference(llm, small_model_dir, prompts[:2], [0.0])
+    assert set(compiled.variants) == {True, False}
+    assert compiled.compile_seconds > 0 and not compiled.eager_keys
+    # One step's outputs, compiled vs eager, on the same inputs (the cache as it is now),
+    # a shape the compile never saw.
+    eng = llm.engine
+    key = Bp, W, _ = (5, 3, True)
+    cfg = eng.model_config
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, cfg.vocab_size, (Bp,), generator=gen)
+    pos = torch.randint(0, W * eng.config.block_size, (Bp,), generator=gen)
+    streams = cfg.num_kv_streams
+    tables = torch.randint(0, eng.cache.scratch_block, (Bp, streams, W), generator=gen)
+    lengths = torch.minimum(pos[:, None].expand(Bp, streams), pos[:, None])
+    thresholds = torch.tensor([cfg.thresholds_for(0.5)] * Bp)
+    args = (eng.cache.k, eng.cache.v, ids, pos, tables, lengths, thresholds)
+    with torch.inference_mode():
+        got, want = compiled._call(key, args), compiled._eager(key, args)
+    assert (got[0] - want[0]).abs().max() <= 1e-4                  # logits
+    for g, w in zip(got[1:3], want[1:3]):                          # extra steps, routing
+        assert torch.equal(g, w)
+    assert torch.equal(got[5], want[5])                            # cache slots
+    assert torch.allclose(got[3], want[3], atol=1e-4)              # new K
+
+
+def test_failed_compile_falls_back_to_eager(tiny_model_dir, prompts, caplog):
+    """A compile that really fails (an option inductor does not have) is caught before any
+    K/V is written; that step and every later one run eagerly, and the output is still the
+    reference's."""
+    llm, compiled = llm_with(tiny_model_dir, options={"no_such_inductor_option": True})
+    check_against_reference(llm, tiny_model_dir, prompts[:3], [0.0, 0.5])
+    assert llm.engine.runner.compiled is None and not compiled.variants
+    assert "compiled decode step failed; running every step eagerly" in caplog.text
+    assert "no_such_inductor_option" in caplog.text
+
+
+def test_compile_budget_spent_runs_eagerly(tiny_model_dir, prompts, caplog):
+    """With the compile budget spent, new shapes run the same step eagerly (logged)."""
+    llm, compiled = llm_with(tiny_model_dir, compile_budget_s=0.0)
+    check_against_reference(llm, tiny_model_dir, prompts[:2], [0.5])
+    assert compiled.eager_keys and not compiled.variants
+    assert llm.engine.runner.compiled is compiled
+    assert "compile budget" in caplog.text
+
+
+def test_engine_flag_builds_the_compiled_runner(tiny_model_dir):
+    on = LLM(str(tiny_model_dir), cpu_compile=True).engine.runner
+    off = LLM(str(tiny_model_dir)).engine.runner
+    assert isinstance(on.compiled, CompiledDecode) and off.compiled is None
+    eager = LLM(str(tiny_model_dir), cpu_compile=True, enforce_eager=True).engine.runner
+    assert eager.compiled is None
