@@ -103,7 +103,8 @@ class LLMEngine:
                                   else config.default_think_budget),
             enable_prefix_caching=config.enable_prefix_caching,
             sampling_defaults=({} if config.generation_config == "vllm"
-                               else dict(generation.sampling_defaults)))
+                               else dict(generation.sampling_defaults)),
+            eos_token_ids=self.eos_token_ids)
         self.step_token_counts = [0] * (len(STEP_TOKEN_BUCKETS) + 1)
         self.step_token_sum = 0
         log.info("loaded %s (%s, %d layers, ITT layers %s x%d) on %s as %s; %d KV blocks of "

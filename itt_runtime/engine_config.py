@@ -130,6 +130,7 @@ class EngineInfo:
     # generation_config.json's sampling defaults (SamplingParams field -> value), applied to
     # fields a request leaves unset; empty with --generation-config vllm.
     sampling_defaults: dict = field(default_factory=dict)
+    eos_token_ids: frozenset[int] = frozenset()  # every id that ends a sequence
 
     def think_budget(self, params: SamplingParams) -> float:
         """The think budget a request runs at: its own, or the default."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -56,9 +57,13 @@ class GrammarCompiler:
 
     CACHE_SIZE = 256
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int,
+                 stop_token_ids: Iterable[int] = ()) -> None:
+        """``stop_token_ids``: every id that ends a sequence (Llama 3 has several); the
+        grammar allows them once complete. Default: the tokenizer's EOS."""
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
+        self.stop_token_ids = sorted(set(stop_token_ids) or {tokenizer.eos_token_id})
         self._lock = threading.Lock()
         self._compiler: Any = None
         self._control: torch.Tensor | None = None
@@ -75,7 +80,7 @@ class GrammarCompiler:
                 vocab = [tok.token_bytes(i) or b"" for i in range(tok.vocab_size)]
                 info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.RAW,
                                          vocab_size=self.vocab_size,
-                                         stop_token_ids=[tok.eos_token_id])
+                                         stop_token_ids=self.stop_token_ids)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1)
                 control = [any(b < 0x20 for b in raw) for raw in vocab]
                 control += [False] * (self.vocab_size - len(control))   # embedding padding

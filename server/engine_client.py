@@ -45,7 +45,8 @@ class EngineClient:
         self.max_model_len = engine.info.max_model_len
         self.max_num_seqs = engine.info.max_num_seqs
         self.in_flight_seqs = 0          # sequences admitted and not yet released
-        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size)
+        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size,
+                                            engine.info.eos_token_ids)
 
     @property
     def is_alive(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -85,8 +86,9 @@ class StructuredOutputs:
     """Compiles grammars in one worker thread (xgrammar's compiler is not re-entrant per
     spec, and one thread keeps compile CPU off the cores the engine uses)."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int) -> None:
-        self.compiler = GrammarCompiler(tokenizer, vocab_size)
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int,
+                 stop_token_ids: Iterable[int] = ()) -> None:
+        self.compiler = GrammarCompiler(tokenizer, vocab_size, stop_token_ids)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="grammar")
 
     def warm_up(self) -> None:

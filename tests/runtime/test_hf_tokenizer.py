@@ -346,3 +346,35 @@ def test_special_tokens_map_names_bos_and_eos(hf_dir, tmp_path):
     (d / "special_tokens_map.json").unlink()
     tok = load_tokenizer(d)                        # nothing names them
     assert tok.bos_token_id == tok.eos_token_id == -1 and tok.bos_token is None
+
+
+def test_a_completed_grammar_allows_every_stop_id(tok):
+    """A model with several end-of-sequence ids (Llama 3: <|end_of_text|>, <|eot_id|>): once
+    the grammar is complete each of them may end it, and no other id is a stop."""
+    import xgrammar as xgr
+    other_stop = tok.vocab_size - 1
+
+    def allowed_after_yes(grammar):
+        """Spell "yes" by always taking the first allowed token; return (matcher, ids
+        allowed once it is spelled)."""
+        m = grammar.matcher()
+        while True:
+            mask = xgr.allocate_token_bitmask(1, tok.vocab_size)
+            m.fill_next_token_bitmask(mask)
+            logits = torch.zeros(1, tok.vocab_size)
+            xgr.apply_token_bitmask_inplace(logits, mask)
+            allowed = torch.nonzero(logits[0] == 0).flatten().tolist()
+            text = [t for t in allowed if t not in (tok.eos_token_id, other_stop)]
+            if not text:
+                return m, set(allowed)
+            assert m.accept_token(text[0])
+
+    two = GrammarCompiler(tok, tok.vocab_size, [tok.eos_token_id, other_stop]).compile(
+        GrammarSpec("choice", json.dumps(["yes"])))
+    for stop in (tok.eos_token_id, other_stop):
+        m, allowed = allowed_after_yes(two)
+        assert allowed == {tok.eos_token_id, other_stop}
+        assert m.accept_token(stop) and m.is_terminated()
+    one = GrammarCompiler(tok, tok.vocab_size).compile(GrammarSpec("choice", '["yes"]'))
+    m, allowed = allowed_after_yes(one)
+    assert allowed == {tok.eos_token_id}
