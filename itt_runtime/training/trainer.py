@@ -144,7 +144,9 @@ def train(cfg: ModelConfig, tc: TrainConfig, tok: Tokenizer, train_stream: torch
         torch.manual_seed(tc.seed)
         model = init.float().train()
         opt = optimizer_for(model, tc)
+    # Router warm-up freezes the backbone; a dense model has nothing else, so it has none.
     backbone = [p for n, p in model.named_parameters() if not is_itt_param(n)]
+    router_warmup = tc.router_warmup_steps if cfg.is_itt else 0
     gen = torch.Generator().manual_seed(tc.seed)
     step, history = 0, []
     state_file = work_dir / "state.pt"
@@ -173,7 +175,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, tok: Tokenizer, train_stream: torch
         loss = F.cross_entropy(out.logits.flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if step < tc.router_warmup_steps:
+        if step < router_warmup:
             # Router warm-up: AdamW skips parameters without a gradient (no update, no
             # weight decay, no moment change), so the backbone stays exactly as loaded.
             for p in backbone:

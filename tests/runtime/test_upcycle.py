@@ -26,14 +26,22 @@ TRAIN = ["--seq-len", "32", "--batch-size", "4", "--warmup-steps", "1", "--eval-
 
 
 @pytest.fixture(scope="module")
-def upcycled_dir(tiny_dense_dir, tmp_path_factory):
+def upcycled_dir(tiny_dense_dir, small_text, tmp_path_factory):
     """The tiny dense model upcycled: layers 1 and 3 as ITT ×3, calibrated on held-out text
     so that budget 0.5 routes about half the tokens (a real mid budget, not the uncalibrated
     θ = 0)."""
     out = tmp_path_factory.mktemp("up") / "m"
     assert itt_upcycle([str(tiny_dense_dir), str(out), "--itt-layers", "1,3", "--think-steps",
-                        "3", "--calib", str(HELDOUT), "--calib-seq-len", "64"]) == 0
+                        "3", "--calib", str(small_text), "--calib-seq-len", "64"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory):
+    """A slice of the held-out text: enough for a few steps, calibration and itt-eval."""
+    path = tmp_path_factory.mktemp("text") / "small.txt"
+    path.write_text("\n".join(HELDOUT.read_text().splitlines()[:120]) + "\n")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +96,14 @@ def engine_logits(model_dir, prompts, budget):
     return torch.cat([s for s in seen if s.shape[0]]), tokens
 
 
+@pytest.fixture(scope="module")
+def dense_engine(tiny_dense_dir, prompts):
+    return engine_logits(tiny_dense_dir, prompts, 0.0)
+
+
 @pytest.mark.parametrize("budget", BUDGETS)
-def test_engine_logits_equal_dense(upcycled_dir, tiny_dense_dir, prompts, budget):
-    dense_logits, dense_tokens = engine_logits(tiny_dense_dir, prompts, 0.0)
+def test_engine_logits_equal_dense(upcycled_dir, dense_engine, prompts, budget):
+    dense_logits, dense_tokens = dense_engine
     up_logits, up_tokens = engine_logits(upcycled_dir, prompts, budget)
     assert up_tokens == dense_tokens
     assert up_logits.shape == dense_logits.shape
@@ -121,10 +134,10 @@ def itt_params(model):
             if n.endswith(".phi") or ".routers." in n}
 
 
-def test_router_warmup_trains_only_phi_and_routers(upcycled_dir, tmp_path):
+def test_router_warmup_trains_only_phi_and_routers(upcycled_dir, small_text, tmp_path):
     out = tmp_path / "warm"
-    assert itt_train(["--init", str(upcycled_dir), "--train", str(HELDOUT), "--heldout",
-                      str(HELDOUT), "--out", str(out), "--max-steps", "2",
+    assert itt_train(["--init", str(upcycled_dir), "--train", str(small_text), "--heldout",
+                      str(small_text), "--out", str(out), "--max-steps", "2",
                       "--router-warmup-steps", "2", *TRAIN]) == 0
     before, _ = load_model(upcycled_dir)
     after, _ = load_model(out)
@@ -137,11 +150,11 @@ def test_router_warmup_trains_only_phi_and_routers(upcycled_dir, tmp_path):
     assert set(new_before) == set(new_after)
 
 
-def test_training_from_upcycled_moves_routers_and_keeps_budgets_honest(upcycled_dir, tmp_path,
-                                                                       capsys):
+def test_training_from_upcycled_moves_routers_and_keeps_budgets_honest(upcycled_dir, small_text,
+                                                                       tmp_path, capsys):
     out = tmp_path / "trained"
-    assert itt_train(["--init", str(upcycled_dir), "--train", str(HELDOUT), "--heldout",
-                      str(HELDOUT), "--out", str(out), "--max-steps", "4",
+    assert itt_train(["--init", str(upcycled_dir), "--train", str(small_text), "--heldout",
+                      str(small_text), "--out", str(out), "--max-steps", "4",
                       "--router-warmup-steps", "1", "--itt-lr-mult", "3", *TRAIN]) == 0
     before, _ = load_model(upcycled_dir)
     after, _ = load_model(out)
@@ -154,7 +167,7 @@ def test_training_from_upcycled_moves_routers_and_keeps_budgets_honest(upcycled_
     capsys.readouterr()
     # Budget honesty (ITT_SPEC): measured routed fraction within ±0.05 of the budget, on the
     # windows the trainer calibrated on (its --heldout, at its --seq-len).
-    assert itt_eval(["--model", str(out), "--text", str(HELDOUT), "--seq-len", "32",
+    assert itt_eval(["--model", str(out), "--text", str(small_text), "--seq-len", "32",
                      "--budgets", "0,0.25,0.5,0.75,1", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     for r in rows:
@@ -162,10 +175,10 @@ def test_training_from_upcycled_moves_routers_and_keeps_budgets_honest(upcycled_
             assert abs(f - r["budget"]) <= 0.05, (r["budget"], r["routed_fraction"])
 
 
-def test_init_from_dense_continues_dense(tiny_dense_dir, tmp_path):
+def test_init_from_dense_continues_dense(tiny_dense_dir, small_text, tmp_path):
     out = tmp_path / "dense2"
-    assert itt_train(["--init", str(tiny_dense_dir), "--train", str(HELDOUT), "--heldout",
-                      str(HELDOUT), "--out", str(out), "--max-steps", "2", "--d-model", "64",
+    assert itt_train(["--init", str(tiny_dense_dir), "--train", str(small_text), "--heldout",
+                      str(small_text), "--out", str(out), "--max-steps", "2", "--d-model", "64",
                       *TRAIN]) == 0                       # an agreeing shape flag is fine
     before, _ = load_model(tiny_dense_dir)
     after, _ = load_model(out)
@@ -174,10 +187,32 @@ def test_init_from_dense_continues_dense(tiny_dense_dir, tmp_path):
     assert after.cfg.extra["_training"]["init"] == str(tiny_dense_dir)
 
 
-def test_init_with_conflicting_shape_flag_is_an_error(tiny_dense_dir, tmp_path, capsys):
-    rc = itt_train(["--init", str(tiny_dense_dir), "--train", str(HELDOUT), "--heldout",
-                    str(HELDOUT), "--out", str(tmp_path / "x"), "--d-model", "128",
+def test_init_with_conflicting_shape_flag_is_an_error(tiny_dense_dir, small_text, tmp_path,
+                                                    capsys):
+    rc = itt_train(["--init", str(tiny_dense_dir), "--train", str(small_text), "--heldout",
+                    str(small_text), "--out", str(tmp_path / "x"), "--d-model", "128",
                     "--itt-layers", "odd", *TRAIN])
     err = capsys.readouterr().err
     assert rc == 2 and "--d-model 128 (the checkpoint has 64)" in err
     assert "--itt-layers odd (the checkpoint has [])" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("family, kw", [("llama", {"max_shard_size": "60KB"}),
+                                        ("qwen2", {"tied": True})])
+def test_hugging_face_source(family, kw, tokenizer_file, tmp_path):
+    """A transformers-saved Llama (sharded, untied) or Qwen2 (q/k/v biases, tied) upcycles to
+    a model of this project's format that equals transformers' logits at every budget."""
+    from hf_models import build_hf_model, hf_logits, load_hf
+
+    src = build_hf_model(tmp_path / "hf", family, tokenizer_file=tokenizer_file, **kw)
+    out = tmp_path / "up"
+    assert itt_upcycle([str(src), str(out), "--itt-layers", "1", "--think-steps", "3"]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "itt"
+    assert (out / "generation_config.json").is_file()
+    up, tok = load_model(out)
+    ids = tok.encode(HELDOUT.read_text().splitlines()[3])[:48]
+    want = hf_logits(load_hf(src), ids)                                 # (T, vocab)
+    for b in BUDGETS:
+        got = up(torch.tensor([ids]), routing=ThresholdRouting.for_budgets(up.cfg, [b])).logits[0]
+        err = (got - want).abs().max().item()
+        assert err <= 1e-4, f"{family} budget {b}: max abs error {err}"
