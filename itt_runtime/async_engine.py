@@ -113,8 +113,7 @@ class AsyncLLMEngine:
             while not self._stop.is_set():
                 self._drain_commands(block=not eng.has_unfinished())
                 if eng.has_unfinished():
-                    for out in eng.step():
-                        self._deliver(out)
+                    self._deliver_step(eng.step())
                 self._stats = eng.stats()
         except BaseException as e:            # noqa: BLE001 - the loop must report any death
             log.critical("engine loop died: %s: %s", type(e).__name__, e, exc_info=e)
@@ -160,9 +159,24 @@ class AsyncLLMEngine:
             # waiting, and admission (server/engine_client.py) would count it twice.
             self._stats = self.engine.stats()
 
+    def _deliver_step(self, outs: list[RequestOutput]) -> None:
+        """A step's outputs, handed to each event loop in one ``call_soon_threadsafe``: one
+        wake-up of the loop per step instead of one per stream (each is a write to the
+        loop's self-pipe and a pass through its selector)."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                loop, q = stream
+                item = RequestFailedError(out.request_id) if out.error is not None else out
+                batches.setdefault(loop, []).append((q, item))
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
     def _deliver(self, out: RequestOutput) -> None:
-        stream = self._streams.get(out.request_id)
-        if stream is not None:
-            loop, q = stream
-            item = RequestFailedError(out.request_id) if out.error is not None else out
-            loop.call_soon_threadsafe(q.put_nowait, item)
+        self._deliver_step([out])
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)

@@ -39,8 +39,10 @@ from itt_runtime.scheduler import ScheduledSeq
 log = logging.getLogger("itt_runtime")
 
 # Inductor options (torch._inductor.config names) for the decode step. ``freezing`` makes
-# the weights constants, so inductor can pre-pack them for its CPU matmul kernels.
-INDUCTOR_OPTIONS: dict[str, Any] = {"freezing": True}
+# the weights constants (folded into the graph once). ``cpp.threads`` 1: the fused loops of
+# a decode step are a few thousand elements, less work than an OpenMP fork/join, which on
+# shared cores spin-waits; the matmuls (aten) still use torch's intra-op threads.
+INDUCTOR_OPTIONS: dict[str, Any] = {"freezing": True, "cpp.threads": 1}
 
 
 class CompileError(RuntimeError):
