@@ -5,7 +5,7 @@ other) on the same weights, through HTTP with one client, side by side.
     python convert_hf_to_gguf.py /tmp/itt-llama --outtype f32 --outfile /tmp/itt-f32.gguf
     python -m loadtest.peer_bench --gguf /tmp/itt-f32.gguf \\
         --llama-server PATH/llama-server \\
-        --itt compiled= --itt eager=--no-cpu-compile
+        --itt compiled=--cpu-compile --itt eager= --itt before@/tmp/start=
 
 Every server gets the same requests: streaming ``/v1/completions``, prompts of exactly
 ``--prompt-tokens`` token ids (random ids, new ones every round so that no prefix cache
@@ -58,6 +58,7 @@ class Server:
     cmd: list[str]
     env: dict[str, str]
     extra_body: dict                        # fields every request to this server carries
+    cwd: Path = REPO                        # where it runs (another checkout: its own code)
     port: int = 0
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
@@ -71,7 +72,7 @@ class Server:
     def start(self, log_dir: Path, timeout_s: float) -> None:
         self.log_path = log_dir / f"{self.name}.log"
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=log,
+            self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, stdout=log,
                                          stderr=subprocess.STDOUT,
                                          env={**os.environ, **self.env})
         deadline = time.monotonic() + timeout_s
@@ -168,12 +169,13 @@ def build_servers(a) -> list[Server]:
     threads = str(a.threads)
     for spec in a.itt:
         name, _, args = spec.partition("=")
+        name, _, src = name.partition("@")
         cmd = [sys.executable, "-m", "server", "--model", a.model, "--host", "127.0.0.1",
                "--device", "cpu", "--served-model-name", "bench", "--max-num-seqs",
                str(max(64, max(a.concurrency))), *args.split()]
         servers.append(Server(f"itt-{name}" if name else "itt", cmd,
                               {"OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"},
-                              {"think_budget": 0.0}))
+                              {"think_budget": 0.0}, cwd=Path(src) if src else REPO))
     if a.gguf:
         slots = max(a.concurrency)
         ctx = slots * (a.prompt_tokens + a.output_tokens + 16)
@@ -187,9 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.peer_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="itt-server model")
-    p.add_argument("--itt", action="append", default=None, metavar="NAME=ARGS",
-                   help="an itt-server configuration: a name and its extra flags "
-                        "(repeatable; default: one with no extra flags)")
+    p.add_argument("--itt", action="append", default=None, metavar="NAME[@DIR]=ARGS",
+                   help="an itt-server configuration: a name and its extra flags, run from "
+                        "checkout DIR if given (e.g. `git archive START | tar -x -C DIR` "
+                        "for the code before a change); repeatable; default: one server "
+                        "with no extra flags")
     p.add_argument("--gguf", help="the exported weights as GGUF, for llama-server")
     p.add_argument("--llama-server", default="llama-server", help="llama-server binary")
     p.add_argument("--concurrency", default="1,8,32")

@@ -56,11 +56,12 @@ MIN_SIZE = 2                         # pad batch and width to this: 1 is special
 class CompiledDecode:
     """Runs decode-only steps through compiled ``decode_step`` variants.
 
-    ``compile=False`` runs the same padded pure step eagerly (the tests compare both)."""
+    ``compile=False`` runs the same padded pure step eagerly (the tests compare both);
+    ``backend`` another torch.compile backend (the fast tests trace with ``aot_eager``)."""
 
     def __init__(self, forward: PagedForward, max_batch: int,
                  compile: bool = True, compile_budget_s: float = 600.0,
-                 options: dict[str, Any] | None = None) -> None:
+                 options: dict[str, Any] | None = None, backend: str = "inductor") -> None:
         self.forward = forward
         self.model = forward.model
         self.cache = forward.cache
@@ -69,6 +70,7 @@ class CompiledDecode:
         self.compile_budget_s = compile_budget_s
         self.compile_seconds = 0.0              # spent so far, all variants together
         self.options = dict(INDUCTOR_OPTIONS if options is None else options)
+        self.backend = backend                  # another torch.compile backend: tests
         self.variants: dict[bool, Callable] = {}      # by "any row routable"
         self.eager_keys: set[bool] = set()      # over the budget: these run eagerly
         cfg = self.model.cfg
@@ -147,7 +149,8 @@ class CompiledDecode:
             for t in (ids, pos, tables, lengths, thresholds):
                 torch._dynamo.mark_dynamic(t, 0)
             torch._dynamo.mark_dynamic(tables, 2)
-            fn = torch.compile(step, fullgraph=True, options=self.options)
+            fn = torch.compile(step, fullgraph=True, backend=self.backend,
+                               options=self.options if self.backend == "inductor" else None)
             out = fn(*args)
         except Exception as e:
             raise CompileError(f"compiling a decode step ({key[0]} rows, {key[1]} blocks "
