@@ -45,32 +45,43 @@ common=(--train "$TRAIN" --heldout "$HELDOUT" --calib "$CALIB" --seq-len "$SEQ"
         --batch-size "$BATCH" --max-steps "${STEPS:-100}" --lr "${LR:-1e-3}"
         --warmup-steps "${WARMUP:-10}" --eval-every 50 --checkpoint-every 25 --no-bf16
         --max-wall-s "${MAX_WALL_S:-0}")
-rm -rf "${OUT}_dense" "${OUT}_dense.work" "${OUT}_itt" "${OUT}_itt.work"
+# The ablation (c) "itt_plain" trains the upcycled model with neither (all parameters from
+# step one, one LR).
+rm -rf "${OUT}_dense" "${OUT}_dense.work" "${OUT}_itt" "${OUT}_itt.work" "${OUT}_itt_plain" \
+  "${OUT}_itt_plain.work"
 itt-train --init "$BASE" --out "${OUT}_dense" "${common[@]}" > "${OUT}_dense.log" 2>&1 &
 itt-train --init "${OUT}_itt_init" --out "${OUT}_itt" "${common[@]}" \
   --router-warmup-steps "${ROUTER_WARMUP:-10}" --itt-lr-mult "${ITT_LR_MULT:-5}" \
   > "${OUT}_itt.log" 2>&1 &
+itt-train --init "${OUT}_itt_init" --out "${OUT}_itt_plain" "${common[@]}" \
+  --router-warmup-steps 0 --itt-lr-mult 1 > "${OUT}_itt_plain.log" 2>&1 &
 wait
 
 # 4. Held-out perplexity (itt-eval, causal mode) and the routed fraction per budget.
 itt-eval --model "$BASE" --text "$HELDOUT" --budgets 0 --json > "${OUT}_eval_base.json"
 itt-eval --model "${OUT}_dense" --text "$HELDOUT" --budgets 0 --json > "${OUT}_eval_dense.json"
-itt-eval --model "${OUT}_itt" --text "$HELDOUT" --budgets 0,0.25,0.5,0.6,0.75,1 --json \
-  > "${OUT}_eval_itt.json"
+for m in itt itt_plain; do
+  itt-eval --model "${OUT}_$m" --text "$HELDOUT" --budgets 0,0.25,0.5,0.6,0.75,1 --json \
+    > "${OUT}_eval_$m.json"
+done
 python - "$OUT" <<'EOF'
 import json, sys
 out = sys.argv[1]
-base, dense, itt = (json.load(open(f"{out}_eval_{n}.json")) for n in ("base", "dense", "itt"))
+base, dense = (json.load(open(f"{out}_eval_{n}.json")) for n in ("base", "dense"))
 b, d = base["rows"][0]["ppl"], dense["rows"][0]["ppl"]
-print(f"Held-out tokens: {itt['tokens']}. Base dense: **{b:.2f}**. "
-      f"Continued dense: **{d:.2f}**.\n")
-print("| think budget | upcycled ITT ppl | / continued dense | routed fraction mean "
-      "| min … max over (layer, step) | mean extra steps / token |")
-print("|---|---|---|---|---|---|")
-for r in itt["rows"]:
-    f = r["routed_fraction"]
-    print(f"| {r['budget']:.2f} | {r['ppl']:.2f} | {r['ppl'] / d:.3f} | {sum(f) / len(f):.3f} "
-          f"| {min(f):.3f} … {max(f):.3f} | {r['mean_extra_steps']:.2f} |")
-pm = itt["paper_mode"]
-print(f"\nPaper (top-k) mode at capacity {pm['capacity']}: ppl {pm['ppl']:.2f}.")
+print(f"Held-out tokens: {dense['tokens']}. Base dense: **{b:.2f}**. "
+      f"Continued dense: **{d:.2f}**.")
+for name in ("itt", "itt_plain"):
+    itt = json.load(open(f"{out}_eval_{name}.json"))
+    print(f"\n{name}:\n")
+    print("| think budget | upcycled ITT ppl | / continued dense | routed fraction mean "
+          "| min … max over (layer, step) | mean extra steps / token |")
+    print("|---|---|---|---|---|---|")
+    for r in itt["rows"]:
+        f = r["routed_fraction"]
+        print(f"| {r['budget']:.2f} | {r['ppl']:.2f} | {r['ppl'] / d:.3f} "
+              f"| {sum(f) / len(f):.3f} | {min(f):.3f} … {max(f):.3f} "
+              f"| {r['mean_extra_steps']:.2f} |")
+    pm = itt["paper_mode"]
+    print(f"\nPaper (top-k) mode at capacity {pm['capacity']}: ppl {pm['ppl']:.2f}.")
 EOF
