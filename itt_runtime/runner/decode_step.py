@@ -88,13 +88,13 @@ def decode_step(model: ITTModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
         return block.finish(x, attn)
 
     itt_index = 0
-    base_slots = []
     for layer_idx, layer in enumerate(model.itt_layer_list):
         slot = tables[:, layer_idx].gather(1, base_blk[:, None])[:, 0] * bs + base_slot_in_block
-        base_slots.append(slot)
         x = layer.base_update(x, block_delta(layer.block, x, layer_idx, pos, slot))
-        if layer.think_steps == 1 or not routable:
-            itt_index += layer.think_steps > 1
+        if layer.think_steps == 1:
+            continue
+        if not routable:             # budget 0 everywhere: no routed step, no routed K/V
+            itt_index += 1
             continue
         for t in range(1, layer.think_steps):
             k_idx = itt_index * cfg.n_routed_steps + (t - 1)
@@ -116,8 +116,7 @@ def decode_step(model: ITTModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
         routed_t = torch.stack(routed_all, 1).long()                  # (B, K)
     else:
         routed_t = torch.zeros(B, K, dtype=torch.long, device=x.device)
-    # Base streams are written in layer order, so the slots for the base streams are
-    # ``base_slots``; they were appended to ``slots`` in the same order as new_k.
+    # new_k, new_v and slots were appended together, one entry per block application.
     return (logits, routed_t.sum(1), routed_t, torch.cat(new_k), torch.cat(new_v),
             torch.cat(slots))
 
