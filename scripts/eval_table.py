@@ -20,6 +20,20 @@ def run(model: str, text: str, budgets: str) -> dict:
     return json.loads(buf.getvalue())
 
 
+def budget_table(itt: dict, dense_ppl: float, name: str) -> list[str]:
+    """Markdown rows (header first) of an ``itt-eval --json`` result against a dense
+    perplexity: ppl, ratio, routed fraction (mean and range over (layer, step)), extra steps."""
+    lines = [f"| think budget | {name} ppl | / dense | routed fraction (mean over steps) "
+             "| min … max over (layer, step) | mean extra steps / token |",
+             "|---|---|---|---|---|---|"]
+    for r in itt["rows"]:
+        f = r["routed_fraction"]
+        lines.append(f"| {r['budget']:.2f} | {r['ppl']:.2f} | {r['ppl'] / dense_ppl:.3f} | "
+                     f"{sum(f) / len(f):.3f} | {min(f):.3f} … {max(f):.3f} | "
+                     f"{r['mean_extra_steps']:.2f} |")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("itt")
@@ -30,14 +44,7 @@ def main() -> None:
     itt, dense = run(a.itt, a.text, a.budgets), run(a.dense, a.text, "0")
     dppl = dense["rows"][0]["ppl"]
     print(f"Held-out tokens: {itt['tokens']}. Dense control perplexity: **{dppl:.2f}**.\n")
-    print("| think budget | ITT ppl | ITT / dense | routed fraction (mean over steps) "
-          "| min … max over (layer, step) | mean extra steps / token |")
-    print("|---|---|---|---|---|---|")
-    for r in itt["rows"]:
-        f = r["routed_fraction"]
-        print(f"| {r['budget']:.2f} | {r['ppl']:.2f} | {r['ppl'] / dppl:.3f} | "
-              f"{sum(f) / len(f):.3f} | {min(f):.3f} … {max(f):.3f} | "
-              f"{r['mean_extra_steps']:.2f} |")
+    print("\n".join(budget_table(itt, dppl, "ITT")))
     pm = itt["paper_mode"]
     print(f"\nPaper (top-k, non-causal) mode at the training capacity {pm['capacity']}: "
           f"ppl {pm['ppl']:.2f} ({pm['ppl'] / dppl:.3f} of dense).")

@@ -66,6 +66,8 @@ for m in itt itt_plain; do
 done
 python - "$OUT" <<'EOF'
 import json, sys
+sys.path.insert(0, "scripts")
+from eval_table import budget_table
 out = sys.argv[1]
 base, dense = (json.load(open(f"{out}_eval_{n}.json")) for n in ("base", "dense"))
 b, d = base["rows"][0]["ppl"], dense["rows"][0]["ppl"]
@@ -74,14 +76,7 @@ print(f"Held-out tokens: {dense['tokens']}. Base dense: **{b:.2f}**. "
 for name in ("itt", "itt_plain"):
     itt = json.load(open(f"{out}_eval_{name}.json"))
     print(f"\n{name}:\n")
-    print("| think budget | upcycled ITT ppl | / continued dense | routed fraction mean "
-          "| min … max over (layer, step) | mean extra steps / token |")
-    print("|---|---|---|---|---|---|")
-    for r in itt["rows"]:
-        f = r["routed_fraction"]
-        print(f"| {r['budget']:.2f} | {r['ppl']:.2f} | {r['ppl'] / d:.3f} "
-              f"| {sum(f) / len(f):.3f} | {min(f):.3f} … {max(f):.3f} "
-              f"| {r['mean_extra_steps']:.2f} |")
+    print("\n".join(budget_table(itt, d, "upcycled ITT")))
     pm = itt["paper_mode"]
     print(f"\nPaper (top-k) mode at capacity {pm['capacity']}: ppl {pm['ppl']:.2f}.")
 EOF

@@ -59,3 +59,25 @@ def reference_greedy(model, ids, budget, n):
         ids.append(int(out.logits[0, -1].argmax()))
         extra.append(int(out.routed[0, -1].sum()))
     return ids[-n:], extra, logits
+
+
+def next_token_slots(engine, budgets: list[float]) -> set[int]:
+    """The cache slots the next decode step writes for requests "0", "1", … (request k runs
+    at ``budgets[k]``, 0 or 1): each stream's next position, on every stream at budget 1 and
+    the base streams only at budget 0."""
+    bs, n_layers = engine.config.block_size, engine.model_config.n_layers
+    slots = set()
+    for k, b in enumerate(budgets):
+        kv = engine.kv.get(str(k))
+        streams = range(len(kv.lengths) if b == 1.0 else n_layers)
+        slots |= {kv.block_tables[s][kv.lengths[s] // bs] * bs + kv.lengths[s] % bs
+                  for s in streams}
+    return slots
+
+
+def slots_written(engine, before: torch.Tensor) -> set[int]:
+    """Slots of the K cache that differ from ``before`` (a clone), scratch block excluded."""
+    changed = (engine.cache.k != before).flatten(2).any(-1).flatten().nonzero()[:, 0].tolist()
+    scratch = range(engine.cache.scratch_slot,
+                    engine.cache.scratch_slot + engine.config.block_size)
+    return {s for s in changed if s not in scratch}

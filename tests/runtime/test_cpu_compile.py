@@ -9,7 +9,13 @@ import random
 
 import pytest
 import torch
-from itt_testing import HELDOUT, build_tiny_model, reference_greedy
+from itt_testing import (
+    HELDOUT,
+    build_tiny_model,
+    next_token_slots,
+    reference_greedy,
+    slots_written,
+)
 
 from itt_runtime.llm import LLM
 from itt_runtime.model.loader import load_model
@@ -83,18 +89,10 @@ def test_decode_step_writes_only_its_own_slots(tiny_model_dir, prompts):
     for k, b in enumerate(budgets):
         eng.add_request(str(k), prompts[k], greedy(b))
     eng.step()                                                     # the prompts
-    bs, n_layers = eng.config.block_size, eng.model_config.n_layers
-    expected = set()
-    for k, b in enumerate(budgets):
-        kv = eng.kv.get(str(k))
-        streams = range(len(kv.lengths) if b == 1.0 else n_layers)
-        expected |= {kv.block_tables[s][kv.lengths[s] // bs] * bs + kv.lengths[s] % bs
-                     for s in streams}
+    expected = next_token_slots(eng, budgets)
     before = eng.cache.k.clone()
     eng.step()                                                     # one padded decode step
-    changed = (eng.cache.k != before).flatten(2).any(-1).flatten().nonzero()[:, 0].tolist()
-    scratch = range(eng.cache.scratch_slot, eng.cache.scratch_slot + bs)
-    assert {s for s in changed if s not in scratch} == expected
+    assert slots_written(eng, before) == expected
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from itt_testing import HELDOUT, reference_greedy
+from itt_testing import HELDOUT, next_token_slots, reference_greedy, slots_written
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from itt_runtime.kv_cache.manager import cdiv
@@ -156,19 +156,11 @@ def test_padded_decode_step_writes_only_its_own_slots(tiny_model_dir, prompts):
     for k, b in enumerate(budgets):
         eng.add_request(str(k), prompts[k + 1], greedy(b))
     eng.step()                                                     # the prompts
-    bs, n_layers = eng.config.block_size, eng.model_config.n_layers
-    expected = set()
-    for k, b in enumerate(budgets):
-        kv = eng.kv.get(str(k))
-        streams = range(len(kv.lengths) if b == 1.0 else n_layers)
-        expected |= {kv.block_tables[s][kv.lengths[s] // bs] * bs + kv.lengths[s] % bs
-                     for s in streams}
+    expected = next_token_slots(eng, budgets)
     before = eng.cache.k.clone()
     eng.step()                                                     # one padded decode step
     assert [(bp, r) for bp, _, r in graphs.graphs] == [(4, True)]  # 3 rows + 1 padding row
-    changed = (eng.cache.k != before).flatten(2).any(-1).flatten().nonzero()[:, 0].tolist()
-    scratch = range(eng.cache.scratch_slot, eng.cache.scratch_slot + bs)
-    assert {s for s in changed if s not in scratch} == expected
+    assert slots_written(eng, before) == expected
 
 
 def test_failed_capture_falls_back_to_eager_steps(tiny_model_dir, prompts, expected, caplog):

@@ -130,13 +130,19 @@ def run(engine: LLMEngine, prompts, params) -> dict:
         engine.add_request(f"q{engine.stats().tokens_computed}-{i}", p, params)
     outs: dict = {}
     while engine.has_unfinished():
-        for out in engine.step():
-            i = int(out.request_id.split("-")[1])
-            toks, think, lps, _ = outs.get(i, ([], [], [], 0))
-            c = out.outputs[0]
-            outs[i] = (toks + c.token_ids, think + c.thinking, lps + (c.logprobs or []),
-                       out.num_cached_tokens)
+        collect(outs, engine.step())
     return outs
+
+
+def collect(outs: dict, step_outputs) -> None:
+    """Add one step's outputs to ``outs`` ({index: (tokens, thinking, logprobs, cached
+    tokens)}, the index being the request id's part after "-")."""
+    for out in step_outputs:
+        i = int(out.request_id.split("-")[1])
+        toks, think, lps, _ = outs.get(i, ([], [], [], 0))
+        c = out.outputs[0]
+        outs[i] = (toks + c.token_ids, think + c.thinking, lps + (c.logprobs or []),
+                   out.num_cached_tokens)
 
 
 def assert_same(warm: dict, cold: dict) -> None:
@@ -238,20 +244,11 @@ def test_requests_arriving_together_compute_their_shared_prefix_once(tiny_model_
     for i, p in enumerate(prompts):
         engine.add_request(f"t-{i}", p, params)
     warm: dict = {}
-
-    def step() -> None:
-        for out in engine.step():
-            i = int(out.request_id.split("-")[1])
-            toks, think, lps, _ = warm.get(i, ([], [], [], 0))
-            c = out.outputs[0]
-            warm[i] = (toks + c.token_ids, think + c.thinking, lps + (c.logprobs or []),
-                       out.num_cached_tokens)
-
-    step()
+    collect(warm, engine.step())
     assert sorted(s.request_id for s in engine.scheduler.running) == ["t-0", "t-4"]
     assert [s.request_id for s in engine.scheduler.waiting] == ["t-1", "t-2", "t-3"]
     while engine.has_unfinished():
-        step()
+        collect(warm, engine.step())
     assert_same(warm, cold)
     assert [warm[i][3] for i in range(5)] == [0, 32, 32, 32, 0]
     assert engine.stats().tokens_computed < cold_engine.stats().tokens_computed - 3 * 32 + 1
