@@ -250,10 +250,25 @@ SCHEMA = {"type": "object", "properties": {
     "n": {"enum": [1, 22, 333]}}, "required": ["ok", "city", "n"]}
 
 
+def random_walk(grammar, vocab_size: int, gen: torch.Generator, limit: int = 10_000):
+    """Follow random tokens among those the grammar allows until it terminates (or ``limit``
+    tokens); returns (matcher, ids)."""
+    import xgrammar as xgr
+    m, ids = grammar.matcher(), []
+    while not m.is_terminated() and len(ids) < limit:
+        mask = xgr.allocate_token_bitmask(1, vocab_size)
+        m.fill_next_token_bitmask(mask)
+        logits = torch.rand(1, vocab_size, generator=gen)
+        xgr.apply_token_bitmask_inplace(logits, mask)
+        t = int(logits.argmax())
+        assert m.accept_token(t)
+        ids.append(t)
+    return m, ids
+
+
 def test_structured_output_json_schema(tok):
     """Random walks through the grammar's allowed tokens always spell valid JSON for the
     schema, and the tokenizer's own encoding of a valid answer is accepted."""
-    import xgrammar as xgr
     compiler = GrammarCompiler(tok, tok.vocab_size)
     grammar = compiler.compile(GrammarSpec("json_schema", json.dumps(SCHEMA)))
     want = '{"ok": true, "city": "東京", "n": 22}'
@@ -267,15 +282,7 @@ def test_structured_output_json_schema(tok):
     gen = torch.Generator().manual_seed(0)
     cities = set()
     for _ in range(8):
-        m, ids = grammar.matcher(), []
-        while not m.is_terminated() and len(ids) < 300:
-            mask = xgr.allocate_token_bitmask(1, tok.vocab_size)
-            m.fill_next_token_bitmask(mask)
-            logits = torch.rand(1, tok.vocab_size, generator=gen)
-            xgr.apply_token_bitmask_inplace(logits, mask)
-            t = int(logits.argmax())
-            assert m.accept_token(t)
-            ids.append(t)
+        m, ids = random_walk(grammar, tok.vocab_size, gen, limit=300)
         assert m.is_terminated() and ids[-1] == tok.eos_token_id
         value = json.loads(tok.decode(ids))
         assert set(value) == {"ok", "city", "n"} and value["n"] in (1, 22, 333)
@@ -287,21 +294,12 @@ def test_structured_output_choice_outside_the_bmp(tok):
     """A choice with an emoji (outside the BMP) and escapes: every allowed token path spells
     exactly it (an escaped emoji became a surrogate pair the grammar read as two invalid
     characters)."""
-    import xgrammar as xgr
     target = 'naïve 😀 👩‍👩‍👧 "q" \\ \n日本'
     grammar = GrammarCompiler(tok, tok.vocab_size).compile(
         GrammarSpec("choice", json.dumps([target])))
     gen = torch.Generator().manual_seed(0)
     for _ in range(10):
-        m, ids = grammar.matcher(), []
-        while not m.is_terminated():
-            mask = xgr.allocate_token_bitmask(1, tok.vocab_size)
-            m.fill_next_token_bitmask(mask)
-            logits = torch.rand(1, tok.vocab_size, generator=gen)
-            xgr.apply_token_bitmask_inplace(logits, mask)
-            t = int(logits.argmax())
-            assert m.accept_token(t)
-            ids.append(t)
+        _, ids = random_walk(grammar, tok.vocab_size, gen)
         assert tok.decode(ids) == target
 
 
