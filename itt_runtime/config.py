@@ -8,8 +8,10 @@ problem it finds raises ``ConfigError`` naming the offending field.
 from __future__ import annotations
 
 import bisect
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -19,6 +21,18 @@ class ConfigError(ValueError):
 class CheckpointError(ConfigError):
     """A model directory is missing, incomplete or inconsistent (the message names the file
     and the problem)."""
+
+
+def read_json_object(file: Path, error: type[Exception] = ConfigError) -> dict:
+    """A JSON file holding an object (a model's config.json, index, tokenizer files);
+    ``error`` naming the file if it is unreadable, not JSON, or not an object."""
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{file}: must hold a JSON object")
+    return raw
 
 
 def option(default, help: str, kind: str = "str", flag: str | None = None,

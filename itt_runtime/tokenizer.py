@@ -13,13 +13,14 @@ the chat template (see ``read_tokenizer_config``).
 from __future__ import annotations
 
 import functools
-import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import sentencepiece as spm
+
+from itt_runtime.config import read_json_object
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -206,13 +207,7 @@ class SentencePieceTokenizer(Tokenizer):
 
 def read_json(file: Path) -> dict[str, Any]:
     """A JSON object file; ``TokenizerError`` naming the file if it is not one."""
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise TokenizerError(f"{file}: expected a JSON object")
-    return raw
+    return read_json_object(file, TokenizerError)
 
 
 def read_tokenizer_config(model_dir: Path) -> dict[str, Any]:

@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from itt_runtime.config import CheckpointError, ConfigError, ModelConfig, RopeScaling
+from itt_runtime.config import (
+    CheckpointError,
+    ConfigError,
+    ModelConfig,
+    RopeScaling,
+    read_json_object,
+)
 from itt_runtime.sampling_params import ParamError, SamplingParams
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -54,13 +60,7 @@ def is_hf_dir(path: Path) -> bool:
 
 
 def read_json(file: Path) -> dict:
-    try:
-        raw = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{file}: must hold a JSON object")
-    return raw
+    return read_json_object(file, CheckpointError)
 
 
 # ---- config -------------------------------------------------------------------------------

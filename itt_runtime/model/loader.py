@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from itt_runtime.config import CheckpointError, ConfigError, ModelConfig
+from itt_runtime.config import CheckpointError, ConfigError, ModelConfig, read_json_object
 from itt_runtime.hf_tokenizer import HFTokenizer
 from itt_runtime.model import hf
 from itt_runtime.model.itt import ITTModel
@@ -66,10 +66,7 @@ def load_config(path: str | Path | None) -> ModelConfig:
         missing.append(" or ".join(TOKENIZER_FILES))
     if missing:
         raise CheckpointError(f"model directory {str(path)!r} is missing {', '.join(missing)}")
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    raw = read_json_object(path / "config.json", CheckpointError)
     if hf.is_hf_config(raw):
         generation = hf.read_generation_config(path)
         return hf.config_from_hf(raw, path / "config.json", generation.eos_token_ids)
