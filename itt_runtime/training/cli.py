@@ -27,7 +27,7 @@ from itt_runtime.model.loader import load_model, save_model
 from itt_runtime.tokenizer import Tokenizer
 from itt_runtime.training.calibrate import calibrate
 from itt_runtime.training.trainer import TrainConfig, train
-from itt_runtime.training.upcycle import write_checkpoint
+from itt_runtime.training.upcycle import parse_itt_layers, write_checkpoint
 
 # Shape flags: their defaults (a fresh model); with --init the checkpoint decides instead.
 ARCH_DEFAULTS = {"vocab_size": 8192, "d_model": 256, "n_layers": 8, "n_heads": 8,
@@ -42,15 +42,6 @@ def train_tokenizer(text_files: list[Path], vocab_size: int, out_prefix: Path) -
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, input_sentence_size=2_000_000,
         shuffle_input_sentence=True, num_threads=2, minloglevel=2)
     return out_prefix.with_suffix(".model")
-
-
-def parse_itt_layers(spec: str, n_layers: int) -> tuple[int, ...]:
-    """``--itt-layers``: odd, none, or a comma-separated list."""
-    if spec == "odd":
-        return tuple(range(1, n_layers, 2))
-    if spec == "none":
-        return ()
-    return tuple(int(x) for x in spec.split(","))
 
 
 def model_config(a: argparse.Namespace, tok: Tokenizer) -> ModelConfig:
@@ -97,7 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init", type=Path,
                    help="continue from this model directory (dense or ITT); its architecture "
                         "and tokenizer are used, and shape flags must agree with it")
-    help_ = {"itt_layers": "'odd' (every other layer, as in the paper), 'none', or e.g. '1,3,5'"}
+    help_ = {"itt_layers": "'odd' (every other layer, as in the paper), 'even', 'all', 'none', "
+                           "or e.g. '1,3,5'"}
     for name, default in ARCH_DEFAULTS.items():
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=None,
                        help=f"{help_.get(name, '')} (default {default})".strip())

@@ -61,9 +61,12 @@ class UpcycleError(ValueError):
     """Bad input to itt-upcycle; the message names the problem."""
 
 
-def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
-    """'odd' (1, 3, 5 …: every other layer, as in the paper and the default model), 'even',
-    'all', or a comma-separated list of layer indices."""
+def parse_itt_layers(spec: str, n_layers: int) -> tuple[int, ...]:
+    """``--itt-layers`` of itt-upcycle and itt-train: 'odd' (1, 3, 5 …: every other layer,
+    as in the paper and the default model), 'even', 'all', 'none' (a dense model), or a
+    comma-separated list of layer indices."""
+    if spec == "none":
+        return ()
     if spec == "odd":
         return tuple(range(1, n_layers, 2))
     if spec == "even":
@@ -181,7 +184,7 @@ def main(argv=None) -> int:
         if a.calib is not None and not a.calib.is_file():
             raise UpcycleError(f"--calib {a.calib}: no such file")
         dense, tok = load_model(a.src)
-        layers = parse_layers(a.itt_layers, dense.cfg.n_layers)
+        layers = parse_itt_layers(a.itt_layers, dense.cfg.n_layers)
         model = upcycle(dense, layers, a.think_steps, a.train_capacity, a.seed)
         if a.calib is not None:
             seq_len = min(a.calib_seq_len, model.cfg.max_position_embeddings)
