@@ -12,13 +12,16 @@ cache tensor. So a failure inside the compiled call (a compile error, an unsuppo
 operator) leaves the cache untouched, and the step can be rerun eagerly.
 
 Shapes: one compiled variant per "any row routable" (a batch at budget 0 skips the routed
-steps, so it is a different graph), compiled with dynamic shapes: the batch size and the
-block-table width are symbols, so a server compiles at most twice, whatever its load (a
-variant per padded shape, as the CUDA graphs have, cost 40-130 s of compilation each on a
-busy 2-core machine, and a growing context would keep hitting new widths). Sizes 0 and 1
-would be specialised by the compiler, so batches and tables are padded to at least 2. The
-compile time is logged, and bounded: once compiles have taken ``compile_budget_s`` in all,
-variants not compiled yet run eagerly.
+steps, so it is a different graph) and per "one row or several", compiled with dynamic
+shapes: the batch size (of several rows) and the block-table width are symbols, so a server
+compiles at most four times, whatever its load (a variant per padded shape, as the CUDA
+graphs have, cost 40-130 s of compilation each on a busy 2-core machine, and a growing
+context would keep hitting new widths). A symbolic size is never 0 or 1 (the compiler
+specialises those), so tables are padded to a width of at least 2, and a step of one row has
+its own variant with the batch fixed at 1 rather than a padding row: on CPU a matmul of two
+rows costs about twice one row's (this machine's sgemm is compute-bound even there), which
+made a padded single-stream step 1.4x slower. The compile time is logged, and bounded: once
+compiles have taken ``compile_budget_s`` in all, variants not compiled yet run eagerly.
 """
 
 from __future__ import annotations
@@ -50,7 +53,16 @@ class CompileError(RuntimeError):
 
 
 Key = tuple[int, int, bool]          # (padded batch, padded width, any row routable)
-MIN_SIZE = 2                         # pad batch and width to this: 1 is specialised
+Variant = tuple[bool, bool]          # (one row, any row routable): one compile each
+MIN_SIZE = 2                         # pad batches of several rows and widths to this
+
+
+def variant_of(key: Key) -> Variant:
+    return key[0] == 1, key[2]
+
+
+def describe(variant: Variant) -> str:
+    return ("one row" if variant[0] else "several rows") + ("" if variant[1] else ", budget 0")
 
 
 class CompiledDecode:
@@ -71,8 +83,8 @@ class CompiledDecode:
         self.compile_seconds = 0.0              # spent so far, all variants together
         self.options = dict(INDUCTOR_OPTIONS if options is None else options)
         self.backend = backend                  # another torch.compile backend: tests
-        self.variants: dict[bool, Callable] = {}      # by "any row routable"
-        self.eager_keys: set[bool] = set()      # over the budget: these run eagerly
+        self.variants: dict[Variant, Callable] = {}
+        self.eager_keys: set[Variant] = set()   # over the budget: these run eagerly
         cfg = self.model.cfg
         self.n_layers, self.num_routed = cfg.n_layers, cfg.max_extra_steps
 
@@ -87,7 +99,7 @@ class CompiledDecode:
         # At budget 0 only the base streams are read or written: pass only their tables.
         streams = len(kvs[0].block_tables) if routable else self.n_layers
         width = max(len(t) for kv in kvs for t in kv.block_tables[:streams])
-        key = (max(B, MIN_SIZE), max(width, MIN_SIZE), routable)
+        key = (B if B == 1 else max(B, MIN_SIZE), max(width, MIN_SIZE), routable)
         Bp, W = key[0], key[1]
         pad = Bp - B
         scratch = self.cache.scratch_block
@@ -112,12 +124,13 @@ class CompiledDecode:
         return StepOutput(logits[:B], counts[:B], extra[:B])
 
     def _call(self, key: Key, args: tuple):
-        fn = self.variants.get(key[2])
-        if fn is None and self.compile and key[2] not in self.eager_keys:
+        variant = variant_of(key)
+        fn = self.variants.get(variant)
+        if fn is None and self.compile and variant not in self.eager_keys:
             if self.compile_seconds >= self.compile_budget_s:
-                log.warning("decode-step compile budget (%.0f s) spent: decode steps%s run "
-                            "eagerly", self.compile_budget_s, "" if key[2] else " at budget 0")
-                self.eager_keys.add(key[2])
+                log.warning("decode-step compile budget (%.0f s) spent: decode steps (%s) "
+                            "run eagerly", self.compile_budget_s, describe(variant))
+                self.eager_keys.add(variant)
             else:
                 return self._compile_and_call(key, args)
         if fn is None:
@@ -146,8 +159,9 @@ class CompiledDecode:
             # Only the batch and the table width are symbols: head, block and model sizes
             # stay constants, which inductor's C++ kernels vectorise best.
             _, _, ids, pos, tables, lengths, thresholds = args
-            for t in (ids, pos, tables, lengths, thresholds):
-                torch._dynamo.mark_dynamic(t, 0)
+            if key[0] > 1:
+                for t in (ids, pos, tables, lengths, thresholds):
+                    torch._dynamo.mark_dynamic(t, 0)
             torch._dynamo.mark_dynamic(tables, 2)
             fn = torch.compile(step, fullgraph=True, backend=self.backend,
                                options=self.options if self.backend == "inductor" else None)
@@ -157,8 +171,8 @@ class CompiledDecode:
                                f"wide) failed: {e}") from e
         finally:
             self.compile_seconds += time.perf_counter() - start
-        self.variants[routable] = fn
-        log.info("compiled a decode step%s in %.1f s (%.0f s of %.0f s compile budget used)",
-                 "" if routable else " (budget 0)", time.perf_counter() - start,
+        self.variants[variant_of(key)] = fn
+        log.info("compiled a decode step (%s) in %.1f s (%.0f s of %.0f s compile budget used)",
+                 describe(variant_of(key)), time.perf_counter() - start,
                  self.compile_seconds, self.compile_budget_s)
         return out

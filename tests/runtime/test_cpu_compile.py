@@ -99,29 +99,37 @@ def test_decode_step_writes_only_its_own_slots(tiny_model_dir, prompts):
 def test_traced_step_equals_reference(small_model_dir, prompts):
     """A lighter stand-in for the inductor test below (about 15 s on a quiet machine, 50 s on
     a busy one, hence slow too): the step traced whole by dynamo (fullgraph, dynamic batch
-    and width) and run without code generation, both variants, one trace each for batches
-    of 6 down to 1 rows. The fast tests above cover the step's semantics eagerly."""
+    and width) and run without code generation, every variant (several rows or one,
+    routable or at budget 0), for batches of 6 down to 1 rows. The fast tests above cover
+    the step's semantics eagerly."""
     llm, compiled = llm_with(small_model_dir, backend="eager")
     check_against_reference(llm, small_model_dir, prompts[:3], [0.0, 1.0],
                             lengths=[MAX_NEW, 2, 3, MAX_NEW, 4, 1])
     check_against_reference(llm, small_model_dir, prompts[:2], [0.0])
-    assert set(compiled.variants) == {True, False} and not compiled.eager_keys
+    for budget in (1.0, 0.0):                      # single rows: their own variants
+        check_against_reference(llm, small_model_dir, prompts[2:3], [budget])
+    # (one row, routable): batches of one row have their own variant, with no padding row.
+    assert set(compiled.variants) == {(False, True), (True, True), (False, False),
+                                      (True, False)} and not compiled.eager_keys
     assert llm.engine.runner.compiled is compiled
 
 
 @pytest.mark.slow
 def test_compiled_step_equals_eager_step_and_reference(small_model_dir, prompts):
     """torch.compile (inductor, the shipped options; minutes of compiling on a busy 2-core
-    machine, hence slow), both variants: mixed budgets and
-    budget 0, over batches of 6 down to 1 rows (dynamic shapes: one compile each). Logits of
+    machine, hence slow), every variant: mixed budgets and
+    budget 0, over batches of 6 down to 1 rows (dynamic shapes: one compile per variant). Logits of
     the compiled and the eager step agree within 1e-4, routing exactly, and generation
     equals the reference model's."""
     llm, compiled = llm_with(small_model_dir)
     check_against_reference(llm, small_model_dir, prompts[:3], [0.0, 1.0],
                             lengths=[MAX_NEW, 2, 3, MAX_NEW, 4, 1])
-    assert set(compiled.variants) == {True}, compiled.variants
+    assert set(compiled.variants) == {(False, True)}, compiled.variants
     check_against_reference(llm, small_model_dir, prompts[:2], [0.0])
-    assert set(compiled.variants) == {True, False}
+    for budget in (1.0, 0.0):                      # single rows: their own variants
+        check_against_reference(llm, small_model_dir, prompts[2:3], [budget])
+    assert set(compiled.variants) == {(False, True), (True, True), (False, False),
+                                      (True, False)}
     assert compiled.compile_seconds > 0 and not compiled.eager_keys
     # One step's outputs, compiled vs eager, on the same inputs (the cache as it is now),
     # a shape the compile never saw.
