@@ -103,6 +103,29 @@ def test_mixed_batch_matches_reference(name, tiny_model_dir, prompts, expected):
     assert_no_leaks(llm.engine)
 
 
+def test_prompt_chunks_share_one_padded_attention_call(tiny_model_dir, reference, prompts):
+    """Prompts admitted in one step attend in one call, padded to the longest (routed
+    streams too, with their routed counts as chunk lengths); long rows, or a long one beside
+    short ones, attend row by row. Tokens and thinking depths equal the reference's either way."""
+    llm = LLM(str(tiny_model_dir), max_num_batched_tokens=1024)
+    forward = llm.engine.runner.forward
+    padded_calls: list[list[int]] = []
+    real_attend_padded = forward._attend_padded
+
+    def spy(q, spos, chunks, stream, batch):
+        padded_calls.append([n for _, n in chunks])
+        return real_attend_padded(q, spos, chunks, stream, batch)
+
+    forward._attend_padded = spy
+    short = [p[:24] for p in prompts]                       # 1 … 24 tokens
+    cases = [(i, b) for i in range(len(short)) for b in BUDGETS]
+    outs = llm.generate([short[i] for i, _ in cases], [greedy(b) for _, b in cases])
+    check(outs, cases, {(i, b): reference_greedy(reference[0], short[i], b, MAX_NEW)
+                        for i, b in cases})
+    assert any(len(set(c)) > 1 for c in padded_calls), "no padded call of unequal rows"
+    assert all(len(c) * max(c) <= 2 * sum(c) and max(c) <= 32 for c in padded_calls)
+
+
 def test_each_request_alone_matches_reference(tiny_model_dir, prompts, expected):
     llm = LLM(str(tiny_model_dir))
     for i in range(0, len(prompts), 3):
