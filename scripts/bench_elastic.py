@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -48,6 +49,24 @@ def start(flags: list[str], log: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"server did not start: {log.read_text()[-2000:]}")
 
 
+def warm_up(url: str) -> None:
+    """Requests that make a server compile what the load will use (``--cpu-compile``
+    compiles a decode step lazily, per one row or several and routable or budget 0), so
+    that no compile lands inside a measured rate."""
+    model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+
+    def generate(budget: float) -> None:
+        r = httpx.post(f"{url}/v1/completions", timeout=900, json={
+            "model": model, "prompt": "warm up", "max_tokens": 8, "ignore_eos": True,
+            "think_budget": budget})
+        r.raise_for_status()
+
+    for budget in (1.0, 0.0):
+        generate(budget)                                   # one row
+        with ThreadPoolExecutor(4) as pool:                # several rows
+            list(pool.map(generate, [budget] * 4))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,17 +77,23 @@ def main() -> int:
     p.add_argument("--target-itl-ms", type=float, default=60.0)
     p.add_argument("--target-ttft-ms", type=float, default=1500.0)
     p.add_argument("--out", type=Path, default=Path("bench_elastic.json"))
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="one more itt-server argument for both servers (repeatable), e.g. "
+                        "--server-arg=--cpu-compile")
     a = p.parse_args()
     rates = [float(x) for x in a.rates.split(",")]
     logs = a.out.with_suffix("")
     logs.mkdir(parents=True, exist_ok=True)
     servers = {
-        "fixed": start([], logs / "fixed.log"),
-        "elastic": start(["--elastic-thinking", "--target-itl-ms", str(a.target_itl_ms),
-                          "--target-ttft-ms", str(a.target_ttft_ms)], logs / "elastic.log"),
+        "fixed": start(a.server_arg, logs / "fixed.log"),
+        "elastic": start([*a.server_arg, "--elastic-thinking", "--target-itl-ms",
+                          str(a.target_itl_ms), "--target-ttft-ms", str(a.target_ttft_ms)],
+                         logs / "elastic.log"),
     }
     results: dict[str, dict] = {name: {"runs": []} for name in servers}
     try:
+        for _, url in servers.values():
+            warm_up(url)
         for i, rate in enumerate(rates):
             for name, (_, url) in servers.items():       # interleaved: same rate, both
                 cfg = LoadConfig(base_url=url, rate=(rate,), num_requests=None,
