@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +64,15 @@ def variant_of(key: Key) -> Variant:
 
 def describe(variant: Variant) -> str:
     return ("one row" if variant[0] else "several rows") + ("" if variant[1] else ", budget 0")
+
+
+def own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own. Dynamo keeps compiled code per code object, at
+    most ``recompile_limit`` (8) entries each, and every closure made by one ``def`` shares
+    that def's code object: without a copy, the variants of every engine in a process would
+    fill one code object's entries (two engines of four variants and one recompile fail)."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                              fn.__defaults__, fn.__closure__)
 
 
 class CompiledDecode:
@@ -154,6 +164,7 @@ class CompiledDecode:
         def step(*a):
             return decode_step(model, *a, routable, scratch_slot)
 
+        step = own_code(step)
         start = time.perf_counter()
         try:
             # Only the batch and the table width are symbols: head, block and model sizes

@@ -19,7 +19,7 @@ from itt_testing import (
 
 from itt_runtime.llm import LLM
 from itt_runtime.model.loader import load_model
-from itt_runtime.runner.cpu_compile import CompiledDecode
+from itt_runtime.runner.cpu_compile import CompiledDecode, own_code
 from itt_runtime.sampling_params import SamplingParams
 
 MAX_NEW = 5
@@ -179,3 +179,19 @@ def test_engine_flag_builds_the_compiled_runner(tiny_model_dir):
     assert isinstance(on.compiled, CompiledDecode) and off.compiled is None
     eager = LLM(str(tiny_model_dir), cpu_compile=True, enforce_eager=True).engine.runner
     assert eager.compiled is None
+
+
+def test_each_compiled_step_has_its_own_code_object():
+    """Dynamo caps compiled entries per code object (8); the step closures of one ``def``
+    share theirs, so each variant gets a copy (a process with two compiled engines of four
+    variants each, as the slow tests above make, otherwise fails its ninth compile)."""
+    def make(k):
+        def step(x):
+            return x + k
+        return step
+
+    a, b = make(1), make(2)
+    assert a.__code__ is b.__code__                     # what dynamo would see
+    ca, cb = own_code(a), own_code(b)
+    assert ca.__code__ is not cb.__code__ and ca.__code__ is not a.__code__
+    assert (ca(1), cb(1)) == (2, 3)                     # same behaviour, closure kept
