@@ -35,7 +35,12 @@ def attend_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     """One query per row over that row's cached stream plus its own new key.
 
     q (B, H, D); k_new, v_new (B, KV, D); k_cache, v_cache (blocks, bs, KV, D); table (B, W)
-    block ids; length (B,) keys stored before this step. Returns (B, H·D)."""
+    block ids; length (B,) keys stored before this step. Returns (B, H·D).
+
+    Written as broadcast products and sums rather than matmuls: compiled, inductor turns
+    each into one loop that reads the cached keys and values through the block table in
+    place, where ``einsum`` would first gather every row's blocks into a new tensor (the
+    largest cost of a 32-row compiled step) and then call ``bmm``."""
     B, H, D = q.shape
     KV = k_new.shape[1]
     rep = H // KV
@@ -43,13 +48,15 @@ def attend_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     v = v_cache[table].flatten(1, 2)
     L = k.shape[1]
     qg = q.view(B, KV, rep, D) * (1.0 / math.sqrt(D))                # heads grouped by KV head
-    s_cache = torch.einsum("bgrd,blgd->bgrl", qg, k)                 # (B, KV, rep, L)
+    s_cache = (qg[:, None] * k[:, :, :, None, :]).sum(-1)           # (B, L, KV, rep)
     valid = torch.arange(L, device=q.device)[None, :] < length[:, None]   # (B, L)
-    s_cache = s_cache.masked_fill(~valid[:, None, None, :], float("-inf"))
-    s_self = (qg * k_new[:, :, None, :]).sum(-1, keepdim=True)      # (B, KV, rep, 1)
-    p = torch.softmax(torch.cat([s_cache, s_self], -1), dim=-1)
-    o = torch.einsum("bgrl,blgd->bgrd", p[..., :L], v) + p[..., L:] * v_new[:, :, None, :]
-    return o.reshape(B, H * D)
+    s_cache = s_cache.masked_fill(~valid[:, :, None, None], float("-inf"))
+    s_self = (qg * k_new[:, :, None, :]).sum(-1)                    # (B, KV, rep)
+    top = torch.maximum(s_cache.amax(1), s_self)                    # softmax over L + 1 keys
+    p_cache = torch.exp(s_cache - top[:, None])
+    p_self = torch.exp(s_self - top)
+    o = (p_cache[..., None] * v[:, :, :, None, :]).sum(1) + p_self[..., None] * v_new[:, :, None]
+    return (o / (p_cache.sum(1) + p_self)[..., None]).reshape(B, H * D)
 
 
 def decode_step(model: ITTModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
