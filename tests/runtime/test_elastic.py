@@ -197,6 +197,39 @@ def test_elastic_runs_replay_exactly_in_the_reference(tiny_model_dir, config):
     assert changed >= len(seqs) // 2, "the script was meant to change budgets mid-sequence"
 
 
+def test_prompt_steps_beside_decoding_requests_run_elastic_rows_at_their_floor(
+        tiny_model_dir):
+    """With an ITL target, a step that computes a prompt while others decode runs the
+    elastic requests of that step at their floor, whatever the scale; a prompt step with
+    nobody decoding, and requests without a range, keep their budgets."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), elastic_thinking=True,
+                                    target_itl_ms=1000.0))
+    scripted(engine, [1.0])                          # the scale itself never drops
+    ranged = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, think_budget=1.0,
+                            min_think_budget=0.25)
+    fixed = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, think_budget=1.0)
+    ids = engine.tokenizer.encode("In the beginning God created the heaven and the earth.")
+    seqs = {}
+    other = engine.tokenizer.encode("And the earth was without form, and void.")
+    for rid, params, prompt in (("first", ranged, ids), ("fixed", fixed, other)):
+        engine.add_request(rid, prompt, params)
+        seqs[rid] = engine.requests[rid].seqs[0]
+    engine.step()                            # both prompts, nobody decoding: full budgets
+    engine.step()                            # both decode
+    engine.add_request("late", ids[:7], ranged)
+    seqs["late"] = engine.requests["late"].seqs[0]
+    engine.step()                            # the late prompt beside two decoding requests
+    while engine.has_unfinished():
+        engine.step()
+    n = len(ids)
+    assert seqs["first"].position_budgets == [1.0] * (n + 1) + [0.25, 1.0]
+    assert seqs["late"].position_budgets == [0.25] * 7 + [1.0] * 3
+    fixed_seq = seqs["fixed"]                # no range: its budget is never recorded or moved
+    assert set(fixed_seq.position_budgets) <= {1.0} and fixed_seq.think_budget == 1.0
+    assert not fixed_seq.budget_changed
+    assert engine.controller.reduced_steps == 1
+
+
 def test_requests_without_a_range_are_never_touched(tiny_model_dir):
     def run(elastic: bool):
         engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), max_num_batched_tokens=24,
