@@ -34,7 +34,10 @@ prompt tokens, and the extra time per prompt token of steps with them) it admits
 fit in ``CHUNK_HEADROOM`` of the target, at least ``MIN_CHUNK``. Long prompts are then
 prefilled in chunks over several steps (chunked prefill, so results are unchanged), trading a
 little TTFT of the new request for the ITL of all the others — as a smaller
-``--max-num-batched-tokens`` would, but only as far as the measured load needs.
+``--max-num-batched-tokens`` would, but only as far as the measured load needs. And a step
+that computes prompt tokens while others decode runs its elastic requests at their floor
+(``LLMEngine._floor_prompt_step``): with compiled decode steps such a step is the one slow
+step in many, and the cap alone could not bring it under the target.
 """
 
 from __future__ import annotations
