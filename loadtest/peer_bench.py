@@ -29,8 +29,6 @@ import json
 import os
 import random
 import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,18 +36,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
 from loadtest.client import OpenAIClient, RequestResult
+from loadtest.servers import free_port, stop_process, wait_ready
 from loadtest.workload import RequestSpec
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -75,27 +66,11 @@ class Server:
             self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, stdout=log,
                                          stderr=subprocess.STDOUT,
                                          env={**os.environ, **self.env})
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see "
-                                   f"{self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"{self.name} not ready after {timeout_s} s; see {self.log_path}")
+        wait_ready(f"{self.url}/health", self.proc, self.log_path, timeout_s)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 30)
 
     def read_memory(self, key: str, field_name: str) -> None:
         """VmRSS / VmHWM of the server process, MiB."""

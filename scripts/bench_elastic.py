@@ -15,22 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
 from loadtest.run import LoadConfig, run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from loadtest.servers import free_port, stop_process, wait_ready
 
 
 def start(flags: list[str], log: Path) -> tuple[subprocess.Popen, str]:
@@ -40,13 +33,8 @@ def start(flags: list[str], log: Path) -> tuple[subprocess.Popen, str]:
                             env={**os.environ, "OMP_NUM_THREADS": os.environ.get(
                                 "OMP_NUM_THREADS", "1")})
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise RuntimeError(f"server did not start: {log.read_text()[-2000:]}")
+    wait_ready(f"{url}/health", proc, log, timeout_s=300)
+    return proc, url
 
 
 def warm_up(url: str) -> None:
@@ -113,8 +101,7 @@ def main() -> int:
                       f"{r['mean_applied_think_budget'] or 0:.2f}", flush=True)
     finally:
         for proc, _ in servers.values():
-            proc.terminate()
-            proc.wait(60)
+            stop_process(proc)
     for name, res in results.items():
         path = a.out.with_name(f"{a.out.stem}-{name}.json")
         path.write_text(json.dumps(res, indent=2) + "\n")

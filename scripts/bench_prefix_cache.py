@@ -32,8 +32,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from loadtest.run import LoadConfig, run_async  # noqa: E402
+from loadtest.servers import free_port, stop_process, wait_ready  # noqa: E402
 from loadtest.workload import WORDS  # noqa: E402
 
 
@@ -74,12 +73,6 @@ QUICK = Sizes(rounds=2, chat_requests=16, ll_items=12, conversations=4)
 
 
 # ---- servers ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, name: str, model: str, device: str, flags: list[str], log_dir: Path,
                  threads: int | None) -> None:
@@ -99,26 +92,11 @@ class Server:
 
     def wait_ready(self, timeout_s: float = 300) -> str:
         """Waits for /health; returns the served model id."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} server exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return httpx.get(self.url + "/v1/models", timeout=10).json()["data"][0]["id"]
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.name} server not ready after {timeout_s} s")
+        wait_ready(self.url + "/health", self.proc, self.log, timeout_s)
+        return httpx.get(self.url + "/v1/models", timeout=10).json()["data"][0]["id"]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 # ---- the benchmarks -------------------------------------------------------------------------

@@ -8,11 +8,8 @@ Import as ``from live_server import …`` (tests/ is on sys.path through tests/c
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,49 +20,10 @@ import openai
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.servers import free_port, log_tail, stop_process, wait_ready  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "tiny-itt"
-STOP_TIMEOUT_S = 40          # SIGTERM drains for at most 30 s by default, then SIGKILL
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def log_tail(path: Path, n: int = 40) -> str:
-    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-    return "\n".join(lines[-n:])
-
-
-def stop_process(proc: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> int:
-    """SIGTERM, then SIGKILL after ``timeout_s``. Returns the exit status."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    """Polls ``url`` until it answers 200; fails with the log tail if the process dies first
-    or the time runs out (the process is then stopped)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}:\n{log_tail(log)}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop_process(proc)
-    raise RuntimeError(f"{url} not ready after {timeout_s} s:\n{log_tail(log)}")
 
 
 @dataclass
