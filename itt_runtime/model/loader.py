@@ -27,7 +27,7 @@ from itt_runtime.config import CheckpointError, ConfigError, ModelConfig, read_j
 from itt_runtime.hf_tokenizer import HFTokenizer
 from itt_runtime.model import hf
 from itt_runtime.model.itt import ITTModel
-from itt_runtime.model.layers import Rotary
+from itt_runtime.model.layers import Rotary, input_major_view
 from itt_runtime.plain_chat import plain_tokenizer_config
 from itt_runtime.tokenizer import (
     SentencePieceTokenizer,
@@ -267,8 +267,15 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
             set_tensor(model, key, value)
     model.eval()
     if fuse:
+        # On CPU every matmul weight is stored input-major (layers.input_major_view): the
+        # LM head too, which for a tied model is the embedding, whose row lookups then read
+        # strided memory (about 2 µs a token, against a matmul 1.25x faster every step).
+        input_major = device.type == "cpu"
         for layer in model.itt_layer_list:
-            layer.block.fuse_projections()
+            layer.block.fuse_projections(input_major)
+        if input_major:
+            head = model.embed_tokens if model.lm_head is None else model.lm_head
+            head.weight = nn.Parameter(input_major_view(head.weight), requires_grad=False)
     return model, tok
 
 

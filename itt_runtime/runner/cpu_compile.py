@@ -46,7 +46,11 @@ log = logging.getLogger("itt_runtime")
 # the weights constants (folded into the graph once). ``cpp.threads`` 1: the fused loops of
 # a decode step are a few thousand elements, less work than an OpenMP fork/join, which on
 # shared cores spin-waits; the matmuls (aten) still use torch's intra-op threads.
-INDUCTOR_OPTIONS: dict[str, Any] = {"freezing": True, "cpp.threads": 1}
+# ``cpp.weight_prepack`` off: frozen fp32 weights would be repacked for MKL's packed sgemm,
+# which on this project's shapes is slower than a plain matmul on the input-major weights
+# the loader stores on CPU (layers.input_major_view): a one-row step took 1.13x longer.
+INDUCTOR_OPTIONS: dict[str, Any] = {"freezing": True, "cpp.threads": 1,
+                                    "cpp.weight_prepack": False}
 
 
 class CompileError(RuntimeError):

@@ -38,3 +38,18 @@ def test_fused_forward_equals_unfused(tiny_model_dir):
     a, b = plain(ids), fused(ids)
     assert torch.allclose(a.logits, b.logits, atol=1e-5)
     assert torch.equal(a.routed, b.routed)
+
+
+def test_cpu_serving_stores_matmul_weights_input_major(tiny_model_dir):
+    """On CPU the served weights are stored transposed, (in, out) in memory (the faster
+    layout for torch's CPU BLAS, layers.input_major_view), with the values unchanged."""
+    plain, _ = load_model(tiny_model_dir)
+    served = LLMEngine(EngineConfig(model=str(tiny_model_dir))).model
+    for layer, ref in zip(served.itt_layer_list, plain.itt_layer_list):
+        block = layer.block
+        assert block.fused is not None
+        for w in (*block.fused, block.o_proj.weight, block.down_proj.weight):
+            assert w.t().is_contiguous() and not w.is_contiguous()
+        assert torch.equal(block.o_proj.weight, ref.block.o_proj.weight)
+    assert served.embed_tokens.weight.t().is_contiguous()       # the tied LM head
+    assert torch.equal(served.embed_tokens.weight, plain.embed_tokens.weight)
