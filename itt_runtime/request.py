@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,12 @@ class Sequence:
     num_sent_tokens: int = 0
     num_sent_chars: int = 0
     detokenizer: IncrementalDetokenizer | None = None
+
+    @property
+    def may_route(self) -> bool:
+        """Whether a token this sequence computes can take a routed step: not when every
+        threshold is +inf (budget 0) and every position was computed at that budget."""
+        return self.budget_changed or any(t < math.inf for t in self.thresholds)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -137,14 +137,15 @@ class Scheduler:
                 if n == 0:                          # no prompt tokens left this step
                     i += 1
                     continue
-            while not self.kv.can_allocate(seq.seq_id, n):
+            while not self.kv.can_allocate(seq.seq_id, n, may_route=seq.may_route):
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
             else:
-                scheduled.append(ScheduledSeq(seq, n, self.kv.allocate(seq.seq_id, n)))
+                kv = self.kv.allocate(seq.seq_id, n, may_route=seq.may_route)
+                scheduled.append(ScheduledSeq(seq, n, kv))
                 token_budget -= n
                 if remaining > 1:
                     prompt_budget -= n
@@ -172,13 +173,13 @@ class Scheduler:
             n = min(remaining, token_budget, prompt_budget if remaining > 1 else remaining)
             if n == 0 or (n < remaining and not self.enable_chunked_prefill):
                 break
-            if not self.kv.can_allocate(seq.seq_id, n, adopting=node):
+            if not self.kv.can_allocate(seq.seq_id, n, adopting=node, may_route=seq.may_route):
                 break
             self.waiting.popleft()
             if queried and self.kv.prefix_cache is not None:   # counted once admitted
                 self.kv.prefix_cache.count(seq.num_tokens, node.num_tokens if node else 0)
             copies = self._adopt(seq, node) if node else []
-            kv = self.kv.allocate(seq.seq_id, n)
+            kv = self.kv.allocate(seq.seq_id, n, may_route=seq.may_route)
             seq.status = Status.RUNNING
             if seq.metrics.first_scheduled_time is None:
                 seq.metrics.first_scheduled_time = time.time()

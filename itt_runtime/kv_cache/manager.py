@@ -58,34 +58,41 @@ class KVCacheManager:
     def get(self, seq_id: str) -> SequenceKV:
         return self._tables[seq_id]
 
-    def _needed(self, kv: SequenceKV, num_new: int) -> list[int]:
-        """Blocks each stream must gain to hold ``num_new`` more tokens (worst case)."""
-        return [max(0, cdiv(length + num_new, self.block_size) - len(table))
-                for length, table in zip(kv.lengths, kv.block_tables)]
+    def _needed(self, kv: SequenceKV, num_new: int, may_route: bool) -> list[int]:
+        """Blocks each stream must gain to hold ``num_new`` more tokens (worst case: every
+        token routed at every step). A sequence that cannot route (budget 0) reserves
+        nothing in its routed streams, which would otherwise take a block each, every step,
+        to give it back at the commit."""
+        streams = len(kv.lengths) if may_route else self.num_base_streams
+        needed = [max(0, cdiv(length + num_new, self.block_size) - len(table))
+                  for length, table in zip(kv.lengths[:streams], kv.block_tables[:streams])]
+        return needed + [0] * (len(kv.lengths) - streams)
 
     def _available(self) -> int:
         """Free blocks, plus those only the prefix cache holds (evicted on demand)."""
         return self.pool.num_free + (self.pool.num_evictable if self.prefix_cache else 0)
 
-    def can_allocate(self, seq_id: str, num_new: int, adopting: CacheNode | None = None) -> bool:
+    def can_allocate(self, seq_id: str, num_new: int, adopting: CacheNode | None = None,
+                     may_route: bool = True) -> bool:
         """Whether ``num_new`` more tokens fit; with ``adopting``, for a new sequence that
-        starts from that cached node (its partial routed blocks are copied)."""
+        starts from that cached node (its partial routed blocks are copied). ``may_route``
+        False: the tokens cannot be routed (``Sequence.may_route``)."""
         if adopting is not None:
             kv = SequenceKV([list(t) for t in adopting.block_tables], list(adopting.lengths))
-            needed = len(self._partial(adopting)) + sum(self._needed(kv, num_new))
+            needed = len(self._partial(adopting)) + sum(self._needed(kv, num_new, may_route))
             # The node's blocks will be held by the sequence: no longer evictable.
             held = [b for t in adopting.block_tables for b in t]
             return needed <= self._available() - self.pool.count_evictable(held)
         kv = self._tables.get(seq_id) or SequenceKV.empty(self.num_streams)
-        return sum(self._needed(kv, num_new)) <= self._available()
+        return sum(self._needed(kv, num_new, may_route)) <= self._available()
 
     def _make_room(self, n: int) -> None:
         if self.prefix_cache is not None and self.pool.num_free < n:
             self.prefix_cache.evict(n)
 
-    def allocate(self, seq_id: str, num_new: int) -> SequenceKV:
+    def allocate(self, seq_id: str, num_new: int, may_route: bool = True) -> SequenceKV:
         kv = self._tables.setdefault(seq_id, SequenceKV.empty(self.num_streams))
-        needed = self._needed(kv, num_new)
+        needed = self._needed(kv, num_new, may_route)
         self._make_room(sum(needed))
         blocks = self.pool.allocate(sum(needed))
         start = 0

@@ -119,14 +119,29 @@ class ModelRunner:
         kvs = [s.kv for s in scheduled if s.kv is not None]
         assert len(kvs) == len(scheduled), "every scheduled sequence has its KV streams"
         compiled = self.compiled
-        if decode_only and compiled is not None and compiled.can_run(len(scheduled)):
+        # The leading rows that compute one token and sample it (single-token rows come
+        # first): a compiled step can run them, also when prompt rows follow.
+        n_decode = next((i for i, s in enumerate(scheduled)
+                         if s.num_new_tokens != 1 or s.logit_positions != [0]), len(scheduled))
+        if compiled is not None and n_decode and compiled.can_run(n_decode):
             try:
-                return compiled.run(scheduled, kvs)
+                head = compiled.run(scheduled[:n_decode], kvs[:n_decode])
             except CompileError:
                 # Nothing of the step was written: serve it and all later ones eagerly.
                 log.warning("compiled decode step failed; running every step eagerly",
                             exc_info=True)
                 self.compiled = None
+            else:
+                if n_decode == len(scheduled):
+                    return head
+                # A mixed step: the prompt rows run eagerly after the compiled decode rows
+                # (on CPU two matmuls of m and n rows cost about one of m + n; running the
+                # decode rows eagerly costs their per-operator overhead again).
+                rest = scheduled[n_decode:]
+                batch = self.forward.prepare(rest, kvs[n_decode:],
+                                             [s.logit_positions for s in rest],
+                                             masked_routing=self._masked_routing(False))
+                return join_outputs(head, self.forward.execute(batch))
         masked = self._masked_routing(decode_only)
         graphs = self.graphs
         if decode_only and masked and graphs is not None and graphs.can_run(len(scheduled)):
@@ -165,3 +180,14 @@ class ModelRunner:
             entries = logprob_entries(lp, targets, [k] * len(rows))
             out += [(seq, p + 1, entry) for (_, p), entry in zip(rows, entries)]
         return out
+
+
+def join_outputs(decode: StepOutput, rest: StepOutput) -> StepOutput:
+    """One step's output from a compiled decode part (one token per row) and an eager part
+    for the rows after it."""
+    routed = None
+    if rest.routed is not None:          # per token: a decode row's token is its row
+        routed = torch.cat([decode.routed_counts.bool(), rest.routed])
+    return StepOutput(torch.cat([decode.logits, rest.logits]),
+                      torch.cat([decode.routed_counts, rest.routed_counts]),
+                      torch.cat([decode.extra_steps, rest.extra_steps]), routed)

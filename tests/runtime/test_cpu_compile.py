@@ -49,8 +49,8 @@ def greedy(budget: float, n: int = MAX_NEW) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, think_budget=budget, ignore_eos=True)
 
 
-def llm_with(model_dir, **kw) -> tuple[LLM, CompiledDecode]:
-    llm = LLM(str(model_dir), max_num_seqs=8)
+def llm_with(model_dir, engine: dict | None = None, **kw) -> tuple[LLM, CompiledDecode]:
+    llm = LLM(str(model_dir), max_num_seqs=8, **(engine or {}))
     eng = llm.engine
     compiled = CompiledDecode(eng.runner.forward, 8, **kw)
     eng.runner.compiled = compiled
@@ -93,6 +93,46 @@ def test_decode_step_writes_only_its_own_slots(tiny_model_dir, prompts):
     before = eng.cache.k.clone()
     eng.step()                                                     # one padded decode step
     assert slots_written(eng, before) == expected
+
+
+def test_mixed_steps_run_their_decode_rows_through_the_compiled_step(tiny_model_dir, prompts):
+    """A step that computes prompt chunks beside decoding rows runs the decode rows through
+    the compiled step and only the prompt rows eagerly; generation still equals the
+    reference's (small chunks and a small pool: chunked prefill, preemption, prefix-cache
+    hits)."""
+    llm, compiled = llm_with(tiny_model_dir, compile=False,
+                             engine=dict(max_num_batched_tokens=16, kv_cache_memory=31 * 4096))
+    runner = llm.engine.runner
+    calls: list[str] = []                         # "step", then the paths it ran
+    run, execute, step = compiled.run, runner.forward.execute, runner.execute_model
+
+    def spy_run(scheduled, kvs):
+        calls.append("compiled")
+        return run(scheduled, kvs)
+
+    def spy_execute(batch):
+        calls.append("eager")
+        return execute(batch)
+
+    def spy_step(plan):
+        calls.append("step")
+        return step(plan)
+
+    compiled.run, runner.forward.execute, runner.execute_model = spy_run, spy_execute, spy_step
+    check_against_reference(llm, tiny_model_dir, prompts, BUDGETS,
+                            [2 + k % 4 for k in range(len(prompts) * len(BUDGETS))])
+    steps: list[list[str]] = []
+    current: list[str] = []
+    for kind in calls:
+        if kind == "step":
+            current = []
+            steps.append(current)
+        else:
+            current.append(kind)
+    assert ["compiled", "eager"] in steps, "no step ran decode rows compiled beside a prompt"
+    assert ["compiled"] in steps and ["eager"] in steps
+    assert all(s in (["compiled"], ["eager"], ["compiled", "eager"]) for s in steps), steps
+    assert llm.engine.scheduler.num_preemptions > 0
 
 
 @pytest.mark.slow

@@ -50,6 +50,21 @@ def test_allocate_reserves_worst_case_per_stream_then_commit_trims():
     assert seq.lengths == [8, 8, 4]
 
 
+def test_a_sequence_that_cannot_route_reserves_no_routed_blocks():
+    """Budget 0 (``may_route`` False): only the base streams get blocks, and the fit check
+    counts only those; a sequence that may route still reserves its routed stream."""
+    kv = make(num_blocks=5)
+    assert not kv.can_allocate("a", 6)                   # 2 blocks × 3 streams > 5
+    assert kv.can_allocate("a", 6, may_route=False)      # 2 blocks × 2 base streams
+    seq = kv.allocate("a", 6, may_route=False)
+    assert seq.block_tables == [[0, 1], [2, 3], []]
+    kv.commit("a", 6, [0])
+    assert seq.lengths == [6, 6, 0] and kv.pool.num_free == 1
+    assert kv.allocate("a", 1, may_route=False).block_tables[2] == []
+    assert kv.pool.num_free == 1                          # the 7th token fits the blocks held
+    assert not kv.can_allocate("b", 1)                    # one block per stream: 3 > 1
+
+
 def test_can_allocate_counts_all_streams_and_free_returns_everything():
     kv = make(num_blocks=6, block_size=4)
     assert kv.can_allocate("a", 8)          # 2 blocks x 3 streams = 6
