@@ -51,15 +51,30 @@ log = logging.getLogger("itt_runtime")
 # the loader stores on CPU (layers.input_major_view): a one-row step took 1.13x longer.
 INDUCTOR_OPTIONS: dict[str, Any] = {"freezing": True, "cpp.threads": 1,
                                     "cpp.weight_prepack": False}
+# The one-row variant also gets inductor's C++ wrapper: the step is then one C++ call that
+# holds no GIL, instead of Python code calling each kernel (the GIL held for the fused
+# kernels), so the server's event loop streams tokens while the next step runs. Through
+# HTTP at one stream 1.11x the tokens/s; for several rows it measured 0.97-1.01x (the
+# step is longer, the wrapper's share smaller), so they keep the Python wrapper.
+ONE_ROW_OPTIONS: dict[str, Any] = {"cpp_wrapper": True}
 
 
 class CompileError(RuntimeError):
-    """Compiling or running a compiled decode step failed; the KV cache was not written."""
+    """Compiling or running a compiled decode step failed. Rerunning the step eagerly is
+    safe: it writes every K/V slot the failed step may have written."""
 
 
 Key = tuple[int, int, bool]          # (padded batch, padded width, any row routable)
 Variant = tuple[bool, bool]          # (one row, any row routable): one compile each
 MIN_SIZE = 2                         # pad batches of several rows and widths to this
+# Rows at budget 0 run as a step of their own once there are this many: a routed row at
+# batch 32 costs about 0.6 ms more than one at budget 0, a second call about 2 ms.
+SPLIT_MIN_ROWS = 4
+
+
+def routes(s: ScheduledSeq) -> bool:
+    """Whether this row's token can take a routed step (θ = +inf everywhere: budget 0)."""
+    return any(t < math.inf for t in s.seq.thresholds)
 
 
 def variant_of(key: Key) -> Variant:
@@ -107,7 +122,25 @@ class CompiledDecode:
 
     def run(self, scheduled: list[ScheduledSeq], kvs: list[SequenceKV]) -> StepOutput:
         """One decode step: every scheduled sequence computes one token. Raises
-        CompileError, with nothing written to the cache, if the compiled step fails."""
+        CompileError if a compiled step fails; the step can then be rerun eagerly (what
+        was written, the K/V of rows before a split, the rerun writes again).
+
+        Rows that can route come first (ModelRunner orders them so). When at least
+        ``SPLIT_MIN_ROWS`` rows cannot route (budget 0: under elastic thinking, the rows
+        floored beside a prompt, or requests that ask for 0), they run as a step of their
+        own through the budget-0 variant: the masked routed steps of the other variant
+        would otherwise cost them as much as a row at budget 1."""
+        flags = [routes(s) for s in scheduled]
+        n = sum(flags)
+        if n and len(scheduled) - n >= SPLIT_MIN_ROWS and all(flags[:n]):
+            first = self._run(scheduled[:n], kvs[:n])
+            rest = self._run(scheduled[n:], kvs[n:])
+            return StepOutput(torch.cat([first.logits, rest.logits]),
+                              torch.cat([first.routed_counts, rest.routed_counts]),
+                              torch.cat([first.extra_steps, rest.extra_steps]))
+        return self._run(scheduled, kvs)
+
+    def _run(self, scheduled: list[ScheduledSeq], kvs: list[SequenceKV]) -> StepOutput:
         B = len(scheduled)
         routable = any_routable(scheduled)
         # At budget 0 only the base streams are read or written: pass only their tables.
@@ -178,8 +211,10 @@ class CompiledDecode:
                 for t in (ids, pos, tables, lengths, thresholds):
                     torch._dynamo.mark_dynamic(t, 0)
             torch._dynamo.mark_dynamic(tables, 2)
-            fn = torch.compile(step, fullgraph=True, backend=self.backend,
-                               options=self.options if self.backend == "inductor" else None)
+            options = None
+            if self.backend == "inductor":
+                options = {**self.options, **(ONE_ROW_OPTIONS if key[0] == 1 else {})}
+            fn = torch.compile(step, fullgraph=True, backend=self.backend, options=options)
             out = fn(*args)
         except Exception as e:
             raise CompileError(f"compiling a decode step ({key[0]} rows, {key[1]} blocks "

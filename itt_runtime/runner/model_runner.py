@@ -16,7 +16,7 @@ from itt_runtime import structured_output
 from itt_runtime.kv_cache.manager import cdiv
 from itt_runtime.model.itt import ITTModel
 from itt_runtime.runner.attention import KVCache
-from itt_runtime.runner.cpu_compile import CompiledDecode, CompileError
+from itt_runtime.runner.cpu_compile import CompiledDecode, CompileError, routes
 from itt_runtime.runner.cuda_graphs import CaptureError, DecodeGraphs
 from itt_runtime.runner.forward import PagedForward, StepOutput, to_device
 from itt_runtime.sampler import Sampler, logprob_entries
@@ -61,8 +61,10 @@ class ModelRunner:
         masks = (self._mask_worker.submit(structured_output.next_token_bitmasks, constrained,
                                           self.forward.cfg.vocab_size)
                  if constrained else None)
-        # Single-token rows first: the forward attends over them in one call.
-        scheduled = sorted(plan.scheduled, key=lambda s: s.num_new_tokens != 1)
+        # Single-token rows first: the forward attends over them in one call; among them
+        # those that can route first (a compiled step may run the others apart).
+        scheduled = sorted(plan.scheduled,
+                           key=lambda s: (s.num_new_tokens != 1, not routes(s)))
         decode_only = all(s.logit_positions == [0] and s.num_new_tokens == 1
                           for s in scheduled)
         out = self._run(scheduled, decode_only)
@@ -127,7 +129,7 @@ class ModelRunner:
             try:
                 head = compiled.run(scheduled[:n_decode], kvs[:n_decode])
             except CompileError:
-                # Nothing of the step was written: serve it and all later ones eagerly.
+                # Serve it and all later steps eagerly (rewriting any K/V it wrote).
                 log.warning("compiled decode step failed; running every step eagerly",
                             exc_info=True)
                 self.compiled = None

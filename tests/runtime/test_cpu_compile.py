@@ -19,7 +19,7 @@ from itt_testing import (
 
 from itt_runtime.llm import LLM
 from itt_runtime.model.loader import load_model
-from itt_runtime.runner.cpu_compile import CompiledDecode, own_code
+from itt_runtime.runner.cpu_compile import SPLIT_MIN_ROWS, CompiledDecode, own_code, routes
 from itt_runtime.sampling_params import SamplingParams
 
 MAX_NEW = 5
@@ -133,6 +133,31 @@ def test_mixed_steps_run_their_decode_rows_through_the_compiled_step(tiny_model_
     assert ["compiled"] in steps and ["eager"] in steps
     assert all(s in (["compiled"], ["eager"], ["compiled", "eager"]) for s in steps), steps
     assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_rows_at_budget_0_run_apart_from_rows_that_route(tiny_model_dir, prompts):
+    """A decode batch with enough rows at budget 0 runs them through the budget-0 step and
+    the others through the routable one, in one engine step; generation equals the
+    reference's for both kinds of row."""
+    llm, compiled = llm_with(tiny_model_dir, compile=False)
+    parts: list[list[bool]] = []                 # per compiled call: each row routes?
+    run = compiled._run
+
+    def spy(scheduled, kvs):
+        parts.append([routes(s) for s in scheduled])
+        return run(scheduled, kvs)
+
+    compiled._run = spy
+    n_zero = SPLIT_MIN_ROWS + 1
+    budgets = [0.0] * n_zero + [1.0, 0.5]
+    reference, _ = load_model(tiny_model_dir)
+    outs = llm.generate([prompts[k % len(prompts)] for k in range(len(budgets))],
+                        [greedy(b) for b in budgets])
+    for k, (out, b) in enumerate(zip(outs, budgets)):
+        tokens, extra, _ = reference_greedy(reference, prompts[k % len(prompts)], b, MAX_NEW)
+        assert (out.outputs[0].token_ids, out.outputs[0].thinking) == (tokens, extra), k
+    assert [True, True] in parts and [False] * n_zero in parts, parts
+    assert not any(True in p and False in p for p in parts)    # never one mixed call
 
 
 @pytest.mark.slow
