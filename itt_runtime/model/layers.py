@@ -100,7 +100,8 @@ def input_major_view(weight: torch.Tensor) -> torch.Tensor:
     ``x @ wᵀ`` with wᵀ contiguous, which torch's CPU BLAS (MKL, AVX2) runs faster than the
     usual layout: 1.2-1.4x for one row per matmul, 1.0-1.25x for 32 rows, on this project's
     shapes; and a decode step that streams every weight once per token gains most
-    (docs/perf-notes.md, 2026-11-30 night). Results differ only by summation order."""
+    (docs/perf-notes.md, 2026-11-30 night). Results differ only by summation order. For
+    fp32 only: torch's CPU bf16 matmul is about 7x slower on this layout."""
     return weight.detach().t().contiguous().t()
 
 

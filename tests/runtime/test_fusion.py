@@ -41,8 +41,9 @@ def test_fused_forward_equals_unfused(tiny_model_dir):
 
 
 def test_cpu_serving_stores_matmul_weights_input_major(tiny_model_dir):
-    """On CPU the served weights are stored transposed, (in, out) in memory (the faster
-    layout for torch's CPU BLAS, layers.input_major_view), with the values unchanged."""
+    """On CPU the served fp32 weights are stored transposed, (in, out) in memory (the faster
+    layout for torch's CPU BLAS, layers.input_major_view), with the values unchanged; bf16
+    weights keep the usual layout (slower transposed)."""
     plain, _ = load_model(tiny_model_dir)
     served = LLMEngine(EngineConfig(model=str(tiny_model_dir))).model
     for layer, ref in zip(served.itt_layer_list, plain.itt_layer_list):
@@ -53,3 +54,5 @@ def test_cpu_serving_stores_matmul_weights_input_major(tiny_model_dir):
         assert torch.equal(block.o_proj.weight, ref.block.o_proj.weight)
     assert served.embed_tokens.weight.t().is_contiguous()       # the tied LM head
     assert torch.equal(served.embed_tokens.weight, plain.embed_tokens.weight)
+    bf16, _ = load_model(tiny_model_dir, dtype=torch.bfloat16, fuse=True)
+    assert bf16.layers[0].block.o_proj.weight.is_contiguous()    # bf16 keeps (out, in)
