@@ -115,9 +115,10 @@ class ModelRunner:
             prompt_logprobs=prompt_logprobs, routed_masks=routed_masks)
 
     def _run(self, scheduled: list[ScheduledSeq], decode_only: bool) -> StepOutput:
-        """The forward: a captured graph for a decode-only masked step when there is one
-        (falling back to eager for good if a capture fails), a compiled decode step on CPU
-        (the same fallback), eager otherwise."""
+        """The forward: on CPU a compiled step for the decode rows, also those of a step
+        that computes prompt chunks (whose rows then run eagerly); on CUDA a captured graph
+        for a decode-only masked step; eager otherwise. A failed compile or capture falls
+        back to eager steps for good."""
         kvs = [s.kv for s in scheduled if s.kv is not None]
         assert len(kvs) == len(scheduled), "every scheduled sequence has its KV streams"
         compiled = self.compiled
