@@ -27,7 +27,7 @@ class EngineConfig:
     model: str = option("default", "model directory, or 'default' for the shipped model")
     device: str = option("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
     dtype: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or "
-                        "float16")
+                        "float16 (bf16 on a CPU without AVX-512 is slower than fp32)")
     max_model_len: int | None = option(None, "context length (prompt + generated)",
                                        "positive_int", default_text="the model's max positions")
     max_num_seqs: int = option(64, "sequences in the running batch", "positive_int")
