@@ -61,10 +61,16 @@ class Sequence:
     detokenizer: IncrementalDetokenizer | None = None
 
     @property
+    def routable(self) -> bool:
+        """Whether its next token can take a routed step: not when every threshold is +inf
+        (budget 0)."""
+        return any(t < math.inf for t in self.thresholds)
+
+    @property
     def may_route(self) -> bool:
-        """Whether a token this sequence computes can take a routed step: not when every
-        threshold is +inf (budget 0) and every position was computed at that budget."""
-        return self.budget_changed or any(t < math.inf for t in self.thresholds)
+        """Whether any token it computes can take a routed step, a recomputed one included:
+        not when it is at budget 0 and every position was computed at that budget."""
+        return self.budget_changed or self.routable
 
     @property
     def all_token_ids(self) -> list[int]:

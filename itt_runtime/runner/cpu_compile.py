@@ -37,7 +37,7 @@ import torch
 
 from itt_runtime.kv_cache.manager import SequenceKV
 from itt_runtime.runner.decode_step import decode_step, write_new_kv
-from itt_runtime.runner.forward import PagedForward, StepOutput, any_routable
+from itt_runtime.runner.forward import PagedForward, StepOutput, any_routable, join_outputs
 from itt_runtime.scheduler import ScheduledSeq
 
 log = logging.getLogger("itt_runtime")
@@ -70,11 +70,6 @@ MIN_SIZE = 2                         # pad batches of several rows and widths to
 # Rows at budget 0 run as a step of their own once there are this many: a routed row at
 # batch 32 costs about 0.6 ms more than one at budget 0, a second call about 2 ms.
 SPLIT_MIN_ROWS = 4
-
-
-def routes(s: ScheduledSeq) -> bool:
-    """Whether this row's token can take a routed step (θ = +inf everywhere: budget 0)."""
-    return any(t < math.inf for t in s.seq.thresholds)
 
 
 def variant_of(key: Key) -> Variant:
@@ -130,14 +125,11 @@ class CompiledDecode:
         floored beside a prompt, or requests that ask for 0), they run as a step of their
         own through the budget-0 variant: the masked routed steps of the other variant
         would otherwise cost them as much as a row at budget 1."""
-        flags = [routes(s) for s in scheduled]
+        flags = [s.seq.routable for s in scheduled]
         n = sum(flags)
         if n and len(scheduled) - n >= SPLIT_MIN_ROWS and all(flags[:n]):
-            first = self._run(scheduled[:n], kvs[:n])
-            rest = self._run(scheduled[n:], kvs[n:])
-            return StepOutput(torch.cat([first.logits, rest.logits]),
-                              torch.cat([first.routed_counts, rest.routed_counts]),
-                              torch.cat([first.extra_steps, rest.extra_steps]))
+            return join_outputs(self._run(scheduled[:n], kvs[:n]),
+                                self._run(scheduled[n:], kvs[n:]))
         return self._run(scheduled, kvs)
 
     def _run(self, scheduled: list[ScheduledSeq], kvs: list[SequenceKV]) -> StepOutput:

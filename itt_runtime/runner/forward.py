@@ -26,7 +26,6 @@ and the read back to the host are the ModelRunner's (model_runner.py).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -107,7 +106,20 @@ def padded_tables(kvs: list[SequenceKV], width: int) -> list[int]:
 
 def any_routable(scheduled: list[ScheduledSeq]) -> bool:
     """Whether any row can take a routed step (θ = +inf, budget 0, never routes)."""
-    return any(t < math.inf for s in scheduled for t in s.seq.thresholds)
+    return any(s.seq.routable for s in scheduled)
+
+
+def join_outputs(first: StepOutput, rest: StepOutput) -> StepOutput:
+    """One step's output from two parts run apart, rows of ``first`` before those of
+    ``rest``. A part without per-token routing computed one token per row, so its routed
+    counts are that routing."""
+    routed = None
+    if first.routed is not None or rest.routed is not None:
+        routed = torch.cat([part.routed_counts.bool() if part.routed is None else part.routed
+                            for part in (first, rest)])
+    return StepOutput(torch.cat([first.logits, rest.logits]),
+                      torch.cat([first.routed_counts, rest.routed_counts]),
+                      torch.cat([first.extra_steps, rest.extra_steps]), routed)
 
 
 class PagedForward:

@@ -16,9 +16,9 @@ from itt_runtime import structured_output
 from itt_runtime.kv_cache.manager import cdiv
 from itt_runtime.model.itt import ITTModel
 from itt_runtime.runner.attention import KVCache
-from itt_runtime.runner.cpu_compile import CompiledDecode, CompileError, routes
+from itt_runtime.runner.cpu_compile import CompiledDecode, CompileError
 from itt_runtime.runner.cuda_graphs import CaptureError, DecodeGraphs
-from itt_runtime.runner.forward import PagedForward, StepOutput, to_device
+from itt_runtime.runner.forward import PagedForward, StepOutput, join_outputs, to_device
 from itt_runtime.sampler import Sampler, logprob_entries
 from itt_runtime.scheduler import RunnerOutput, SampledToken, ScheduledSeq, SchedulerOutput
 
@@ -64,7 +64,7 @@ class ModelRunner:
         # Single-token rows first: the forward attends over them in one call; among them
         # those that can route first (a compiled step may run the others apart).
         scheduled = sorted(plan.scheduled,
-                           key=lambda s: (s.num_new_tokens != 1, not routes(s)))
+                           key=lambda s: (s.num_new_tokens != 1, not s.seq.routable))
         decode_only = all(s.logit_positions == [0] and s.num_new_tokens == 1
                           for s in scheduled)
         out = self._run(scheduled, decode_only)
@@ -183,14 +183,3 @@ class ModelRunner:
             entries = logprob_entries(lp, targets, [k] * len(rows))
             out += [(seq, p + 1, entry) for (_, p), entry in zip(rows, entries)]
         return out
-
-
-def join_outputs(decode: StepOutput, rest: StepOutput) -> StepOutput:
-    """One step's output from a compiled decode part (one token per row) and an eager part
-    for the rows after it."""
-    routed = None
-    if rest.routed is not None:          # per token: a decode row's token is its row
-        routed = torch.cat([decode.routed_counts.bool(), rest.routed])
-    return StepOutput(torch.cat([decode.logits, rest.logits]),
-                      torch.cat([decode.routed_counts, rest.routed_counts]),
-                      torch.cat([decode.extra_steps, rest.extra_steps]), routed)

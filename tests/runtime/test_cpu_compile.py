@@ -19,7 +19,7 @@ from itt_testing import (
 
 from itt_runtime.llm import LLM
 from itt_runtime.model.loader import load_model
-from itt_runtime.runner.cpu_compile import SPLIT_MIN_ROWS, CompiledDecode, own_code, routes
+from itt_runtime.runner.cpu_compile import SPLIT_MIN_ROWS, CompiledDecode, own_code
 from itt_runtime.sampling_params import SamplingParams
 
 MAX_NEW = 5
@@ -144,7 +144,7 @@ def test_rows_at_budget_0_run_apart_from_rows_that_route(tiny_model_dir, prompts
     run = compiled._run
 
     def spy(scheduled, kvs):
-        parts.append([routes(s) for s in scheduled])
+        parts.append([s.seq.routable for s in scheduled])
         return run(scheduled, kvs)
 
     compiled._run = spy
