@@ -81,7 +81,8 @@ class LLMEngine:
                                  mc.n_layers, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill, self.tokenizer,
-                                   self.max_model_len, self.eos_token_ids)
+                                   self.max_model_len, self.eos_token_ids,
+                                   config.max_batch_prefill_tokens)
         self.runner = ModelRunner(
             self.model, self.cache, Sampler(self.eos_token_ids, config.seed),
             config.routed_compute,

@@ -33,6 +33,11 @@ class EngineConfig:
     max_num_seqs: int = option(64, "sequences in the running batch", "positive_int")
     max_num_batched_tokens: int = option(2048, "tokens computed per engine step (the step's "
                                          "token budget)", "positive_int")
+    max_batch_prefill_tokens: int | None = option(
+        None, "prompt tokens computed per engine step; longer prompts are prefilled in chunks "
+        "over several steps: a smaller value bounds how long a new prompt stalls the "
+        "requests already generating (their inter-token latency), at some cost in its time "
+        "to first token", "positive_int", default_text="the step's token budget")
     block_size: int = option(16, "tokens per KV block", "positive_int")
     kv_cache_memory: int | None = option(
         None, "KV cache size: bytes or 512MiB, 4G (powers of 1024)", "bytes",
@@ -85,6 +90,10 @@ class EngineConfig:
              f"dtype must be auto or one of {sorted(set(DTYPES))}, got {self.dtype!r}")
         need(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         need(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
+        need(self.max_batch_prefill_tokens is None or self.enable_chunked_prefill,
+             "--max-batch-prefill-tokens needs chunked prefill (it splits longer prompts)")
+        need(self.max_batch_prefill_tokens is None or self.max_batch_prefill_tokens >= 1,
+             "max_batch_prefill_tokens must be >= 1")
         need(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
         need(self.kv_cache_memory is None or self.kv_cache_memory > 0,
              "kv_cache_memory must be positive")

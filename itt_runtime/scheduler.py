@@ -95,7 +95,8 @@ class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_chunked_prefill: bool = True, tokenizer: Tokenizer | None = None,
                  max_model_len: int | None = None,
-                 eos_token_ids: frozenset[int] | None = None) -> None:
+                 eos_token_ids: frozenset[int] | None = None,
+                 max_batch_prefill_tokens: int | None = None) -> None:
         self.kv = kv
         self.tokenizer = tokenizer                  # for update_from_output (detokenizing)
         self.eos_token_ids = eos_token_ids          # None: the tokenizer's EOS alone
@@ -104,8 +105,11 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
         # At most this many tokens per step for rows computing more than one token (prompt
-        # chunks); None: only the token budget limits them. Elastic thinking sets it to hold
-        # an ITL target (elastic.py); it needs chunked prefill.
+        # chunks); None: only the token budget limits them. Both need chunked prefill. The
+        # operator's fixed cap (--max-batch-prefill-tokens) bounds how long a prompt stalls
+        # the decoding requests; elastic thinking sets the second one, step by step, to hold
+        # an ITL target (elastic.py). The smaller of the two applies.
+        self.max_batch_prefill_tokens = max_batch_prefill_tokens
         self.prefill_token_cap: int | None = None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -121,8 +125,9 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         token_budget = self.max_num_batched_tokens
-        cap = self.prefill_token_cap if self.enable_chunked_prefill else None
-        prompt_budget = cap if cap is not None else token_budget
+        caps = [c for c in (self.max_batch_prefill_tokens, self.prefill_token_cap)
+                if c is not None and self.enable_chunked_prefill]
+        prompt_budget = min(caps, default=token_budget)
         scheduled: list[ScheduledSeq] = []
         preempted = False
 

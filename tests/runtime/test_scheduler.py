@@ -72,6 +72,28 @@ def test_token_budget_chunks_a_long_prompt_and_admits_the_next_one_later(make):
     assert blocks(kv, a) == [0, 1, 2] and blocks(kv, b) == [3, 4]   # b's 5th token: new block
 
 
+def test_prefill_cap_bounds_the_prompt_tokens_of_a_step_not_its_decode_rows(make):
+    """--max-batch-prefill-tokens: prompts share at most that many tokens per step (the rest
+    is chunked over later steps) while every decoding row still gets its token; an elastic
+    cap below it wins."""
+    sched, kv = make(num_blocks=32, max_num_batched_tokens=64)
+    sched.max_batch_prefill_tokens = 6
+    a, b, c = seq("a", 2), seq("b", 9), seq("c", 4)
+    sched.add(a)
+    assert run(sched, kv) == [("a", 2)]
+    sched.add(b)
+    sched.add(c)
+    assert run(sched, kv) == [("a", 1), ("b", 6)]        # b's first chunk uses the cap
+    assert run(sched, kv) == [("a", 1), ("b", 3), ("c", 3)]   # b's rest, c's first 3
+    d = seq("d", 20)
+    sched.add(d)
+    sched.prefill_token_cap = 2                           # the smaller cap applies
+    assert run(sched, kv) == [("a", 1), ("b", 1), ("c", 1), ("d", 2)]  # c: its last one
+    assert run(sched, kv) == [("a", 1), ("b", 1), ("c", 1), ("d", 2)]
+    sched.prefill_token_cap = 50                          # a larger one does not lift it
+    assert run(sched, kv) == [("a", 1), ("b", 1), ("c", 1), ("d", 6)]
+
+
 def test_running_requests_take_the_budget_before_waiting_ones(make):
     sched, kv = make(num_blocks=16, max_num_batched_tokens=4)
     a, b, c = seq("a", 2), seq("b", 1), seq("c", 10)

@@ -50,6 +50,9 @@ def test_kv_cache_memory_sizes(size, expected):
     (["--drain-timeout", "-1"], "--drain-timeout"),
     (["--dtype", "float8"], "dtype"),
     (["--routed-compute", "sometimes"], "--routed-compute"),
+    (["--max-batch-prefill-tokens", "0"], "--max-batch-prefill-tokens"),
+    (["--max-batch-prefill-tokens", "16", "--no-enable-chunked-prefill"],
+     "--max-batch-prefill-tokens needs chunked prefill"),
     (["--no-such-flag"], "--no-such-flag"),
 ])
 def test_bad_flag_fails_with_one_line(flags, words, capsys):
