@@ -64,9 +64,10 @@ class EngineConfig:
     # Off by default: each decode shape costs 10-130 s of compilation on a 2-core CPU, more
     # than short jobs (tests, itt-eval, offline LLM runs) save; servers turn it on
     # (docs/perf-notes.md has the measurements).
-    cpu_compile: bool = option(False, "CPU: run decode-only steps through a decode step "
-                               "compiled with torch.compile (inductor), one per padded batch "
-                               "and context shape, compiled when first needed", "bool")
+    cpu_compile: bool = option(False, "CPU: run decode steps compiled with torch.compile "
+                               "(inductor): four variants (one row or several, routing or "
+                               "at budget 0) with dynamic shapes, compiled before the server "
+                               "listens (minutes on a small CPU)", "bool")
     elastic_thinking: bool = option(
         False, "lower the think budget of requests that set min_think_budget when latency "
         "targets are missed, and restore it when load falls", "bool")

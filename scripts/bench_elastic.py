@@ -38,9 +38,9 @@ def start(flags: list[str], log: Path) -> tuple[subprocess.Popen, str]:
 
 
 def warm_up(url: str) -> None:
-    """Requests that make a server compile what the load will use (``--cpu-compile``
-    compiles a decode step lazily, per one row or several and routable or budget 0), so
-    that no compile lands inside a measured rate."""
+    """Requests that run every kind of step (one row or several, routable or at budget 0)
+    once before the measured rates. A ``--cpu-compile`` server compiles its decode steps
+    before it listens; this also covers a server that would compile one lazily."""
     model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
 
     def generate(budget: float) -> None:

@@ -256,17 +256,22 @@ def main(argv: list[str] | None = None) -> int:
     except (StartupError, ChatTemplateError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
+    try:
+        app = create_app(engine, settings)
+    except ChatTemplateError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    if engine.engine.runner.compiled is not None:
+        # Before listening, as vLLM compiles and captures before it serves: the first
+        # requests would otherwise wait for the compiles (minutes on a small CPU).
+        log.info("--cpu-compile: compiling the decode steps before serving")
+        engine.engine.runner.warm_up()
     info = engine.info
     log.info("serving %s as %s on %s (%s): %d KV blocks of %d tokens, max_model_len %d, "
              "default think budget %.2f; listening on http://%s:%d", info.model_path,
              ", ".join(settings.served_model_names), info.device, info.dtype,
              info.num_kv_blocks, info.block_size, info.max_model_len,
              info.default_think_budget, args.host, sock.getsockname()[1])
-    try:
-        app = create_app(engine, settings)
-    except ChatTemplateError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
     config = uvicorn.Config(
         app, log_level=args.log_level,
         timeout_graceful_shutdown=math.ceil(DrainingServer.GRACE_SECONDS),

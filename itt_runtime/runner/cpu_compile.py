@@ -132,6 +132,36 @@ class CompiledDecode:
                                 self._run(scheduled[n:], kvs[n:]))
         return self._run(scheduled, kvs)
 
+    def warm_up(self) -> None:
+        """Compile every variant now, not in the first step that needs it: a compile takes
+        15-160 s on a busy 2-core machine, which the first requests of each kind would
+        otherwise wait (the server calls this before it listens). Each variant runs once on
+        a step of padding rows over the scratch block; its outputs are dropped, so the cache
+        is untouched. Raises CompileError as a step would."""
+        streams_all = self.model.cfg.num_kv_streams
+        for one_row in (True, False):
+            for routable in (True, False):
+                if (one_row, routable) in self.variants:
+                    continue
+                B, W = (1 if one_row else MIN_SIZE), MIN_SIZE
+                streams = streams_all if routable else self.n_layers
+                thresholds = torch.full((B, self.num_routed), 0.0 if routable else math.inf)
+                args = self._pack([0] * B, [1] * B, [self.cache.scratch_block] * (B * streams * W),
+                                  [1] * (B * streams), B, streams, W, thresholds)
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    self._call((B, W, routable), args)
+                log.info("warm-up: decode step (%s) ready in %.1f s",
+                         describe((one_row, routable)), time.perf_counter() - start)
+
+    def _pack(self, ids: list[int], pos: list[int], tables: list[int], lengths: list[int],
+              B: int, streams: int, W: int, thresholds: torch.Tensor) -> tuple:
+        """The compiled step's arguments, its integer inputs as views of one tensor."""
+        flat = torch.tensor(ids + pos + tables + lengths, dtype=torch.long)
+        ids_t, pos_t, tables_t, lengths_t = flat.split([B, B, B * streams * W, B * streams])
+        return (self.cache.k, self.cache.v, ids_t, pos_t, tables_t.view(B, streams, W),
+                lengths_t.view(B, streams), thresholds)
+
     def _run(self, scheduled: list[ScheduledSeq], kvs: list[SequenceKV]) -> StepOutput:
         B = len(scheduled)
         routable = any_routable(scheduled)
@@ -147,16 +177,12 @@ class CompiledDecode:
         tables = [b for kv in kvs for t in kv.block_tables[:streams]
                   for b in t + [scratch] * (W - len(t))] + [scratch] * (pad * streams * W)
         lengths = [n for kv in kvs for n in kv.lengths[:streams]] + [0] * (pad * streams)
-        flat = torch.tensor(ids + pos + tables + lengths, dtype=torch.long)
-        ids_t, pos_t, tables_t, lengths_t = flat.split([Bp, Bp, Bp * streams * W,
-                                                        Bp * streams])
         if routable:
             thresholds = torch.tensor([t for s in scheduled for t in s.seq.thresholds]
                                       + [math.inf] * (pad * self.num_routed)).view(Bp, -1)
         else:
             thresholds = torch.full((Bp, self.num_routed), math.inf)
-        args = (self.cache.k, self.cache.v, ids_t, pos_t, tables_t.view(Bp, streams, W),
-                lengths_t.view(Bp, streams), thresholds)
+        args = self._pack(ids, pos, tables, lengths, Bp, streams, W, thresholds)
         with torch.inference_mode():
             logits, extra, counts, new_k, new_v, slots = self._call(key, args)
             write_new_kv(self.cache.k, self.cache.v, new_k, new_v, slots)

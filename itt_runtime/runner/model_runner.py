@@ -51,6 +51,18 @@ class ModelRunner:
         if cpu_compile and self.device.type == "cpu":
             self.compiled = CompiledDecode(self.forward, max_num_seqs)
 
+    def warm_up(self) -> None:
+        """Compile the CPU decode-step variants now (``CompiledDecode.warm_up``). A failed
+        compile runs every step eagerly from then on, as one while serving does."""
+        if self.compiled is None:
+            return
+        try:
+            self.compiled.warm_up()
+        except CompileError:
+            log.warning("compiling the decode steps failed; running every step eagerly",
+                        exc_info=True)
+            self.compiled = None
+
     def execute_model(self, plan: SchedulerOutput) -> RunnerOutput:
         copies = [c for s in plan.scheduled for c in s.block_copies]
         if copies:                   # before anything of the step writes to the cache

@@ -218,6 +218,42 @@ def test_compiled_step_equals_eager_step_and_reference(small_model_dir, prompts)
     assert torch.allclose(got[3], want[3], atol=1e-4)              # new K
 
 
+@pytest.mark.slow
+def test_warm_up_compiles_every_variant_before_the_first_step(small_model_dir, prompts):
+    """The server's start-up warm-up: after it every variant exists, generation then
+    compiles nothing more (dynamo makes no new graph: the warm-up's padding step had the
+    same guards as real steps) and still equals the reference, and the warm-up wrote
+    nothing to the cache. Traced without code generation (backend "eager"), as above."""
+    from torch._dynamo.utils import counters
+    llm, compiled = llm_with(small_model_dir, backend="eager")
+    cache = llm.engine.cache
+    before = (cache.k.clone(), cache.v.clone())
+    traced = counters["stats"]["unique_graphs"]
+    llm.engine.runner.warm_up()
+    assert counters["stats"]["unique_graphs"] >= traced + 4          # one graph per variant
+    assert set(compiled.variants) == {(False, True), (True, True), (False, False),
+                                      (True, False)} and not compiled.eager_keys
+    assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])
+    seconds, graphs = compiled.compile_seconds, counters["stats"]["unique_graphs"]
+    check_against_reference(llm, small_model_dir, prompts[:3], [0.0, 1.0],
+                            lengths=[MAX_NEW, 2, 3, MAX_NEW, 4, 1])
+    check_against_reference(llm, small_model_dir, prompts[2:3], [1.0])       # one row
+    check_against_reference(llm, small_model_dir, prompts[2:3], [0.0])
+    assert compiled.compile_seconds == seconds
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert llm.engine.runner.compiled is compiled
+
+
+def test_failed_warm_up_runs_every_step_eagerly(tiny_model_dir, prompts, caplog):
+    """A warm-up whose compile fails leaves the server serving, eagerly, as a failed
+    compile while serving does."""
+    llm, compiled = llm_with(tiny_model_dir, options={"no_such_inductor_option": True})
+    llm.engine.runner.warm_up()
+    assert llm.engine.runner.compiled is None and not compiled.variants
+    assert "compiling the decode steps failed; running every step eagerly" in caplog.text
+    check_against_reference(llm, tiny_model_dir, prompts[:2], [0.0, 0.5])
+
+
 def test_failed_compile_falls_back_to_eager(tiny_model_dir, prompts, caplog):
     """A compile that really fails (an option inductor does not have) is caught before any
     K/V is written; that step and every later one run eagerly, and the output is still the
