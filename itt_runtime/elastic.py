@@ -34,10 +34,17 @@ prompt tokens, and the extra time per prompt token of steps with them) it admits
 fit in ``CHUNK_HEADROOM`` of the target, at least ``MIN_CHUNK``. Long prompts are then
 prefilled in chunks over several steps (chunked prefill, so results are unchanged), trading a
 little TTFT of the new request for the ITL of all the others — as a smaller
-``--max-num-batched-tokens`` would, but only as far as the measured load needs. And a step
-that computes prompt tokens while others decode runs its elastic requests at their floor
-(``LLMEngine._floor_prompt_step``): with compiled decode steps such a step is the one slow
-step in many, and the cap alone could not bring it under the target.
+``--max-batch-prefill-tokens`` would, but only as far as the measured load needs.
+
+And a step that computes prompt tokens while others decode may run its elastic requests at
+their floor (``LLMEngine._floor_prompt_step``): with compiled decode steps such a step is
+the one slow step in many, and the cap alone cannot bring it under the target (a prompt
+step at budget 1 costs 34 ms even for 8 tokens on the default model on CPU). Whether to is
+measured too (``floor_prompt_steps``): the stall such a step adds when it runs at the
+current budgets, learned from the ones that do, against the target. So a target the full
+budget meets keeps prompts at their budget (at low load too), and a prompt step is floored
+only while the decode steps around it plus that stall would miss ``CHUNK_HEADROOM`` of
+the target; until a stall has been measured, prompt steps run unfloored and measure it.
 """
 
 from __future__ import annotations
@@ -69,17 +76,32 @@ class ElasticController:
     recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
     decode_step: float | None = None         # smoothed time of a step without prompt tokens
     prompt_token: float | None = None        # smoothed extra time per prompt token
+    prompt_stall: float | None = None        # smoothed extra time of an unfloored prompt step
 
-    def observe_step(self, seconds: float, prompt_tokens: int = 0) -> None:
-        """One step's wall time; ``prompt_tokens``: tokens of its multi-token rows."""
+    def observe_step(self, seconds: float, prompt_tokens: int = 0,
+                     unfloored_stall: bool = False) -> None:
+        """One step's wall time; ``prompt_tokens``: tokens of its multi-token rows;
+        ``unfloored_stall``: it computed prompt tokens beside decoding requests and ran
+        nobody at a floor for it."""
         self.recent.append(seconds)
         ordered = sorted(self.recent)
         self.itl = ordered[min(len(ordered) - 1, int(ITL_QUANTILE * len(ordered)))]
         if prompt_tokens == 0:
             self.decode_step = _ewma(self.decode_step, seconds)
-        elif prompt_tokens >= MIN_COST_TOKENS and self.decode_step is not None:
-            extra = max(0.0, seconds - self.decode_step) / prompt_tokens
-            self.prompt_token = _ewma(self.prompt_token, extra)
+        elif self.decode_step is not None:
+            extra = max(0.0, seconds - self.decode_step)
+            if prompt_tokens >= MIN_COST_TOKENS:
+                self.prompt_token = _ewma(self.prompt_token, extra / prompt_tokens)
+            if unfloored_stall:
+                self.prompt_stall = _ewma(self.prompt_stall, extra)
+
+    def floor_prompt_steps(self) -> bool:
+        """Whether a step computing prompt tokens beside decoding requests should run its
+        elastic requests at their floor: the decode step plus the stall measured for such
+        a step at the budgets would exceed ``CHUNK_HEADROOM`` of the ITL target."""
+        if self.target_itl is None or self.prompt_stall is None or self.decode_step is None:
+            return False
+        return self.decode_step + self.prompt_stall > CHUNK_HEADROOM * self.target_itl
 
     def prefill_cap(self) -> int | None:
         """The most prompt tokens the next step should compute (None: no limit), so that

@@ -213,8 +213,9 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
+        floored = False
         if self.controller is not None and self.controller.target_itl is not None:
-            self._floor_prompt_step(plan)
+            floored = self._floor_prompt_step(plan)
         self.step_token_counts[bisect.bisect_left(STEP_TOKEN_BUCKETS, plan.num_tokens)] += 1
         self.step_token_sum += plan.num_tokens
         start = time.perf_counter()
@@ -224,7 +225,7 @@ class LLMEngine:
             return self._isolate(plan, error)
         outputs = self._update(plan, output)
         if self.controller is not None:
-            self._observe(plan, time.perf_counter() - start)
+            self._observe(plan, time.perf_counter() - start, floored)
         return outputs
 
     # ---- elastic thinking (elastic.py) -----------------------------------------------------
@@ -243,25 +244,33 @@ class LLMEngine:
         if scale < 1.0 and any(s.elastic for s in self.scheduler.running):
             self.controller.reduced_steps += 1
 
-    def _floor_prompt_step(self, plan: SchedulerOutput) -> None:
+    def _floor_prompt_step(self, plan: SchedulerOutput) -> bool:
         """A step that computes prompt tokens while other requests are decoding runs its
         elastic requests at their floor (this step only; the next step's scale restores
-        them). Such a step stalls every decoding request for as long as it takes, and it is
-        the slow kind: decode-only steps may run compiled, a step with a prompt runs eagerly
-        and costs about as much as every routed step it takes (measured: 35-60 ms for a
-        16-24 token chunk beside decoding rows at budget 1, against 10-15 ms per decode
-        step, which put the p99 ITL over a 50 ms target however small the chunks were
-        cut). At the floor (budget 0 when the floor is 0) it skips the routed steps."""
+        them) when the controller's measurements say it would otherwise miss the ITL target
+        (``ElasticController.floor_prompt_steps``). Such a step stalls every decoding request
+        for as long as it takes, and it is the slow kind: decode-only steps may run compiled,
+        a step with a prompt runs its prompt rows eagerly and costs about as much as every
+        routed step it takes (measured on the default model: 34 ms for an 8-token chunk at
+        budget 1, 11 ms at budget 0; 60 and 23 ms for 48 tokens), so no chunk size brings
+        it under a tight target. At a floor of 0 the step skips the routed steps. Returns
+        whether it floored anyone."""
         assert self.controller is not None
-        if not (any(s.num_new_tokens > 1 for s in plan.scheduled)
-                and any(s.num_new_tokens == 1 and s.seq.output_token_ids
-                        for s in plan.scheduled)):
-            return
+        if not self._stalls_decoding(plan) or not self.controller.floor_prompt_steps():
+            return False
         floored = [s.seq for s in plan.scheduled if s.seq.elastic]
         for seq in floored:
             self._set_budget(seq, 0.0)
         if floored and self.controller.scale == 1.0:
             self.controller.reduced_steps += 1          # else already counted this step
+        return bool(floored)
+
+    @staticmethod
+    def _stalls_decoding(plan: SchedulerOutput) -> bool:
+        """The step computes prompt tokens while other requests are decoding."""
+        return (any(s.num_new_tokens > 1 for s in plan.scheduled)
+                and any(s.num_new_tokens == 1 and s.seq.output_token_ids
+                        for s in plan.scheduled))
 
     def _set_budget(self, seq: Sequence, scale: float) -> None:
         assert seq.min_think_budget is not None
@@ -272,10 +281,11 @@ class LLMEngine:
             seq.thresholds = self.model_config.thresholds_for(budget)
             seq.budget_changed = True
 
-    def _observe(self, plan: SchedulerOutput, seconds: float) -> None:
+    def _observe(self, plan: SchedulerOutput, seconds: float, floored: bool) -> None:
         assert self.controller is not None
         self.controller.observe_step(
-            seconds, sum(s.num_new_tokens for s in plan.scheduled if s.num_new_tokens > 1))
+            seconds, sum(s.num_new_tokens for s in plan.scheduled if s.num_new_tokens > 1),
+            unfloored_stall=not floored and self._stalls_decoding(plan))
         for s in plan.scheduled:
             m = s.seq.metrics
             if len(s.seq.output_token_ids) == 1 and s.samples and m.first_token_time:

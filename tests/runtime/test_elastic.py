@@ -197,14 +197,39 @@ def test_elastic_runs_replay_exactly_in_the_reference(tiny_model_dir, config):
     assert changed >= len(seqs) // 2, "the script was meant to change budgets mid-sequence"
 
 
+def test_prompt_steps_are_floored_only_when_their_measured_stall_misses_the_target():
+    c = ElasticController(target_itl=0.100, target_ttft=None)
+    assert not c.floor_prompt_steps()              # nothing measured: measure one first
+    c.observe_step(0.010)                          # decode steps: 10 ms
+    c.observe_step(0.070, prompt_tokens=48, unfloored_stall=True)    # a 60 ms stall
+    assert c.prompt_stall == pytest.approx(0.060)
+    assert not c.floor_prompt_steps()              # 10 + 60 ms fit in 0.8 x 100 ms
+    c.observe_step(0.015, prompt_tokens=48)        # a floored one teaches no stall
+    assert c.prompt_stall == pytest.approx(0.060)
+    for _ in range(10):
+        c.observe_step(0.030)                      # load: decode steps near 30 ms
+    assert c.floor_prompt_steps()                  # 30 + 60 ms would miss 80
+    for _ in range(20):
+        c.observe_step(0.010)                      # the load passed
+    assert not c.floor_prompt_steps()
+    assert not ElasticController(target_itl=None, target_ttft=1.0).floor_prompt_steps()
+
+
+@pytest.mark.parametrize("stall_s", [2.0, None])
 def test_prompt_steps_beside_decoding_requests_run_elastic_rows_at_their_floor(
-        tiny_model_dir):
+        tiny_model_dir, stall_s):
     """With an ITL target, a step that computes a prompt while others decode runs the
-    elastic requests of that step at their floor, whatever the scale; a prompt step with
-    nobody decoding, and requests without a range, keep their budgets."""
+    elastic requests of that step at their floor, whatever the scale, once a measured stall
+    says it would miss the target (here: 2 s against 0.8 x 1 s); a prompt step with nobody
+    decoding, and requests without a range, keep their budgets. With no stall measured yet
+    (None) the step runs at its budgets and measures one, here well inside the target."""
     engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), elastic_thinking=True,
                                     target_itl_ms=1000.0))
     scripted(engine, [1.0])                          # the scale itself never drops
+    if stall_s is not None:
+        engine.controller.observe_step(0.010)
+        # Too few prompt tokens (< MIN_COST_TOKENS) to teach a per-token cost: no cap.
+        engine.controller.observe_step(stall_s, prompt_tokens=4, unfloored_stall=True)
     ranged = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, think_budget=1.0,
                             min_think_budget=0.25)
     fixed = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, think_budget=1.0)
@@ -222,12 +247,18 @@ def test_prompt_steps_beside_decoding_requests_run_elastic_rows_at_their_floor(
     while engine.has_unfinished():
         engine.step()
     n = len(ids)
-    assert seqs["first"].position_budgets == [1.0] * (n + 1) + [0.25, 1.0]
-    assert seqs["late"].position_budgets == [0.25] * 7 + [1.0] * 3
     fixed_seq = seqs["fixed"]                # no range: its budget is never recorded or moved
     assert set(fixed_seq.position_budgets) <= {1.0} and fixed_seq.think_budget == 1.0
     assert not fixed_seq.budget_changed
-    assert engine.controller.reduced_steps == 1
+    if stall_s is not None:
+        assert seqs["first"].position_budgets == [1.0] * (n + 1) + [0.25, 1.0]
+        assert seqs["late"].position_budgets == [0.25] * 7 + [1.0] * 3
+        assert engine.controller.reduced_steps == 1
+    else:
+        assert seqs["first"].position_budgets == [1.0] * (n + 3)
+        assert seqs["late"].position_budgets == [1.0] * 10
+        assert engine.controller.reduced_steps == 0
+        assert 0 < engine.controller.prompt_stall < 0.8
 
 
 def test_requests_without_a_range_are_never_touched(tiny_model_dir):
