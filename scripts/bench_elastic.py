@@ -33,7 +33,7 @@ def start(flags: list[str], log: Path) -> tuple[subprocess.Popen, str]:
                             env={**os.environ, "OMP_NUM_THREADS": os.environ.get(
                                 "OMP_NUM_THREADS", "1")})
     url = f"http://127.0.0.1:{port}"
-    wait_ready(f"{url}/health", proc, log, timeout_s=300)
+    wait_ready(f"{url}/health", proc, log, timeout_s=900)     # compiles first
     return proc, url
 
 
