@@ -213,9 +213,9 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
-        floored = False
-        if self.controller is not None and self.controller.target_itl is not None:
-            floored = self._floor_prompt_step(plan)
+        # A step computing prompt tokens beside decoding requests stalls them (elastic.py).
+        stalls = self.controller is not None and self._stalls_decoding(plan)
+        floored = stalls and self._floor_prompt_step(plan)
         self.step_token_counts[bisect.bisect_left(STEP_TOKEN_BUCKETS, plan.num_tokens)] += 1
         self.step_token_sum += plan.num_tokens
         start = time.perf_counter()
@@ -225,7 +225,7 @@ class LLMEngine:
             return self._isolate(plan, error)
         outputs = self._update(plan, output)
         if self.controller is not None:
-            self._observe(plan, time.perf_counter() - start, floored)
+            self._observe(plan, time.perf_counter() - start, stalls and not floored)
         return outputs
 
     # ---- elastic thinking (elastic.py) -----------------------------------------------------
@@ -245,8 +245,8 @@ class LLMEngine:
             self.controller.reduced_steps += 1
 
     def _floor_prompt_step(self, plan: SchedulerOutput) -> bool:
-        """A step that computes prompt tokens while other requests are decoding runs its
-        elastic requests at their floor (this step only; the next step's scale restores
+        """For a step that computes prompt tokens while other requests are decoding: runs
+        its elastic requests at their floor (this step only; the next step's scale restores
         them) when the controller's measurements say it would otherwise miss the ITL target
         (``ElasticController.floor_prompt_steps``). Such a step stalls every decoding request
         for as long as it takes, and it is the slow kind: decode-only steps may run compiled,
@@ -256,7 +256,7 @@ class LLMEngine:
         it under a tight target. At a floor of 0 the step skips the routed steps. Returns
         whether it floored anyone."""
         assert self.controller is not None
-        if not self._stalls_decoding(plan) or not self.controller.floor_prompt_steps():
+        if not self.controller.floor_prompt_steps():
             return False
         floored = [s.seq for s in plan.scheduled if s.seq.elastic]
         for seq in floored:
@@ -281,11 +281,11 @@ class LLMEngine:
             seq.thresholds = self.model_config.thresholds_for(budget)
             seq.budget_changed = True
 
-    def _observe(self, plan: SchedulerOutput, seconds: float, floored: bool) -> None:
+    def _observe(self, plan: SchedulerOutput, seconds: float, unfloored_stall: bool) -> None:
         assert self.controller is not None
         self.controller.observe_step(
             seconds, sum(s.num_new_tokens for s in plan.scheduled if s.num_new_tokens > 1),
-            unfloored_stall=not floored and self._stalls_decoding(plan))
+            unfloored_stall)
         for s in plan.scheduled:
             m = s.seq.metrics
             if len(s.seq.output_token_ids) == 1 and s.samples and m.first_token_time:
