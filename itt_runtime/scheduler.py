@@ -261,13 +261,14 @@ class Scheduler:
     def _cached_prefix(self, seq: Sequence) -> CacheNode | None:
         """The longest cached prefix ``seq`` can start from. It always leaves the last token
         to compute (its logits pick the next one). A sequence that wants prompt logprobs uses
-        nodes that carry them for the same top-k."""
+        nodes that give them for the same top-k, for its own tokens."""
         cache = self.kv.prefix_cache
         assert cache is not None
         wants_lp = seq.wants_prompt_logprobs
         limit = self._reusable_tokens(seq)
         hashes = self._block_hashes(seq, limit // self.kv.block_size)
-        return cache.lookup(hashes, limit, seq.params.prompt_logprobs if wants_lp else None)
+        return cache.lookup(hashes, limit, seq.prompt_token_ids,
+                            seq.params.prompt_logprobs if wants_lp else None)
 
     @staticmethod
     def _reusable_tokens(seq: Sequence) -> int:
@@ -315,8 +316,10 @@ class Scheduler:
         seq.num_computed_tokens = node.num_tokens
         if not seq.output_token_ids:
             seq.num_cached_tokens = node.num_tokens
-        if seq.wants_prompt_logprobs and node.prompt_logprobs is not None:
-            seq.prompt_logprobs[1:node.num_tokens + 1] = node.prompt_logprobs[1:]
+        if seq.wants_prompt_logprobs:          # lookup checked that the node gives them
+            entries = node.adopt_logprobs(seq.prompt_token_ids, seq.params.prompt_logprobs or 0)
+            assert entries is not None
+            seq.prompt_logprobs[1:node.num_tokens + 1] = entries[1:]
         return copies
 
     def _cache_blocks(self, s: ScheduledSeq, output: RunnerOutput) -> None:

@@ -20,6 +20,15 @@ not depend on the thresholds, but reusing them at another budget would need the 
 state after that layer, which the cache does not keep; so nodes are not shared across
 different threshold vectors (docs/engine.md).
 
+Prompt logprobs (echo scoring) ride along: a node made by a request that wanted them keeps the
+entries of its positions 1 … k·block_size − 1, which its tokens determine. The entry of the
+position just after the node is different: the distribution comes from the node's last token,
+but the entry is keyed by the *next* token, which is not part of the key. The node keeps that
+distribution's top-k and the logprob of every next token a request computed there
+(``NextTokenLogprobs``); a request whose next token is not among them cannot adopt the node
+(nothing could recompute that position without its predecessor), and takes the node one block
+earlier instead.
+
 Nodes are evicted least recently used when the pool needs blocks; a node only drops its own
 references, so a block still used by a sequence (or another node) stays.
 """
@@ -49,6 +58,41 @@ def chain_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
                            digest_size=16).digest()
 
 
+Entry = dict[int, float]          # {token: logprob}: the position's own token first, then top-k
+
+
+@dataclass
+class NextTokenLogprobs:
+    """What is known of the prompt-logprob distribution at the position right after a node:
+    its top-k ids (best first) and the logprob of every token known there (the top-k, and the
+    next token of each request that computed the position)."""
+    top: list[int]
+    known: dict[int, float]
+
+    @classmethod
+    def from_entry(cls, entry: Entry, k: int) -> NextTokenLogprobs:
+        """From one request's entry there (``{its token: logprob, top-k…}``, sampler.py's
+        ``logprob_entries``): with k + 1 items its token is outside the top-k."""
+        ids = list(entry)
+        top = ids[1:] if len(ids) == k + 1 else sorted(ids, key=lambda t: -entry[t])
+        return cls(top, dict(entry))
+
+    def learn(self, entry: Entry) -> None:
+        """Add the token (and logprob) of another request's entry at this position."""
+        token = next(iter(entry))
+        self.known.setdefault(token, entry[token])
+
+    def entry_for(self, token: int) -> Entry | None:
+        """The entry a request whose token here is ``token`` would compute; None if that
+        token's logprob is not known."""
+        if token not in self.known:
+            return None
+        entry = {token: self.known[token]}
+        for t in self.top:
+            entry.setdefault(t, self.known[t])
+        return entry
+
+
 @dataclass(eq=False)
 class CacheNode:
     """The state after ``num_tokens`` tokens, stored as a delta on its parent (the node one
@@ -62,11 +106,37 @@ class CacheNode:
     keep: list[int]                          # per stream: blocks taken from the parent
     own: list[list[int]]                     # per stream: blocks this node references
     lengths: list[int]                       # per stream: tokens stored
-    # Prompt logprob entries of positions 1 … num_tokens (index 0 unused), with the top-k
-    # they were computed for; None if the sequence that made the node had none.
-    prompt_logprobs: list | None = None
+    # Prompt logprob entries of positions 1 … num_tokens − 1 (index 0 unused), what is known
+    # at position num_tokens, and the top-k they were computed for; None if no sequence that
+    # computed the node had them.
+    prompt_logprobs: list[Entry | None] | None = None
+    next_logprobs: NextTokenLogprobs | None = None
     prompt_logprobs_k: int | None = None
     children: int = 0
+
+    def adopt_logprobs(self, tokens: Sequence[int], k: int) -> list[Entry | None] | None:
+        """Prompt logprob entries 0 … num_tokens for a sequence with ``tokens`` that wants
+        top-``k``: the node's, and the entry of position num_tokens for the sequence's own
+        token there. None if the node cannot give them (other k, or that token not known)."""
+        if self.prompt_logprobs is None or self.next_logprobs is None \
+                or self.prompt_logprobs_k != k:
+            return None
+        last = self.next_logprobs.entry_for(tokens[self.num_tokens])
+        return None if last is None else [*self.prompt_logprobs, last]
+
+    def add_logprobs(self, entries: Sequence[Entry | None], k: int) -> None:
+        """Record prompt logprob entries 0 … num_tokens computed by a sequence through this
+        node (the first to bring them, or another next token for the same k)."""
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = list(entries[:self.num_tokens])
+            self.prompt_logprobs_k = k
+            last = entries[self.num_tokens]
+            assert last is not None, "position num_tokens ≥ 1 has an entry"
+            self.next_logprobs = NextTokenLogprobs.from_entry(last, k)
+        elif self.prompt_logprobs_k == k and self.next_logprobs is not None:
+            last = entries[self.num_tokens]
+            assert last is not None, "position num_tokens ≥ 1 has an entry"
+            self.next_logprobs.learn(last)
 
     @property
     def block_tables(self) -> list[list[int]]:
@@ -96,17 +166,19 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self.nodes)
 
-    def lookup(self, hashes: list[bytes], max_tokens: int,
+    def lookup(self, hashes: list[bytes], max_tokens: int, tokens: Sequence[int] = (),
                prompt_logprobs_k: int | None = None) -> CacheNode | None:
-        """The longest cached node among ``hashes`` (the sequence's block-hash chain) that
-        covers at most ``max_tokens`` tokens and, if prompt logprobs are wanted, has them
-        for the same top-k. (The scheduler counts queries and hits once it admits.)"""
+        """The longest cached node among ``hashes`` (the chain of the sequence ``tokens``)
+        that covers at most ``max_tokens`` tokens and, if prompt logprobs are wanted, can give
+        them for the same top-k, its last position included (``CacheNode.adopt_logprobs``).
+        (The scheduler counts queries and hits once it admits.)"""
         best = None
         for k in range(min(len(hashes), max_tokens // self.block_size), 0, -1):
             node = self.nodes.get(hashes[k - 1])
             if node is None:
                 continue
-            if prompt_logprobs_k is not None and node.prompt_logprobs_k != prompt_logprobs_k:
+            if prompt_logprobs_k is not None \
+                    and node.adopt_logprobs(tokens, prompt_logprobs_k) is None:
                 continue
             best = node
             break
@@ -126,11 +198,15 @@ class PrefixCache:
         """Cache the first ``lengths[s]`` tokens of each stream of ``block_tables`` (a
         sequence's tables), as a delta on the node ``parent_key`` if it is cached. The parent
         may hold other blocks than the sequence's (another sequence cached that key first);
-        their content is the same, since the key determines it. False if ``key`` is cached
-        already."""
-        if key in self.nodes:
+        their content is the same, since the key determines it. ``prompt_logprobs``: the
+        sequence's entries 0 … ``num_tokens``, for top-``prompt_logprobs_k``. False if ``key``
+        is cached already (its node then learns the entries, see ``add_logprobs``)."""
+        node = self.nodes.get(key)
+        if node is not None:
             if key in self.leaves:
                 self.leaves.move_to_end(key)
+            if prompt_logprobs is not None and prompt_logprobs_k is not None:
+                node.add_logprobs(prompt_logprobs, prompt_logprobs_k)
             return False
         bs = self.block_size
         tables = [t[:cdiv(n, bs)] for t, n in zip(block_tables, lengths)]
@@ -142,8 +218,9 @@ class PrefixCache:
         if parent is not None:
             parent.children += 1
             self.leaves.pop(parent.key, None)
-        node = CacheNode(key, num_tokens, parent, keep, own, list(lengths), prompt_logprobs,
-                         prompt_logprobs_k)
+        node = CacheNode(key, num_tokens, parent, keep, own, list(lengths))
+        if prompt_logprobs is not None and prompt_logprobs_k is not None:
+            node.add_logprobs(prompt_logprobs, prompt_logprobs_k)
         self.nodes[key] = self.leaves[key] = node
         return True
 

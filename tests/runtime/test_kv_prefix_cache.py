@@ -15,6 +15,7 @@ import pytest
 from itt_runtime.engine import EngineConfig, LLMEngine
 from itt_runtime.kv_cache.block_pool import BlockPool
 from itt_runtime.kv_cache.manager import KVCacheManager
+from itt_runtime.kv_cache.prefix_cache import NextTokenLogprobs
 from itt_runtime.sampling_params import SamplingParams
 
 BUDGETS = [0.0, 0.25, 0.6, 1.0]
@@ -108,6 +109,22 @@ def test_eviction_is_lru_and_never_takes_a_held_block():
     assert list(kv.prefix_cache.nodes) == []
     assert kv.get("c").block_tables == [[2, 3, 4, 5, 0]]
     assert kv.get("b").block_tables == [[1]] and kv.pool.refs(1) == 1
+
+
+def test_next_token_logprobs_serve_known_tokens_only():
+    """The entry after a node, rebuilt for another next token: the top-k (best first) after
+    the token's own logprob; None for a token whose logprob no request computed."""
+    outside = NextTokenLogprobs.from_entry({9: -5.0, 4: -0.5, 6: -1.5}, k=2)   # 9 not in top
+    assert outside.top == [4, 6]
+    assert outside.entry_for(6) == {6: -1.5, 4: -0.5}
+    assert list(outside.entry_for(9) or {}) == [9, 4, 6]
+    assert outside.entry_for(5) is None
+    outside.learn({5: -7.0, 4: -0.5, 6: -1.5})
+    assert outside.entry_for(5) == {5: -7.0, 4: -0.5, 6: -1.5}
+    inside = NextTokenLogprobs.from_entry({6: -1.5, 4: -0.5}, k=2)            # 6 in the top
+    assert inside.top == [4, 6] and list(inside.entry_for(4) or {}) == [4, 6]
+    assert NextTokenLogprobs.from_entry({3: -2.0}, k=0).entry_for(3) == {3: -2.0}
+    assert NextTokenLogprobs.from_entry({3: -2.0}, k=0).entry_for(4) is None
 
 
 # ---- the engine: a cache hit computes what a cold cache computes ---------------------------
@@ -226,6 +243,55 @@ def test_prompt_logprobs_come_back_from_the_cache(tiny_model_dir, shared_prompts
         assert warm[i][0][0] is None and len(warm[i][0]) == len(cold[i][0])
         for a, b in zip(warm[i][0][1:], cold[i][0][1:]):
             assert a.keys() == b.keys() and max(abs(a[t] - b[t]) for t in b) <= 1e-4
+
+
+def prompt_scores(engine: LLMEngine, prompts, params, together: bool) -> dict:
+    """{index: (prompt logprob entries, cached tokens)}, the prompts added one by one (each
+    run to the end) or all at once."""
+    out: dict = {}
+    batches = [list(enumerate(prompts))] if together else [[ip] for ip in enumerate(prompts)]
+    for batch in batches:
+        for i, p in batch:
+            engine.add_request(f"lp{engine.stats().tokens_computed}-{i}", p, params)
+        while engine.has_unfinished():
+            for o in engine.step():
+                if o.prompt_logprobs is not None:
+                    out[int(o.request_id.split("-")[1])] = (o.prompt_logprobs,
+                                                            o.num_cached_tokens)
+    return out
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["one-by-one", "together"])
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_a_context_ending_on_a_block_boundary_scores_every_continuation(
+        tiny_model_dir, shared_prompts, k, together):
+    """lm-eval's multiple choice with the context ending exactly on a block boundary: the
+    continuations differ at the first position after the cached node, whose logprob entry
+    the node's maker computed for its own token. Each continuation gets the entry of its own
+    token (the node's top-k and known tokens, else the node one block earlier), never
+    another's: the entry at every position is keyed by the prompt's token there, and equals
+    a cold cache's."""
+    context = shared_prompts[0][:32]                       # exactly two blocks
+    tails = sorted({p[45] for p in shared_prompts} | set(range(3, 9)))
+    prompts = [context + [t, 7, 11] for t in tails]
+    prompts.append(prompts[0])                             # a repeat: its token is known
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k)
+    cold = prompt_scores(LLMEngine(EngineConfig(model=str(tiny_model_dir),
+                                                enable_prefix_caching=False)),
+                         prompts, params, together)
+    warm = prompt_scores(LLMEngine(EngineConfig(model=str(tiny_model_dir))), prompts, params,
+                         together)
+    for i, p in enumerate(prompts):
+        entries = warm[i][0]
+        assert entries[0] is None and len(entries) == len(p) == len(cold[i][0])
+        for pos, (a, b) in enumerate(zip(entries[1:], cold[i][0][1:]), 1):
+            assert next(iter(a)) == p[pos], f"prompt {i} position {pos}: another token's entry"
+            assert a.keys() == b.keys(), f"prompt {i} position {pos}: top-k differs"
+            assert max(abs(a[t] - b[t]) for t in b) <= 1e-4
+    assert warm[len(prompts) - 1][1] == 32                  # the repeat adopts both blocks
+    assert all(warm[i][1] in (16, 32) for i in range(1, len(prompts)))
+    assert any(warm[i][1] == 16 for i in range(1, len(prompts))), \
+        "some continuation's token is outside the top-k: it must step back one block"
 
 
 def test_requests_arriving_together_compute_their_shared_prefix_once(tiny_model_dir,
