@@ -91,7 +91,10 @@ class GrammarCompiler:
         c = self._xgr_compiler()
         try:
             if spec.kind == "json_object":
-                compiled = c.compile_builtin_json_grammar()
+                # OpenAI's JSON mode: any JSON object, written as schemas are. (xgrammar's
+                # built-in JSON grammar allows free whitespace, and arrays.)
+                compiled = c.compile_json_schema('{"type": "object"}', any_whitespace=False,
+                                                 strict_mode=False)
             elif spec.kind == "json_schema":
                 # One line with ", " and ": " (no free whitespace, which a small model can
                 # fill forever); properties the schema does not name are not generated.

@@ -90,6 +90,13 @@ def test_sampled_json_validates_100(server, name):
         jsonschema.validate(json.loads(text), SCHEMAS[name])
 
 
+def no_free_whitespace(text: str) -> bool:
+    """Whether JSON ``text`` (whole or cut short) has whitespace only inside strings and in
+    the ", " and ": " separators."""
+    outside = re.sub(r'"(?:[^"\\]|\\.)*("|$)', '""', text)
+    return not re.search(r"\s", outside.replace(", ", ",").replace(": ", ":"))
+
+
 def test_regex_choice_and_json_object(server):
     http = server.http()
     pattern = r"[A-Z][a-z]{2,8} [0-9]{1,3}"
@@ -112,8 +119,10 @@ def test_regex_choice_and_json_object(server):
         "max_tokens": 200, "temperature": 1.0, "response_format": {"type": "json_object"}})
     assert r.status_code == 200, r.text
     for c in r.json()["choices"]:
+        text = c["message"]["content"]
+        assert text.startswith("{") and no_free_whitespace(text), text
         if c["finish_reason"] == "stop":
-            json.loads(c["message"]["content"])
+            assert isinstance(json.loads(text), dict)
     grammar = 'root ::= "The " ("cat" | "dog") " sat."'
     r = http.post("/v1/completions", json={"prompt": "Once", "guided_grammar": grammar,
                                            "temperature": 1.0, "n": 4})
