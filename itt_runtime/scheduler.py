@@ -55,6 +55,16 @@ def logit_positions(seq: Sequence, num_new_tokens: int, samples: bool) -> list[i
     return wanted
 
 
+@dataclass(frozen=True)
+class InFlight:
+    """A block a step completes for the first time, as a waiting request sees it: the top-k
+    of the prompt logprobs its node will carry (None: none), and the prompt token right after
+    it in the request that computes it, whose entry the node will hold (None: not a prompt
+    token)."""
+    prompt_logprobs_k: int | None
+    next_token: int | None
+
+
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSeq]
@@ -276,9 +286,9 @@ class Scheduler:
         prompt logprobs, all but the prompt's last)."""
         return (seq.num_prompt_tokens if seq.wants_prompt_logprobs else seq.num_tokens) - 1
 
-    def _blocks_in_flight(self, scheduled: list[ScheduledSeq]) -> dict[bytes, int | None]:
+    def _blocks_in_flight(self, scheduled: list[ScheduledSeq]) -> dict[bytes, InFlight]:
         """Keys of the full blocks that multi-token rows of ``scheduled`` complete this step
-        and will cache, each with the prompt-logprobs top-k its node will carry (None: none).
+        and will cache, each with the prompt logprobs its node will give (``InFlight``).
         Single-token (decode) rows are left out: they rarely complete a block another request
         is waiting for, and this runs every step."""
         if self.kv.prefix_cache is None:
@@ -291,17 +301,21 @@ class Scheduler:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + s.num_new_tokens
             k = seq.params.prompt_logprobs if seq.wants_prompt_logprobs else None
             hashes = self._block_hashes(seq, end // bs)
-            for h in hashes[start // bs:]:
-                out[h] = k
+            for j in range(start // bs, len(hashes)):
+                after = (j + 1) * bs
+                out[hashes[j]] = InFlight(k, seq.prompt_token_ids[after]
+                                          if k is not None and after < seq.num_prompt_tokens
+                                          else None)
         return out
 
     def _next_block_in_flight(self, seq: Sequence, node: CacheNode | None,
-                              in_flight: dict[bytes, int | None]) -> bool:
+                              in_flight: dict[bytes, InFlight]) -> bool:
         """Whether the first block ``seq`` would compute is being computed this step by
         another request, in a form ``seq`` can adopt next step (same key, and the prompt
-        logprobs it needs). Requests that share a prompt and arrive together (lm-eval's
-        continuations of one context, a burst behind one system prompt) then compute the
-        shared part once instead of once each."""
+        logprobs it needs, the entry after the block included: the same next token).
+        Requests that share a prompt and arrive together (lm-eval's continuations of one
+        context, a burst behind one system prompt) then compute the shared part once instead
+        of once each."""
         if not in_flight:
             return False
         bs = self.kv.block_size
@@ -309,7 +323,11 @@ class Scheduler:
         hashes = self._block_hashes(seq, self._reusable_tokens(seq) // bs)
         if nxt >= len(hashes) or hashes[nxt] not in in_flight:
             return False
-        return not seq.wants_prompt_logprobs or in_flight[hashes[nxt]] == seq.params.prompt_logprobs
+        if not seq.wants_prompt_logprobs:
+            return True
+        block = in_flight[hashes[nxt]]
+        return (block.prompt_logprobs_k == seq.params.prompt_logprobs
+                and block.next_token == seq.prompt_token_ids[(nxt + 1) * bs])
 
     def _adopt(self, seq: Sequence, node: CacheNode) -> list[tuple[int, int]]:
         copies = self.kv.adopt(seq.seq_id, node)

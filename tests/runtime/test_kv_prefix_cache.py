@@ -247,17 +247,21 @@ def test_prompt_logprobs_come_back_from_the_cache(tiny_model_dir, shared_prompts
 
 def prompt_scores(engine: LLMEngine, prompts, params, together: bool) -> dict:
     """{index: (prompt logprob entries, cached tokens)}, the prompts added one by one (each
-    run to the end) or all at once."""
+    run to the end) or all at once; all at once, every request is admitted by the second
+    step (the first computes the shared blocks, the others wait for them once)."""
     out: dict = {}
     batches = [list(enumerate(prompts))] if together else [[ip] for ip in enumerate(prompts)]
     for batch in batches:
         for i, p in batch:
             engine.add_request(f"lp{engine.stats().tokens_computed}-{i}", p, params)
+        steps = 0
         while engine.has_unfinished():
             for o in engine.step():
                 if o.prompt_logprobs is not None:
                     out[int(o.request_id.split("-")[1])] = (o.prompt_logprobs,
                                                             o.num_cached_tokens)
+            steps += 1
+            assert steps < 2 or not engine.scheduler.waiting, "a request waited twice"
     return out
 
 
