@@ -59,13 +59,6 @@ def _component_types(node: Any) -> set[str]:
     return set()
 
 
-def _token_content(value: Any) -> str | None:
-    """A token as tokenizer_config.json gives it: a string or an AddedToken object."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
 class HFTokenizer(Tokenizer):
     """A ``tokenizer.json``; ``config``: the model's tokenizer config
     (``read_tokenizer_config``), for BOS/EOS, ``add_bos_token`` and the chat template."""
@@ -98,7 +91,7 @@ class HFTokenizer(Tokenizer):
             else self._post_bos
 
     def _config_token_id(self, field: str, where: Path) -> int:
-        content = _token_content(self.config.get(field))
+        content = self.config_token(field)
         if content is None:
             return -1
         token_id = self._tok.token_to_id(content)

@@ -74,6 +74,14 @@ class Tokenizer:
         """Ids of the special (control) tokens: dropped by ``skip_special_tokens``."""
         raise NotImplementedError
 
+    def config_token(self, name: str) -> str | None:
+        """A special token ``tokenizer_config.json`` names (``pad_token``, ``unk_token``, …):
+        its text, given there as a string or an AddedToken object; None if it names none."""
+        value = self.config.get(name)
+        if isinstance(value, dict):
+            value = value.get("content")
+        return value if isinstance(value, str) else None
+
     @property
     def add_bos_token(self) -> bool:
         """Whether ``encode(..., add_bos=True)`` puts a BOS first."""

@@ -131,8 +131,7 @@ class ChatTemplate:
         model template that does not compile is a 400 on chat requests, naming the error."""
         specials = {name: getattr(tok, name) for name in ("bos_token", "eos_token")}
         for name in ("unk_token", "pad_token"):
-            value = tok.config.get(name)
-            specials[name] = value.get("content") if isinstance(value, dict) else value
+            specials[name] = tok.config_token(name)
         specials = {k: v for k, v in specials.items() if isinstance(v, str)}
         if override is not None:
             return cls(read_template_file(override), str(override), specials)

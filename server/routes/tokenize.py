@@ -55,7 +55,7 @@ async def tokenizer_info(request: Request) -> dict:
     return {"tokenizer_class": tok.kind, "vocab_size": tok.vocab_size,
             "bos_token": tok.bos_token, "bos_token_id": _id(tok.bos_token_id),
             "eos_token": tok.eos_token, "eos_token_id": _id(tok.eos_token_id),
-            "pad_token": None, "add_bos_token": tok.add_bos_token,
+            "pad_token": tok.config_token("pad_token"), "add_bos_token": tok.add_bos_token,
             "model_max_length": s.client.max_model_len,
             "chat_template": s.chat.template.source}
 

@@ -376,3 +376,21 @@ def test_a_completed_grammar_allows_every_stop_id(tok):
     one = GrammarCompiler(tok, tok.vocab_size).compile(GrammarSpec("choice", '["yes"]'))
     m, allowed = allowed_after_yes(one)
     assert allowed == {tok.eos_token_id}
+
+
+def test_config_names_the_pad_token_as_a_string_or_an_added_token(hf_dir, tmp_path):
+    """``/tokenizer_info`` and chat templates read ``pad_token`` (and ``unk_token``) from the
+    config, given as a string, an AddedToken object, or in special_tokens_map.json."""
+    d = tmp_path / "t"
+    shutil.copytree(hf_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    eos = cfg["eos_token"]
+    assert load_tokenizer(d).config_token("pad_token") is None
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "pad_token": eos}))
+    assert load_tokenizer(d).config_token("pad_token") == eos
+    added = {"content": eos, "lstrip": False, "normalized": False, "special": True}
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "pad_token": added}))
+    assert load_tokenizer(d).config_token("pad_token") == eos
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / "special_tokens_map.json").write_text(json.dumps({"pad_token": added}))
+    assert load_tokenizer(d).config_token("pad_token") == eos
