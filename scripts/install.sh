@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs itt-server into the current Python environment (a venv is recommended).
 #   bash scripts/install.sh          # the server
-#   bash scripts/install.sh --test   # plus what the test suite needs (extras + Prometheus)
+#   bash scripts/install.sh --test   # plus what the test suite needs (extras, the pinned
+#                                    # clients of tests/clients, Prometheus)
 # On a machine without an NVIDIA GPU it installs the CPU build of torch first, so that pip
 # does not pull the multi-GB CUDA build; with a GPU, pip's default (CUDA) torch is used.
 set -euo pipefail
@@ -20,7 +21,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   fi
 fi
 if [[ "${1:-}" == "--test" ]]; then
-  "$PY" -m pip install -e '.[test,loadtest]'
+  "$PY" -m pip install -e '.[test,loadtest,clients]'
   if ! command -v promtool >/dev/null 2>&1; then
     SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
     $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus

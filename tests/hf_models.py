@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from hf_tokenizers import LLAMA3, write_byte_level_tokenizer
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -74,6 +75,15 @@ def build_hf_model(out: Path, family: str = "llama", *, tokenizer_file: Path | N
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, out / "tokenizer.model")
     return out
+
+
+def build_hf_chat_model(out: Path, chat_template: str = LLAMA3) -> Path:
+    """A tiny random Llama directory that a Hugging Face client can load whole: the byte-level
+    ``tokenizer.json`` of ``hf_tokenizers`` (511 learned + 1 added token = the model's 512
+    rows; BOS 0 and EOS 1 as the tokenizer's) with ``chat_template`` in its
+    tokenizer_config.json."""
+    build_hf_model(out, vocab_size=512, bos_token_id=0, eos_token_id=1)
+    return write_byte_level_tokenizer(out, 511, chat_template=chat_template)
 
 
 def load_hf(path: Path) -> PreTrainedModel:

@@ -11,8 +11,9 @@ CJK and emoji fall back to bytes: the hard case for streaming detokenization).
   ``</s>``, ``<unk>``, and the same chat tokens.
 
 Each writes ``tokenizer.json`` and ``tokenizer_config.json`` (with ``chat_template`` when
-given); transformers' ``PreTrainedTokenizerFast(tokenizer_file=…)`` loads them for
-comparisons (``hf_reference(dir)``). Import as ``from hf_tokenizers import …``.
+given, e.g. ``LLAMA3``, a Llama-3-style template over these chat tokens); transformers'
+``PreTrainedTokenizerFast(tokenizer_file=…)`` loads them for comparisons
+(``hf_reference(dir)``). Import as ``from hf_tokenizers import …``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,24 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 HELDOUT = Path(__file__).resolve().parent.parent / "data" / "heldout.txt"
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|eot_id|>"]
 ADDED_TOKEN = "<tool>"                    # an added token that is not special
+
+# A Llama-3-style chat template over the chat tokens above: BOS from the template, header
+# tokens, content trimmed, roles checked.
+LLAMA3 = """{{- bos_token }}
+{%- for message in messages %}
+    {%- if message['role'] not in ['system', 'user', 'assistant'] %}
+        {{- raise_exception('Unsupported role: ' + message['role']) }}
+    {%- endif %}
+    {%- if loop.index0 == 0 and message['role'] == 'assistant' %}
+        {{- raise_exception('The conversation must not start with the assistant') }}
+    {%- endif %}
+    {{- '<|im_start|>' + message['role'] + '<|im_end|>\\n\\n' }}
+    {{- message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant<|im_end|>\\n\\n' }}
+{%- endif %}
+"""
 
 
 def _with_bos(tok: Tokenizer, bos: str, byte_level: bool) -> None:
@@ -95,7 +114,10 @@ def write_byte_level_tokenizer(out_dir: str | Path, vocab_size: int = 512,
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
         "eos_token": "<|end_of_text|>", "clean_up_tokenization_spaces": False,
-        "model_max_length": 512}
+        "model_max_length": 512,
+        # As SmolLM2 names it: an AddedToken object, the chat's end-of-turn token.
+        "pad_token": {"content": "<|im_end|>", "lstrip": False, "normalized": False,
+                      "rstrip": False, "single_word": False, "special": True}}
     if chat_template is not None:
         config["chat_template"] = chat_template
     return _write(Path(out_dir), _byte_level_json(vocab_size), config)

@@ -1,9 +1,9 @@
 """Chat templates: the model's own Jinja template rendered as transformers'
-``apply_chat_template`` renders it (a ChatML/Qwen-style and a Llama-3-style template, both
-written here), the sandbox and its helpers, and through the real server: the template from
-tokenizer_config.json, ``--chat-template FILE``, no template → 400, a raising template → 400,
-``/tokenizer_info``; and exact streaming (multi-byte characters, stop strings across tokens)
-with a byte-level BPE tokenizer.
+``apply_chat_template`` renders it (a ChatML/Qwen-style template written here and the
+Llama-3-style one of ``hf_tokenizers``), the sandbox and its helpers, and through the real
+server: the template from tokenizer_config.json, ``--chat-template FILE``, no template → 400,
+a raising template → 400, ``/tokenizer_info``; and exact streaming (multi-byte characters,
+stop strings across tokens) with a byte-level BPE tokenizer.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from hf_tokenizers import hf_reference, write_byte_level_tokenizer
+from hf_tokenizers import LLAMA3, hf_reference, write_byte_level_tokenizer
 from live_server import launch
 
 from itt_runtime.async_engine import AsyncLLMEngine
@@ -45,23 +45,6 @@ You are a helpful assistant. Today is {{ strftime_now('%Y-%m-%d') }}.<|im_end|>
 </think>
 
 {% endif %}
-{%- endif %}
-"""
-
-# Llama-3-style: BOS from the template, header tokens, content trimmed, roles checked.
-LLAMA3 = """{{- bos_token }}
-{%- for message in messages %}
-    {%- if message['role'] not in ['system', 'user', 'assistant'] %}
-        {{- raise_exception('Unsupported role: ' + message['role']) }}
-    {%- endif %}
-    {%- if loop.index0 == 0 and message['role'] == 'assistant' %}
-        {{- raise_exception('The conversation must not start with the assistant') }}
-    {%- endif %}
-    {{- '<|im_start|>' + message['role'] + '<|im_end|>\\n\\n' }}
-    {{- message['content'] | trim + '<|eot_id|>' }}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant<|im_end|>\\n\\n' }}
 {%- endif %}
 """
 
