@@ -10,10 +10,10 @@ import json
 import httpx
 import pytest
 import torch
-from hf_models import build_hf_model, load_hf
-from hf_tokenizers import hf_reference, write_byte_level_tokenizer
+from hf_models import build_hf_chat_model, load_hf
+from hf_tokenizers import LLAMA3, hf_reference
 from live_server import launch
-from test_chat_templates import LLAMA3, stream_text
+from test_chat_templates import stream_text
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Tell me about the light."}],
@@ -26,10 +26,7 @@ MAX_NEW = 8
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf_chat") / "llama"
-    # 511 learned + 1 added token = the model's 512 rows; BOS 0 and EOS 1 as the tokenizer's.
-    build_hf_model(out, vocab_size=512, bos_token_id=0, eos_token_id=1)
-    return write_byte_level_tokenizer(out, 511, chat_template=LLAMA3)
+    return build_hf_chat_model(tmp_path_factory.mktemp("hf_chat") / "llama")
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +41,7 @@ def test_tokenizer_info(server):
     assert info["chat_template"] == LLAMA3 and info["add_bos_token"] is True
     assert (info["bos_token"], info["bos_token_id"]) == ("<|begin_of_text|>", 0)
     assert (info["eos_token"], info["eos_token_id"]) == ("<|end_of_text|>", 1)
+    assert info["pad_token"] == "<|im_end|>"           # named in tokenizer_config.json
 
 
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
