@@ -30,7 +30,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1
 
 # The README's install. .dockerignore admits only what it needs, including the default model
-# (package data under itt_runtime/models/default), so the image serves with no arguments.
+# (package data under itt_runtime/checkpoints/default), so the image serves with no arguments.
 WORKDIR /opt/itt-server
 COPY . .
 RUN TORCH_VERSION="${TORCH_VERSION}" bash scripts/install.sh \

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import replace
 
-from itt_runtime.engine import EngineConfig, LLMEngine
+from itt_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from itt_runtime.outputs import CompletionOutput, RequestOutput
 from itt_runtime.sampling_params import SamplingParams
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from itt_runtime.structured_output import CompiledGrammar
+    from itt_runtime.sampling.structured_output import CompiledGrammar
 
 # Seeds: signed or unsigned 64-bit. A sequence's generator takes (seed + i) mod 2**64, where
 # i is its index among the request's n completions.

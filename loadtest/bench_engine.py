@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from itt_runtime.data import encode_documents
-from itt_runtime.engine import EngineConfig, LLMEngine
+from itt_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from itt_runtime.model.hf import to_hf_name
 from itt_runtime.model.loader import load_model, save_model
 from itt_runtime.sampling_params import SamplingParams
+from itt_runtime.training.data import encode_documents
 
 PROMPT = "And it came to pass, when the king heard these words, that he"
 
@@ -65,14 +66,7 @@ def hf_dense_generate(model_dir: Path, prompt_ids, max_tokens: int, device: torc
         num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_position_embeddings,
         rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings,
         attention_bias=False, mlp_bias=False)).eval()
-    sd = {"model.embed_tokens.weight": model.embed_tokens.weight, "model.norm.weight":
-          model.norm.weight}
-    names = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
-             **{p: f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
-             **{p: f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}}
-    for i, layer in enumerate(model.layers):
-        for ours, theirs in names.items():
-            sd[f"model.layers.{i}.{theirs}.weight"] = getattr(layer.block, ours).weight
+    sd = {name: v for k, v in model.state_dict().items() if (name := to_hf_name(k))}
     hf.load_state_dict(sd, strict=False)
     hf.to(device=device, dtype=dtype)
     ids = torch.tensor([prompt_ids], device=device)

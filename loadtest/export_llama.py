@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -31,9 +32,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from itt_runtime.checkpoints import resolve_model_path
 from itt_runtime.config import ModelConfig
+from itt_runtime.model.hf import to_hf_name
 from itt_runtime.model.itt import ITTModel
-from itt_runtime.model.loader import load_model, resolve_model_path
+from itt_runtime.model.loader import load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,19 +71,16 @@ def hf_config(cfg: ModelConfig, dtype: str) -> dict:
 @torch.no_grad()
 def hf_state_dict(model: ITTModel) -> dict[str, torch.Tensor]:
     """HF parameter names -> fp32 tensors, φ_0 folded into o_proj and down_proj."""
-    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model.embed_tokens.weight,
-                                    "model.norm.weight": model.norm.weight}
-    if model.lm_head is not None:
-        out["lm_head.weight"] = model.lm_head.weight
-    names = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
-             **{p: f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
-             **{p: f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}}
-    for i, layer in enumerate(model.itt_layer_list):
-        for ours, theirs in names.items():
-            w = getattr(layer.block, ours).weight
-            if layer.think_steps > 1 and ours in ("o_proj", "down_proj"):
-                w = layer.phi[0][:, None] * w              # (d, in): scale output rows
-            out[f"model.layers.{i}.{theirs}.weight"] = w
+    out: dict[str, torch.Tensor] = {}
+    for key, w in model.state_dict().items():
+        name = to_hf_name(key)
+        if name is None:                                   # φ, routers: folded or dropped
+            continue
+        m = re.fullmatch(r"layers\.(\d+)\.block\.(o_proj|down_proj)\.weight", key)
+        layer = model.itt_layer_list[int(m.group(1))] if m else None
+        if layer is not None and layer.think_steps > 1:
+            w = layer.phi[0][:, None] * w                  # (d, in): scale output rows
+        out[name] = w
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
 
 

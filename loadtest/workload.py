@@ -132,8 +132,8 @@ def request_stream(prompt_len: LengthDist, output_len: LengthDist, budgets: Budg
         yield RequestSpec(i, prompt, output_len.sample(rng), budgets.sample(rng))
 
 
-# The server's chat template (server/chat_template.py), so that a completions conversation is
-# the same text the chat endpoint would build.
+# The server's chat template (itt_runtime/tokenizers/chat_template.py), so that a completions
+# conversation is the same text the chat endpoint would build.
 USER, ASSISTANT, END_OF_TURN = "User: ", "Assistant:", "\nUser:"
 
 

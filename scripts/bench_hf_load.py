@@ -79,7 +79,7 @@ def write_checkpoint(out: Path) -> int:
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
          "temperature": 0.6, "top_p": 0.9, "do_sample": True}))
-    shutil.copyfile(REPO / "itt_runtime/models/default/tokenizer.model",
+    shutil.copyfile(REPO / "itt_runtime/checkpoints/default/tokenizer.model",
                     out / "tokenizer.model")
     return total
 

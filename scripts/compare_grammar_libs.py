@@ -26,8 +26,8 @@ import time
 import jsonschema
 import torch
 
-from itt_runtime.model.loader import DEFAULT_MODEL_DIR
-from itt_runtime.tokenizer import Tokenizer
+from itt_runtime.checkpoints import DEFAULT_MODEL_DIR
+from itt_runtime.tokenizers.tokenizer import Tokenizer
 
 SCHEMAS: dict[str, tuple[dict, object]] = {
     "person": ({"type": "object", "properties": {

@@ -10,7 +10,7 @@ import contextlib
 import io
 import json
 
-from itt_runtime.evaluate import main as itt_eval
+from itt_runtime.training.evaluate import main as itt_eval
 
 
 def run(model: str, text: str, budgets: str) -> dict:

@@ -2,7 +2,7 @@
 # Trains the shipped `arith` model and its two controls: the exact recipe of
 # docs/MODEL_CARD_ARITH.md. Three runs side by side, one thread each, each stopped after
 # WALL_S seconds at most (about an hour on 2 shared CPU cores). Outputs under RUNS (default
-# /tmp/arith_runs): itt/ (copy to itt_runtime/models/arith), dense/, loop/ and their logs.
+# /tmp/arith_runs): itt/ (copy to itt_runtime/checkpoints/arith), dense/, loop/ and their logs.
 # The same backbone, the same problems in the same order (the stream is a function of seed
 # and step), the same steps; only the ITT part differs.
 set -euo pipefail

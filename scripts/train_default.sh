@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuilds the corpus and trains the shipped default ITT model and its dense control.
 # The exact recipe of docs/MODEL_CARD.md. About an hour on 2 CPU cores (both runs in parallel,
-# one thread each). Outputs: runs/itt (copied to itt_runtime/models/default) and runs/dense.
+# one thread each). Outputs: runs/itt (copied to itt_runtime/checkpoints/default) and runs/dense.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v bible >/dev/null; then

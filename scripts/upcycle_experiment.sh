@@ -24,7 +24,7 @@ export OMP_NUM_THREADS=1
 # ~16x slower than fp32. A 400-step schedule stopped and shipped at step 200 (time budget).
 BASE=${BASE:-${OUT}_base}
 if [ ! -f "$BASE/config.json" ]; then
-  base=(--train "$TRAIN" --heldout "$HELDOUT" --tokenizer itt_runtime/models/default/tokenizer.model
+  base=(--train "$TRAIN" --heldout "$HELDOUT" --tokenizer itt_runtime/checkpoints/default/tokenizer.model
         --d-model 256 --n-layers 8 --n-heads 8 --n-kv-heads 4 --ffn-dim 688 --seq-len "$SEQ"
         --batch-size "$BATCH" --lr 2e-3 --warmup-steps 50 --eval-every 100
         --checkpoint-every 50 --no-bf16 --itt-layers none --out "$BASE")

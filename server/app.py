@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from itt_runtime.async_engine import AsyncLLMEngine
+from itt_runtime.engine.async_engine import AsyncLLMEngine
+from itt_runtime.tokenizers.chat_template import ChatTemplate
 from server import __version__, openapi
 from server.chat import ChatHandler
-from server.chat_template import ChatTemplate
 from server.completion import CompletionHandler
 from server.config import ServerSettings
 from server.engine_client import EngineClient

@@ -12,10 +12,11 @@ from fastapi.responses import Response
 from itt_runtime.llm import merge
 from itt_runtime.outputs import CompletionOutput
 from itt_runtime.sampling_params import SamplingParams
-from server.chat_template import ChatTemplate, ChatTemplateError
+from itt_runtime.tokenizers.chat_template import ChatTemplate, ChatTemplateError
 from server.engine_client import EngineClient
 from server.errors import bad_request
-from server.generation import UsageCounter, check_model, new_id, sampling_params
+from server.generation import UsageCounter, new_id, sampling_params
+from server.handler import GenerationHandler
 from server.lifecycle import Lifecycle
 from server.logprobs import ChatLogprobsBuilder, prompt_logprobs
 from server.protocol import ChatCompletionRequest
@@ -28,7 +29,6 @@ from server.responses import (
     ChatLogprobs,
     ChatMessageOut,
 )
-from server.streaming import respond, shutting_down
 from server.tokens import check_size, encode
 
 
@@ -46,19 +46,14 @@ class _Run:
     strip: bool = False         # drop the reply's leading whitespace (after "Assistant:")
 
 
-class ChatHandler:
+class ChatHandler(GenerationHandler):
     def __init__(self, client: EngineClient, served_models: list[str],
                  lifecycle: Lifecycle, template: ChatTemplate) -> None:
-        self.client = client
+        super().__init__(client, served_models, lifecycle)
         self.template = template
-        self.lifecycle = lifecycle
-        self.served_models = served_models
 
     async def create(self, req: ChatCompletionRequest, request: Request) -> Response:
-        if self.lifecycle.draining:
-            raise shutting_down()
-        req.check()
-        model = check_model(req.model, self.served_models)
+        model = self.begin(req)
         text = render(self.template, req.messages, req.generation_prompt,
                       req.continue_final_message, req.template_kwargs)
         check_size(self.client.tokenizer, text, self.client.max_model_len, "messages")
@@ -74,18 +69,14 @@ class ChatHandler:
                                  extra_stop=list(self.template.stop), grammar=grammar,
                                  prompt_logprobs=req.prompt_logprobs,
                                  defaults=self.client.info.sampling_defaults)
-        self.client.validate(ids, params)
-        usage = UsageCounter(self.client.budget(params), self.client.model_config.max_extra_steps)
-        usage.add_prompt(len(ids))
+        usage = self.usage_for([ids], params)
         run = _Run(req, model, ids, params, usage,
                    strip=self.template.strip_reply and not req.continue_final_message)
         last = req.messages[-1]
         if req.echo and last.role == "assistant":       # as vLLM: echo the last message
             run.echo = last.text
-        ticket = self.client.admit(params.n)
-        return await respond(request, req.stream, lambda: self._stream(run),
-                             lambda: self._complete(run), self.lifecycle.stopping,
-                             ticket.release)
+        return await self.respond(request, req.stream, params.n,
+                                  lambda: self._stream(run), lambda: self._complete(run))
 
     async def _complete(self, run: _Run) -> ChatCompletion:
         acc = None

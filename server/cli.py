@@ -27,11 +27,11 @@ from types import FrameType
 import uvicorn
 from prometheus_client import disable_created_metrics
 
-from itt_runtime.async_engine import AsyncLLMEngine
 from itt_runtime.config import ConfigError
-from itt_runtime.engine import EngineConfig
+from itt_runtime.engine.async_engine import AsyncLLMEngine
+from itt_runtime.engine.llm_engine import EngineConfig
+from itt_runtime.tokenizers.chat_template import ChatTemplateError, read_template_file
 from server.app import create_app
-from server.chat_template import ChatTemplateError, read_template_file
 from server.config import ServerSettings
 from server.connections import guarded_h11
 from server.lifecycle import Lifecycle

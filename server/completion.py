@@ -12,14 +12,12 @@ from fastapi.responses import Response
 from itt_runtime.llm import merge
 from itt_runtime.outputs import CompletionOutput, RequestOutput
 from itt_runtime.sampling_params import SamplingParams
-from server.engine_client import EngineClient
 from server.errors import bad_request
-from server.generation import UsageCounter, check_model, new_id, sampling_params
-from server.lifecycle import Lifecycle
+from server.generation import UsageCounter, new_id, sampling_params
+from server.handler import GenerationHandler
 from server.logprobs import CompletionLogprobsBuilder, extend, prompt_logprobs
 from server.protocol import MAX_PROMPTS, CompletionRequest
 from server.responses import Completion, CompletionChoice, CompletionLogprobs
-from server.streaming import respond, shutting_down
 from server.tokens import check_size, encode
 
 
@@ -42,18 +40,9 @@ class _Run:
     prompt_logprobs: dict[int, list] = field(default_factory=dict)
 
 
-class CompletionHandler:
-    def __init__(self, client: EngineClient, served_models: list[str],
-                 lifecycle: Lifecycle) -> None:
-        self.client = client
-        self.lifecycle = lifecycle
-        self.served_models = served_models
-
+class CompletionHandler(GenerationHandler):
     async def create(self, req: CompletionRequest, request: Request) -> Response:
-        if self.lifecycle.draining:
-            raise shutting_down()
-        req.check()
-        model = check_model(req.model, self.served_models)
+        model = self.begin(req)
         prompts = self._prompts(req)
         echo_lp = req.logprobs if req.echo and req.logprobs is not None else None
         grammar = await self.client.structured.grammar(req)
@@ -63,16 +52,10 @@ class CompletionHandler:
                                  else req.prompt_logprobs,
                                  grammar=grammar,
                                  defaults=self.client.info.sampling_defaults)
-        for p in prompts:
-            self.client.validate(p.ids, params)
-        usage = UsageCounter(self.client.budget(params), self.client.model_config.max_extra_steps)
-        for p in prompts:
-            usage.add_prompt(len(p.ids))
+        usage = self.usage_for([p.ids for p in prompts], params)
         run = _Run(req, model, prompts, params, usage)
-        ticket = self.client.admit(len(prompts) * params.n)
-        return await respond(request, req.stream, lambda: self._stream(run),
-                             lambda: self._complete(run), self.lifecycle.stopping,
-                             ticket.release)
+        return await self.respond(request, req.stream, len(prompts) * params.n,
+                                  lambda: self._stream(run), lambda: self._complete(run))
 
     # ---- prompts --------------------------------------------------------------------------
     def _prompts(self, req: CompletionRequest) -> list[Prompt]:
@@ -95,7 +78,7 @@ class CompletionHandler:
                 check_size(tok, p, self.client.max_model_len, "prompt")
                 ids = encode(tok, p, req.add_special_tokens)
             else:
-                self.client.validate(p, SamplingParams(max_tokens=1))   # ids in range
+                self.client.validate_prompt(p)
                 ids = list(p)
             kept = req.truncate(ids, self.client.max_model_len)
             text = p if isinstance(p, str) and len(kept) == len(ids) else tok.decode(kept)

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
-from itt_runtime.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError
+from itt_runtime.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError
 from itt_runtime.outputs import RequestOutput
 from itt_runtime.sampling_params import ParamError, SamplingParams
 from server.errors import APIError, from_param_error, internal_error, unavailable
@@ -73,9 +73,17 @@ class EngineClient:
         return Ticket(self, num_seqs)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """The engine's own checks (context length, token ids) as a 400."""
+        """The engine's checks (``LLMEngine.validate``: token ids, context length, KV room)
+        as a 400, before the response starts: a streamed response cannot turn into one."""
         try:
             self.engine.validate(prompt_token_ids, params)
+        except ParamError as e:
+            raise from_param_error(e) from None
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        """The engine's checks on token ids sent as a prompt, before any truncation."""
+        try:
+            self.engine.validate_prompt(prompt_token_ids)
         except ParamError as e:
             raise from_param_error(e) from None
 

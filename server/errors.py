@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from itt_runtime.async_engine import EngineDeadError
+from itt_runtime.engine.async_engine import EngineDeadError
 from itt_runtime.sampling_params import ParamError
 
 log = logging.getLogger("server")

@@ -8,8 +8,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
+from itt_runtime.sampling.structured_output import CompiledGrammar
 from itt_runtime.sampling_params import ParamError, SamplingParams
-from itt_runtime.structured_output import CompiledGrammar
 from server.errors import APIError, from_param_error
 from server.protocol import GenerationRequest
 from server.responses import PromptTokensDetails, ThinkingUsage, Usage

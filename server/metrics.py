@@ -21,8 +21,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from itt_runtime.async_engine import AsyncLLMEngine
-from itt_runtime.engine_config import STEP_TOKEN_BUCKETS
+from itt_runtime.engine.async_engine import AsyncLLMEngine
+from itt_runtime.engine.config import STEP_TOKEN_BUCKETS
 from itt_runtime.outputs import RequestMetrics, RequestOutput
 
 # vLLM's bucket boundaries.

@@ -172,6 +172,10 @@ class GenerationRequest(_Body):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def check(self) -> None:
+        """The field checks Pydantic cannot express (a 400 naming the field)."""
+        self.check_common()
+
     def check_common(self) -> None:
         """Request-level rules that SamplingParams cannot see."""
         if len(self.stop_list) > MAX_STOP:

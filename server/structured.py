@@ -12,13 +12,13 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from itt_runtime.structured_output import (
+from itt_runtime.sampling.structured_output import (
     CompiledGrammar,
     GrammarCompiler,
     GrammarError,
     GrammarSpec,
 )
-from itt_runtime.tokenizer import Tokenizer
+from itt_runtime.tokenizers.tokenizer import Tokenizer
 from server.errors import bad_request
 
 BACKENDS = (None, "auto", "xgrammar")

@@ -3,7 +3,7 @@ logprob tables show."""
 
 from __future__ import annotations
 
-from itt_runtime.tokenizer import Tokenizer
+from itt_runtime.tokenizers.tokenizer import Tokenizer
 from server.errors import bad_request
 
 # Normalisation (NFKC) can merge a few characters into one before pieces are matched.

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from itt_testing import HELDOUT, build_tiny_model  # noqa: E402,F401
 
-from itt_runtime.tokenizer import Tokenizer  # noqa: E402
+from itt_runtime.tokenizers.tokenizer import Tokenizer  # noqa: E402
 from itt_runtime.training.cli import train_tokenizer  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

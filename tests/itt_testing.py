@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 from itt_runtime.config import ModelConfig
-from itt_runtime.data import encode_corpus, eval_windows
 from itt_runtime.model.itt import ITTModel, ThresholdRouting
 from itt_runtime.model.loader import save_model
-from itt_runtime.tokenizer import Tokenizer
+from itt_runtime.tokenizers.tokenizer import Tokenizer
 from itt_runtime.training.calibrate import calibrate
+from itt_runtime.training.data import encode_corpus, eval_windows
 from itt_runtime.training.trainer import init_weights
 
 REPO = Path(__file__).resolve().parent.parent

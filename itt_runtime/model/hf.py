@@ -201,8 +201,10 @@ def itt_name(hf_name: str, cfg: ModelConfig) -> str | None:
     return hf_name
 
 
-def hf_name(key: str) -> str:
-    """The checkpoint name of ``ITTModel.state_dict()`` key ``key`` (for messages)."""
+def to_hf_name(key: str) -> str | None:
+    """The checkpoint name of ``ITTModel.state_dict()`` key ``key`` (the tables above,
+    inverted); None for a tensor a Llama checkpoint does not have (φ, routers, fused
+    projections)."""
     for theirs, ours in _TOP.items():
         if key == ours:
             return theirs
@@ -211,7 +213,12 @@ def hf_name(key: str) -> str:
         for theirs, ours in _IN_LAYER.items():
             if m.group(2) == ours:
                 return f"model.layers.{m.group(1)}.{theirs}"
-    return key
+    return None
+
+
+def hf_name(key: str) -> str:
+    """The checkpoint name of ``ITTModel.state_dict()`` key ``key``, for messages."""
+    return to_hf_name(key) or key
 
 
 def weight_files(path: Path) -> dict[str, Path] | None:

@@ -23,35 +23,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from itt_runtime.checkpoints import resolve_model_path
 from itt_runtime.config import CheckpointError, ConfigError, ModelConfig, read_json_object
-from itt_runtime.hf_tokenizer import HFTokenizer
 from itt_runtime.model import hf
 from itt_runtime.model.itt import ITTModel
 from itt_runtime.model.layers import Rotary, input_major_view
-from itt_runtime.plain_chat import plain_tokenizer_config
-from itt_runtime.tokenizer import (
-    SentencePieceTokenizer,
-    Tokenizer,
-    TokenizerError,
-    read_tokenizer_config,
-)
+from itt_runtime.tokenizers.loader import TOKENIZER_FILES, load_tokenizer
+from itt_runtime.tokenizers.plain_chat import plain_tokenizer_config
+from itt_runtime.tokenizers.tokenizer import Tokenizer
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_MODEL_DIR = MODELS_DIR / "default"
-SHIPPED_MODELS = ("default", "arith")      # names that load a model shipped in the package
 FILES = ("config.json", "model.safetensors", "tokenizer.model")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")    # either; tokenizer.json wins
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-
-
-def resolve_model_path(model: str | Path | None) -> Path:
-    """``None`` or a shipped model's name (``SHIPPED_MODELS``) -> its directory inside the
-    package; anything else is a path."""
-    if model is None:
-        return DEFAULT_MODEL_DIR
-    if str(model) in SHIPPED_MODELS:
-        return MODELS_DIR / str(model)
-    return Path(model).expanduser()
 
 
 def load_config(path: str | Path | None) -> ModelConfig:
@@ -74,36 +56,6 @@ def load_config(path: str | Path | None) -> ModelConfig:
         return ModelConfig.from_dict(raw)
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
-
-
-def load_tokenizer(path: str | Path | None, cfg: ModelConfig | None = None) -> Tokenizer:
-    """The model directory's tokenizer: ``tokenizer.json`` (Hugging Face ``tokenizers``) when
-    present, else ``tokenizer.model`` (sentencepiece); with ``tokenizer_config.json`` (the chat
-    template; for tokenizer.json also BOS/EOS) where there is one. ``cfg``: the model's config,
-    whose embedding must have a row for every token, and whose ``eos_token_id`` stands in
-    where the tokenizer config names no EOS."""
-    path = resolve_model_path(path)
-    try:
-        config = read_tokenizer_config(path)
-        tok: Tokenizer
-        if (path / "tokenizer.json").is_file():
-            tok = HFTokenizer(path / "tokenizer.json", config)
-        else:
-            try:
-                tok = SentencePieceTokenizer(path / "tokenizer.model")
-            except (OSError, RuntimeError) as e:
-                raise CheckpointError(f"{path / 'tokenizer.model'}: not a sentencepiece model "
-                                      f"({e})") from None
-            tok.config, tok.chat_template = config, config["chat_template"]
-    except TokenizerError as e:
-        raise CheckpointError(str(e)) from None
-    if cfg is not None and tok.eos_token_id < 0 and isinstance(cfg.eos_token_id, int):
-        tok.eos_token_id = cfg.eos_token_id
-    if cfg is not None and tok.vocab_size > cfg.vocab_size:
-        name = "tokenizer.json" if isinstance(tok, HFTokenizer) else "tokenizer.model"
-        raise CheckpointError(f"{name} has {tok.vocab_size} pieces but config.json "
-                              f"'vocab_size' is {cfg.vocab_size}")
-    return tok
 
 
 # The most positions a config may ask for: the RoPE tables are allocated for all of them.

@@ -35,10 +35,10 @@ from typing import Any
 
 import torch
 
+from itt_runtime.engine.step import ScheduledSeq
 from itt_runtime.kv_cache.manager import SequenceKV
 from itt_runtime.runner.decode_step import decode_step, write_new_kv
 from itt_runtime.runner.forward import PagedForward, StepOutput, any_routable, join_outputs
-from itt_runtime.scheduler import ScheduledSeq
 
 log = logging.getLogger("itt_runtime")
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from itt_runtime.engine.step import ScheduledSeq
 from itt_runtime.kv_cache.manager import SequenceKV
 from itt_runtime.runner.forward import (
     PagedForward,
@@ -41,7 +42,6 @@ from itt_runtime.runner.forward import (
     padded_tables,
     to_device,
 )
-from itt_runtime.scheduler import ScheduledSeq
 
 log = logging.getLogger("itt_runtime")
 

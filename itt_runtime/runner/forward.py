@@ -31,10 +31,10 @@ from dataclasses import dataclass
 import torch
 
 from itt_runtime.config import ModelConfig
+from itt_runtime.engine.step import ScheduledSeq
 from itt_runtime.kv_cache.manager import SequenceKV
 from itt_runtime.model.itt import ITTModel
 from itt_runtime.runner.attention import KVCache
-from itt_runtime.scheduler import ScheduledSeq
 
 
 @dataclass

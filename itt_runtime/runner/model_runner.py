@@ -10,22 +10,21 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
-from itt_runtime import structured_output
+from itt_runtime.engine.sequence import Sequence
+from itt_runtime.engine.step import RunnerOutput, SampledToken, ScheduledSeq, SchedulerOutput
 from itt_runtime.kv_cache.manager import cdiv
 from itt_runtime.model.itt import ITTModel
 from itt_runtime.runner.attention import KVCache
 from itt_runtime.runner.cpu_compile import CompiledDecode, CompileError
 from itt_runtime.runner.cuda_graphs import CaptureError, DecodeGraphs
 from itt_runtime.runner.forward import PagedForward, StepOutput, join_outputs, to_device
-from itt_runtime.sampler import Sampler, logprob_entries
-from itt_runtime.scheduler import RunnerOutput, SampledToken, ScheduledSeq, SchedulerOutput
+from itt_runtime.sampling import structured_output
+from itt_runtime.sampling.sampler import Sampler, logprob_entries
 
 log = logging.getLogger("itt_runtime")
-
-ROUTED_COMPUTE = ("auto", "gather", "masked")
-
 
 class ModelRunner:
     def __init__(self, model: ITTModel, cache: KVCache, sampler: Sampler,
@@ -82,13 +81,7 @@ class ModelRunner:
         out = self._run(scheduled, decode_only)
         prompt_logprobs = self._prompt_logprobs(scheduled, out.logits)
 
-        sample_rows, sample_seqs, row = [], [], 0
-        for s in scheduled:
-            for i in s.logit_positions:
-                if s.samples and i == s.num_new_tokens - 1:
-                    sample_rows.append(row)
-                    sample_seqs.append(s.seq)
-                row += 1
+        sample_rows, sample_seqs = rows_that_sample(scheduled)
         if sample_rows == list(range(len(sample_rows))):          # the usual case: a slice
             sample_logits = out.logits[:len(sample_rows)]
         else:
@@ -98,33 +91,28 @@ class ModelRunner:
         tokens, logprobs = (self.sampler(sample_logits, sample_seqs, grammar_masks)
                             if sample_rows
                             else (out.extra_steps[:0], None))
-        # The step's one device-to-host read: sampled tokens, thinking depths, routed counts.
-        S, K = len(sample_rows), self.max_extra_steps
-        parts = [tokens, out.extra_steps, out.routed_counts.flatten()]
-        routed = out.routed if self.return_routing and K else None
-        chunked = routed is not None and any(s.num_new_tokens > 1 for s in scheduled)
-        if routed is not None and chunked:
-            parts.append(routed.flatten().long())
-        B = len(scheduled)
-        host_t = torch.cat(parts).cpu()                  # one copy, however it is read
-        host = host_t[:S + row + B * K].tolist()
-        extra_steps, counts = host[S:S + row], host[S + row:]
-        routed_masks = {}
-        if chunked:                  # (T, K) as an array: the scheduler takes cumulative sums
-            mask, start = host_t[S + row + B * K:].view(-1, K).numpy(), 0
-            for s in scheduled:
-                n = s.num_new_tokens
-                if n > 1:
-                    routed_masks[s.seq.seq_id] = mask[start:start + n]
-                start += n
+        # The step's one device-to-host read: sampled tokens, thinking depths (per logit
+        # row), routed counts (per sequence and routed stream), and, when prefix caching
+        # needs the stream lengths at block boundaries inside prompt chunks, the per-token
+        # routing of the step.
+        K = self.max_extra_steps
+        parts = {"tokens": tokens, "extra_steps": out.extra_steps,
+                 "routed_counts": out.routed_counts}
+        if self.return_routing and K and any(s.num_new_tokens > 1 for s in scheduled):
+            parts["routed"] = out.routed
+        host = read_to_host(parts)
+        counts = host["routed_counts"].view(len(scheduled), K).tolist()
+        extra_steps = host["extra_steps"].tolist()
         return RunnerOutput(
-            routed_counts={s.seq.seq_id: counts[b * K:(b + 1) * K]
-                           for b, s in enumerate(scheduled)},
+            routed_counts={s.seq.seq_id: counts[b] for b, s in enumerate(scheduled)},
             sampled=[SampledToken(seq, token, extra_steps[r],
                                   logprobs[j] if logprobs is not None else {})
-                     for j, (seq, token, r) in enumerate(zip(sample_seqs, host[:S],
+                     for j, (seq, token, r) in enumerate(zip(sample_seqs,
+                                                             host["tokens"].tolist(),
                                                              sample_rows))],
-            prompt_logprobs=prompt_logprobs, routed_masks=routed_masks)
+            prompt_logprobs=prompt_logprobs,
+            routed_masks=(chunk_routing(scheduled, host["routed"].view(-1, K).numpy())
+                          if "routed" in host else {}))
 
     def _run(self, scheduled: list[ScheduledSeq], decode_only: bool) -> StepOutput:
         """The forward: on CPU a compiled step for the decode rows, also those of a step
@@ -195,3 +183,36 @@ class ModelRunner:
             entries = logprob_entries(lp, targets, [k] * len(rows))
             out += [(seq, p + 1, entry) for (_, p), entry in zip(rows, entries)]
         return out
+
+
+def rows_that_sample(scheduled: list[ScheduledSeq]) -> tuple[list[int], list[Sequence]]:
+    """The logit rows whose logits pick a token (a row per ``logit_positions`` entry, in
+    order), and their sequences."""
+    rows, seqs, row = [], [], 0
+    for s in scheduled:
+        for i in s.logit_positions:
+            if s.samples and i == s.num_new_tokens - 1:
+                rows.append(row)
+                seqs.append(s.seq)
+            row += 1
+    return rows, seqs
+
+
+def read_to_host(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors in ``parts`` on the host, flattened, by name: one device-to-host copy
+    (as int64) however many they are."""
+    flat = [t.flatten().long() for t in parts.values()]
+    host = torch.cat(flat).cpu()
+    return dict(zip(parts, host.split([t.numel() for t in flat])))
+
+
+def chunk_routing(scheduled: list[ScheduledSeq], routed: np.ndarray) -> dict[str, np.ndarray]:
+    """Per multi-token row, its (new tokens, routed streams) slice of the step's per-token
+    routing ``routed`` (1 where routed): the scheduler takes cumulative sums of it."""
+    out, start = {}, 0
+    for s in scheduled:
+        n = s.num_new_tokens
+        if n > 1:
+            out[s.seq.seq_id] = routed[start:start + n]
+        start += n
+    return out

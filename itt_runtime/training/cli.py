@@ -20,19 +20,16 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from itt_runtime.config import ConfigError, ModelConfig
-from itt_runtime.data import encode_corpus, eval_windows
+from itt_runtime.config import ConfigError
 from itt_runtime.model.itt import ITTModel
 from itt_runtime.model.loader import load_model, save_model
-from itt_runtime.tokenizer import Tokenizer
-from itt_runtime.training.calibrate import calibrate
+from itt_runtime.tokenizers.tokenizer import Tokenizer
+from itt_runtime.training.arch_flags import ARCH_DEFAULTS, init_conflicts, model_config
+from itt_runtime.training.data import encode_corpus, eval_windows
+from itt_runtime.training.finish import CalibrationData, finish_run
+from itt_runtime.training.task_cli import run_task
 from itt_runtime.training.trainer import TrainConfig, train
-from itt_runtime.training.upcycle import parse_itt_layers, write_checkpoint
-
-# Shape flags: their defaults (a fresh model); with --init the checkpoint decides instead.
-ARCH_DEFAULTS = {"vocab_size": 8192, "d_model": 256, "n_layers": 8, "n_heads": 8,
-                 "n_kv_heads": 4, "ffn_dim": 688, "max_positions": 1024, "itt_layers": "odd",
-                 "think_steps": 4, "train_capacity": 0.6}
+from itt_runtime.training.upcycle import write_checkpoint
 
 
 def train_tokenizer(text_files: list[Path], vocab_size: int, out_prefix: Path) -> Path:
@@ -42,27 +39,6 @@ def train_tokenizer(text_files: list[Path], vocab_size: int, out_prefix: Path) -
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, input_sentence_size=2_000_000,
         shuffle_input_sentence=True, num_threads=2, minloglevel=2)
     return out_prefix.with_suffix(".model")
-
-
-def model_config(a: argparse.Namespace, tok: Tokenizer) -> ModelConfig:
-    """The model the shape flags describe (``--itt-layers``: odd, none, or a list)."""
-    itt_layers = parse_itt_layers(a.itt_layers, a.n_layers)
-    return ModelConfig(vocab_size=tok.vocab_size, d_model=a.d_model, n_layers=a.n_layers,
-                       n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, ffn_dim=a.ffn_dim,
-                       max_position_embeddings=a.max_positions, itt_layers=itt_layers,
-                       think_steps=a.think_steps if itt_layers else 1,
-                       train_capacity=a.train_capacity,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-
-
-def round_to_ship_dtype(model: ITTModel, name: str) -> torch.dtype:
-    """Round the weights to the dtype they ship in (kept in fp32), so that routing is
-    calibrated on the weights as they will be served. Returns that dtype."""
-    ship_dtype = getattr(torch, name)
-    with torch.no_grad():
-        for t in model.parameters():
-            t.copy_(t.to(ship_dtype).float())
-    return ship_dtype
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -108,29 +84,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def init_conflicts(a: argparse.Namespace, cfg: ModelConfig) -> list[str]:
-    """Shape flags given on the command line that disagree with the --init checkpoint."""
-    have: dict[str, object] = {
-            "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
-            "n_kv_heads": cfg.n_kv_heads, "ffn_dim": cfg.ffn_dim,
-            "max_positions": cfg.max_position_embeddings, "vocab_size": cfg.vocab_size,
-            "itt_layers": cfg.itt_layers, "think_steps": cfg.think_steps,
-            "train_capacity": cfg.train_capacity}
-    out = []
-    for name, given in a.arch_given.items():
-        want = parse_itt_layers(given, cfg.n_layers) if name == "itt_layers" else given
-        if name in ("think_steps", "train_capacity") and not cfg.is_itt:
-            continue                                 # meaningless for a dense model
-        if want != have[name]:
-            out.append(f"--{name.replace('_', '-')} {given} (the checkpoint has "
-                       f"{list(cfg.itt_layers) if name == 'itt_layers' else have[name]})")
-    return out
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.task:
-        from itt_runtime.training.task_cli import run_task
         return run_task(a)
     if not a.train or not a.heldout:
         print("itt-train: --train and --heldout are required (or --task)", file=sys.stderr)
@@ -169,29 +129,23 @@ def main(argv=None) -> int:
     print(f"{n_params / 1e6:.2f}M parameters; {train_stream.numel() / 1e6:.2f}M training "
           f"tokens; {tc.max_steps * tc.batch_size * tc.seq_len / 1e6:.2f}M tokens to see",
           file=sys.stderr)
-    model = train(cfg, tc, tok, train_stream, eval_stream, work,
-                  log=lambda m: print(m, file=sys.stderr), init=init)
-    if not model.finished:
-        print(f"stopped at step {tc.stop_at}; run again without --stop-at to resume",
-              file=sys.stderr)
-        return 0
-    ship_dtype = round_to_ship_dtype(model, a.ship_dtype)
-    if cfg.is_itt:
-        print("calibrating routing thresholds on held-out text …", file=sys.stderr)
+    model = train(cfg, tc, tok, train_stream, eval_stream, work, log=log, init=init)
+
+    def calibration_data() -> CalibrationData:
         calib_stream = encode_corpus(tok, a.calib) if a.calib else eval_stream
-        windows = eval_windows(calib_stream, tc.seq_len, limit=256)[:, :-1]
-        model.cfg = dataclasses.replace(cfg, calibration=calibrate(model, windows))
-    model.cfg = dataclasses.replace(model.cfg, extra={"_training": {
-        "train_config": dataclasses.asdict(tc), "parameters": n_params,
-        "train_tokens_seen": tc.max_steps * tc.batch_size * tc.seq_len,
-        "wall_time_s": round(time.time() - t_start), "history": model.history,
-        **({"init": str(a.init)} if a.init else {})}})
-    if init is not None:
-        write_checkpoint(model, a.out, ship_dtype, tokenizer_from=a.init)
-    else:
-        save_model(model, tok_file, a.out, dtype=ship_dtype)
-    print(f"wrote {a.out}", file=sys.stderr)
-    return 0
+        return eval_windows(calib_stream, tc.seq_len, limit=256)[:, :-1], None
+
+    def write(model: ITTModel, dtype: torch.dtype) -> Path:
+        if init is not None:
+            return write_checkpoint(model, a.out, dtype, tokenizer_from=a.init)
+        return save_model(model, tok_file, a.out, dtype=dtype)
+
+    return finish_run(
+        model, model.finished, tc.stop_at, a.ship_dtype, calibration_data,
+        {"train_config": dataclasses.asdict(tc), "parameters": n_params,
+         "train_tokens_seen": tc.max_steps * tc.batch_size * tc.seq_len,
+         "history": model.history, **({"init": str(a.init)} if a.init else {})},
+        t_start, write, log)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ import torch
 
 from itt_runtime.model.itt import ITTModel
 from itt_runtime.model.loader import save_model
-from itt_runtime.tokenizer import Tokenizer
+from itt_runtime.tokenizers.tokenizer import Tokenizer
 from itt_runtime.training import tasks
-from itt_runtime.training.calibrate import calibrate
-from itt_runtime.training.cli import model_config, round_to_ship_dtype
+from itt_runtime.training.arch_flags import model_config
+from itt_runtime.training.finish import CalibrationData, finish_run
 from itt_runtime.training.task_trainer import (
     TaskTrainConfig,
     encode_problems,
@@ -36,6 +36,10 @@ def calibration_batch(tok: Tokenizer, tc: TaskTrainConfig, n: int = CALIB_PROBLE
     gen = tasks.stream("calib", tc.seed, tasks.curriculum_mix(1.0, tc.max_digits))
     ids, _, lengths = encode_problems(tok, [next(gen) for _ in range(n)])
     return ids, torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def run_task(a: argparse.Namespace) -> int:
@@ -58,22 +62,16 @@ def run_task(a: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in ITTModel(cfg).parameters())
     print(f"{n_params / 1e6:.3f}M parameters; {tc.max_steps} steps × {tc.batch_size} problems",
           file=sys.stderr)
-    result = train_tasks(cfg, tc, tok, work, log=lambda m: print(m, file=sys.stderr, flush=True))
-    model = result.model
-    if not result.finished:
-        print(f"stopped at step {tc.stop_at}; run again without --stop-at to resume",
-              file=sys.stderr)
-        return 0
-    ship_dtype = round_to_ship_dtype(model, a.ship_dtype)
-    if cfg.is_itt:
-        print("calibrating routing thresholds on held-out problems …", file=sys.stderr)
-        ids, valid = calibration_batch(tok, tc)
-        model.cfg = dataclasses.replace(cfg, calibration=calibrate(model, ids, valid=valid))
-    model.cfg = dataclasses.replace(model.cfg, extra={"_training": {
-        "task": "arith", "train_config": dataclasses.asdict(tc), "parameters": n_params,
-        "steps_done": result.steps_done,
-        "problems_seen": result.steps_done * tc.batch_size,
-        "wall_time_s": round(time.time() - t_start), "history": result.history}})
-    save_model(model, tok_file, a.out, dtype=ship_dtype)
-    print(f"wrote {a.out}", file=sys.stderr)
-    return 0
+    result = train_tasks(cfg, tc, tok, work, log=log)
+    def calibration_data() -> CalibrationData:
+        return calibration_batch(tok, tc)
+
+    def write(model: ITTModel, dtype: torch.dtype) -> Path:
+        return save_model(model, tok_file, a.out, dtype=dtype)
+
+    return finish_run(
+        result.model, result.finished, tc.stop_at, a.ship_dtype, calibration_data,
+        {"task": "arith", "train_config": dataclasses.asdict(tc), "parameters": n_params,
+         "steps_done": result.steps_done, "problems_seen": result.steps_done * tc.batch_size,
+         "history": result.history},
+        t_start, write, log)

@@ -23,31 +23,24 @@ import torch.nn.functional as F
 
 from itt_runtime.config import ModelConfig
 from itt_runtime.model.itt import ITTModel, Routing
-from itt_runtime.tokenizer import Tokenizer
+from itt_runtime.tokenizers.tokenizer import Tokenizer
 from itt_runtime.training import tasks
-from itt_runtime.training.trainer import lr_at, new_model
+from itt_runtime.training.trainer import Schedule, lr_at, new_model
 
 IGNORE = -100
 
 
 @dataclass
-class TaskTrainConfig:
+class TaskTrainConfig(Schedule):
     max_steps: int = 3000
     batch_size: int = 64             # problems per step
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
     eval_every: int = 250
-    eval_problems: int = 200         # per (task, digits) setting, teacher-forced exact match
     checkpoint_every: int = 250
-    seed: int = 0
+    eval_problems: int = 200         # per (task, digits) setting, teacher-forced exact match
     max_add_digits: int = 4
     max_mul_digits: int = 0          # 0: no multiplication problems
     curriculum: bool = True
-    stop_at: int = 0
-    max_wall_s: float = 0.0          # > 0: stop (and ship what there is) after this long
     # Elastic training: each step routes a capacity drawn from these (empty: the model's
     # train_capacity every step), so that every budget of the sweep is one the model knows.
     capacities: tuple[float, ...] = ()

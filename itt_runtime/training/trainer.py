@@ -6,36 +6,42 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from itt_runtime.config import ModelConfig
-from itt_runtime.data import eval_windows
 from itt_runtime.model.itt import ITTModel, TopKRouting
-from itt_runtime.tokenizer import Tokenizer
+from itt_runtime.tokenizers.tokenizer import Tokenizer
+from itt_runtime.training.data import eval_windows
 
 
 @dataclass
-class TrainConfig:
-    seq_len: int = 256
-    batch_size: int = 16
+class Schedule:
+    """What every training run schedules, text (``TrainConfig``) or task
+    (``task_trainer.TaskTrainConfig``): steps, the learning-rate schedule (``lr_at``),
+    regularisation, evaluation and checkpoint cadence, and when to stop early."""
     max_steps: int = 2000
+    batch_size: int = 16
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_every: int = 200
-    eval_batches: int = 8
     checkpoint_every: int = 200
-    bf16: bool = False
-    compile: bool = False
     seed: int = 0
     stop_at: int = 0          # > 0: save state and stop at this step (resume later)
     max_wall_s: float = 0.0   # > 0: stop (and ship what there is) after this long
+
+
+@dataclass
+class TrainConfig(Schedule):
+    seq_len: int = 256
+    eval_batches: int = 8
+    bf16: bool = False
+    compile: bool = False
     # Upcycled models (``itt-train --init``, training/upcycle.py): for the first
     # router_warmup_steps steps only φ and the routers learn, and those two always learn at
     # lr × itt_lr_mult. See ``optimizer_for``.
@@ -49,14 +55,6 @@ def batches(stream: torch.Tensor, seq_len: int, batch_size: int, gen: torch.Gene
         starts = torch.randint(0, n, (batch_size,), generator=gen)
         chunk = torch.stack([stream[s: s + seq_len + 1] for s in starts.tolist()]).long()
         yield chunk[:, :-1], chunk[:, 1:]
-
-
-class Schedule(Protocol):
-    """What ``lr_at`` reads: TrainConfig and the task trainer's TaskTrainConfig both have it."""
-    lr: float
-    min_lr_ratio: float
-    warmup_steps: int
-    max_steps: int
 
 
 def lr_at(step: int, tc: Schedule) -> float:

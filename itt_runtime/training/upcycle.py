@@ -44,10 +44,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from itt_runtime.config import ConfigError
-from itt_runtime.data import encode_corpus, eval_windows
 from itt_runtime.model.itt import ITTModel
 from itt_runtime.model.loader import load_model
 from itt_runtime.training.calibrate import calibrate
+from itt_runtime.training.data import encode_corpus, eval_windows
 
 # Everything a model directory may hold besides its weights and config.json: copied as is.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",

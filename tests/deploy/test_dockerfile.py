@@ -103,7 +103,8 @@ def in_context(path: str, pats) -> bool:
 
 @pytest.mark.parametrize("path", [
     "pyproject.toml", "README.md", "itt_runtime/config.py", "itt_runtime/model/itt.py",
-    "itt_runtime/models/default/model.safetensors", "itt_runtime/models/default/config.json",
+    "itt_runtime/checkpoints/default/model.safetensors",
+    "itt_runtime/checkpoints/default/config.json",
     "server/__init__.py", "loadtest/__init__.py", "scripts/install.sh"])
 def test_context_keeps_what_the_install_needs(path):
     assert in_context(path, dockerignore_patterns())

@@ -8,9 +8,10 @@ import pytest
 import torch
 from itt_testing import reference_greedy
 
+from itt_runtime.checkpoints import resolve_model_path
 from itt_runtime.llm import LLM
 from itt_runtime.model.itt import ThresholdRouting
-from itt_runtime.model.loader import load_model, resolve_model_path
+from itt_runtime.model.loader import load_model
 from itt_runtime.sampling_params import SamplingParams
 from itt_runtime.training import tasks
 from itt_runtime.training.task_trainer import exact_match

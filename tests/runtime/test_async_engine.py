@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from itt_runtime.async_engine import AsyncLLMEngine
-from itt_runtime.engine import EngineConfig
+from itt_runtime.engine.async_engine import AsyncLLMEngine
+from itt_runtime.engine.llm_engine import EngineConfig
 from itt_runtime.llm import LLM
 from itt_runtime.sampling_params import ParamError, SamplingParams
 

@@ -13,15 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import itt_runtime
-from itt_runtime.config import ConfigError, ModelConfig
-from itt_runtime.model.loader import (
-    DEFAULT_MODEL_DIR,
-    FILES,
-    CheckpointError,
-    load_model,
-    resolve_model_path,
-    save_model,
-)
+from itt_runtime.checkpoints import DEFAULT_MODEL_DIR, resolve_model_path
+from itt_runtime.config import CheckpointError, ConfigError, ModelConfig
+from itt_runtime.model.loader import FILES, load_model, save_model
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +101,7 @@ def test_free_form_underscore_notes_survive_a_round_trip(ckpt, tokenizer_file, t
 
 # ---- the default model ----------------------------------------------------------------------
 def test_default_resolves_to_the_packaged_model_directory():
-    packaged = Path(itt_runtime.__file__).resolve().parent / "models" / "default"
+    packaged = Path(itt_runtime.__file__).resolve().parent / "checkpoints" / "default"
     assert DEFAULT_MODEL_DIR == packaged
     assert resolve_model_path(None) == packaged
     assert resolve_model_path("default") == packaged

@@ -7,8 +7,9 @@ import pytest
 import torch
 from itt_testing import HELDOUT
 
-from itt_runtime.evaluate import evaluate_budget, text_windows
-from itt_runtime.model.loader import DEFAULT_MODEL_DIR, load_model
+from itt_runtime.checkpoints import DEFAULT_MODEL_DIR
+from itt_runtime.model.loader import load_model
+from itt_runtime.training.evaluate import evaluate_budget, text_windows
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "model.safetensors").exists(),
                                 reason="the default model has not been trained yet")

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from itt_runtime.config import ConfigError
-from itt_runtime.elastic import (
+from itt_runtime.engine.elastic import (
     DECREASE,
     INCREASE,
     MIN_CHUNK,
     WINDOW_S,
     ElasticController,
 )
-from itt_runtime.engine import EngineConfig, LLMEngine
+from itt_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from itt_runtime.model.itt import ThresholdRouting
 from itt_runtime.model.loader import load_model
 from itt_runtime.sampling_params import ParamError, SamplingParams

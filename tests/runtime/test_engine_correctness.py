@@ -12,10 +12,10 @@ import torch
 from itt_testing import HELDOUT, next_token_slots, reference_greedy, slots_written
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from itt_runtime.engine.sequence import Status
 from itt_runtime.kv_cache.manager import cdiv
 from itt_runtime.llm import LLM
 from itt_runtime.model.loader import load_model
-from itt_runtime.request import Status
 from itt_runtime.runner.cuda_graphs import DecodeGraphs
 from itt_runtime.sampling_params import SamplingParams
 

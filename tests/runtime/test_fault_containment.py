@@ -9,8 +9,8 @@ import asyncio
 
 import pytest
 
-from itt_runtime.async_engine import AsyncLLMEngine, RequestFailedError
-from itt_runtime.engine import EngineBrokenError, EngineConfig, LLMEngine
+from itt_runtime.engine.async_engine import AsyncLLMEngine, RequestFailedError
+from itt_runtime.engine.llm_engine import EngineBrokenError, EngineConfig, LLMEngine
 from itt_runtime.sampling_params import ParamError, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from itt_runtime.engine import EngineConfig, LLMEngine
+from itt_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from itt_runtime.model.loader import load_model
 
 

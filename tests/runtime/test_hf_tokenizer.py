@@ -23,10 +23,11 @@ from hf_tokenizers import (
     write_metaspace_tokenizer,
 )
 
-from itt_runtime.hf_tokenizer import HFTokenizer
-from itt_runtime.model.loader import CheckpointError, load_tokenizer
-from itt_runtime.structured_output import GrammarCompiler, GrammarSpec
-from itt_runtime.tokenizer import SentencePieceTokenizer
+from itt_runtime.config import CheckpointError
+from itt_runtime.sampling.structured_output import GrammarCompiler, GrammarSpec
+from itt_runtime.tokenizers.hf_tokenizer import HFTokenizer
+from itt_runtime.tokenizers.loader import load_tokenizer
+from itt_runtime.tokenizers.tokenizer import SentencePieceTokenizer
 
 MULTIBYTE = ["naïve café — 日本語 😀 Ωμέγα", "😀😀😀 ok Ω日", "Ünïcödé àçcénts ß ø",
              "中文文本，标点。", "emoji 👩‍👩‍👧 family and flags 🇫🇷"]

@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from itt_runtime.engine import EngineConfig, LLMEngine
+from itt_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from itt_runtime.kv_cache.block_pool import BlockPool
 from itt_runtime.kv_cache.manager import KVCacheManager
 from itt_runtime.kv_cache.prefix_cache import NextTokenLogprobs

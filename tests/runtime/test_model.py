@@ -16,10 +16,11 @@ import torch
 from itt_testing import HELDOUT, tiny_config
 
 from itt_runtime.config import ModelConfig
-from itt_runtime.data import encode_corpus, eval_windows
+from itt_runtime.model.hf import to_hf_name
 from itt_runtime.model.itt import ITTModel, ThresholdRouting, TopKRouting
 from itt_runtime.model.loader import load_model
 from itt_runtime.training.calibrate import calibrate
+from itt_runtime.training.data import encode_corpus, eval_windows
 from itt_runtime.training.trainer import init_weights
 
 ATOL = 1e-5
@@ -303,18 +304,8 @@ def test_dense_model_matches_hf_llama(tied):
         bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
     hf = transformers.LlamaForCausalLM._from_config(hf_cfg, attn_implementation="eager",
                                                    dtype=torch.float32).eval()
-    names = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
-             **{f"{p}_proj": f"self_attn.{p}_proj" for p in "qkvo"},
-             **{f"{p}_proj": f"mlp.{p}_proj" for p in ("gate", "up", "down")}}
-    state = {}
-    for k, v in ours.state_dict().items():
-        if k.startswith("layers."):
-            _, i, _, name, param = k.split(".")
-            state[f"model.layers.{i}.{names[name]}.{param}"] = v
-        elif k == "lm_head.weight":
-            state[k] = v
-        else:
-            state[f"model.{k}"] = v
+    state = {to_hf_name(k): v for k, v in ours.state_dict().items()}
+    assert None not in state, "a dense model's every tensor has a Llama name"
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected
     assert set(missing) <= ({"lm_head.weight"} if tied else set())

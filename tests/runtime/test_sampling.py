@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from itt_runtime.engine.sequence import Sequence
 from itt_runtime.llm import LLM
 from itt_runtime.model.itt import ThresholdRouting
 from itt_runtime.model.loader import load_model
-from itt_runtime.request import Sequence
-from itt_runtime.sampler import Sampler
+from itt_runtime.sampling.sampler import Sampler
 from itt_runtime.sampling_params import ParamError, SamplingParams
 
 

@@ -12,24 +12,24 @@ from __future__ import annotations
 
 import pytest
 
+from itt_runtime.engine.scheduler import Scheduler
+from itt_runtime.engine.sequence import Sequence, Status
+from itt_runtime.engine.step import RunnerOutput, SampledToken
 from itt_runtime.kv_cache.block_pool import BlockPool
 from itt_runtime.kv_cache.manager import KVCacheManager
-from itt_runtime.request import Sequence, Status
 from itt_runtime.sampling_params import SamplingParams
-from itt_runtime.scheduler import RunnerOutput, SampledToken, Scheduler
-from itt_runtime.tokenizer import Tokenizer
 
 BLOCK = 4
 TOKEN = 7                                # what the stand-in runner "samples" every time
 
 
 @pytest.fixture
-def make(tokenizer: Tokenizer):
+def make():
     def make(num_blocks: int, max_num_batched_tokens: int = 64, max_num_seqs: int = 8,
              chunked: bool = True) -> tuple[Scheduler, KVCacheManager]:
         kv = KVCacheManager(BlockPool(num_blocks), BLOCK, num_streams=1, num_base_streams=1)
-        return Scheduler(kv, max_num_seqs, max_num_batched_tokens, chunked,
-                         tokenizer=tokenizer, max_model_len=1000), kv
+        return Scheduler(kv, max_num_seqs, max_num_batched_tokens, max_model_len=1000,
+                         enable_chunked_prefill=chunked), kv
     return make
 
 

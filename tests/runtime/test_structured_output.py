@@ -12,11 +12,11 @@ import torch
 
 pytest.importorskip("xgrammar")
 
+from itt_runtime.engine.sequence import Sequence  # noqa: E402
 from itt_runtime.llm import LLM  # noqa: E402
-from itt_runtime.request import Sequence  # noqa: E402
-from itt_runtime.sampler import Sampler  # noqa: E402
+from itt_runtime.sampling.sampler import Sampler  # noqa: E402
+from itt_runtime.sampling.structured_output import GrammarCompiler, GrammarError, GrammarSpec  # noqa: E402
 from itt_runtime.sampling_params import ParamError, SamplingParams  # noqa: E402
-from itt_runtime.structured_output import GrammarCompiler, GrammarError, GrammarSpec  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 12},

@@ -7,7 +7,7 @@ import json
 import torch
 
 from itt_runtime.model.loader import load_model
-from itt_runtime.tokenizer import Tokenizer
+from itt_runtime.tokenizers.tokenizer import Tokenizer
 from itt_runtime.training import tasks
 from itt_runtime.training.arith_eval import main as arith_eval
 from itt_runtime.training.cli import main as itt_train

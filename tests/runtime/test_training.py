@@ -7,9 +7,9 @@ import json
 import torch
 from itt_testing import HELDOUT
 
-from itt_runtime.evaluate import main as itt_eval
 from itt_runtime.model.loader import load_model
 from itt_runtime.training.cli import main as itt_train
+from itt_runtime.training.evaluate import main as itt_eval
 
 TINY = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--n-kv-heads", "1",
         "--ffn-dim", "64", "--seq-len", "32", "--batch-size", "4", "--max-steps", "6",

@@ -11,12 +11,12 @@ import pytest
 import torch
 from itt_testing import HELDOUT
 
-from itt_runtime.evaluate import main as itt_eval
 from itt_runtime.llm import LLM
 from itt_runtime.model.itt import ThresholdRouting
 from itt_runtime.model.loader import load_model
 from itt_runtime.sampling_params import SamplingParams
 from itt_runtime.training.cli import main as itt_train
+from itt_runtime.training.evaluate import main as itt_eval
 from itt_runtime.training.upcycle import main as itt_upcycle
 
 BUDGETS = [0.0, 0.5, 1.0]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from itt_runtime import engine as engine_module
+from itt_runtime.engine import llm_engine as engine_module
 from server.cli import main
 
 POISON_MAX_TOKENS = 13

@@ -18,12 +18,12 @@ from fastapi.testclient import TestClient
 from hf_tokenizers import LLAMA3, hf_reference, write_byte_level_tokenizer
 from live_server import launch
 
-from itt_runtime.async_engine import AsyncLLMEngine
-from itt_runtime.engine import EngineConfig
-from itt_runtime.model.loader import load_tokenizer
+from itt_runtime.engine.async_engine import AsyncLLMEngine
+from itt_runtime.engine.llm_engine import EngineConfig
+from itt_runtime.tokenizers.chat_template import ChatTemplate, ChatTemplateError
+from itt_runtime.tokenizers.loader import load_tokenizer
 from server import cli
 from server.app import create_app
-from server.chat_template import ChatTemplate, ChatTemplateError
 from server.config import ServerSettings
 from server.protocol import ChatMessage
 

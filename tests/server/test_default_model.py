@@ -1,17 +1,17 @@
 """Smoke test with the shipped default model (``--model default``, its served name is
 ``default``): the SDK round trip, budgets honoured, streaming, chat, metrics. Replies are
 compared with the offline engine on the same model and must not be empty. Skipped only while
-itt_runtime/models/default/ does not exist (it is produced by training)."""
+itt_runtime/checkpoints/default/ does not exist (it is produced by training)."""
 
 from __future__ import annotations
 
 import pytest
 from live_server import launch, metric
 
-from itt_runtime import plain_chat
+from itt_runtime.checkpoints import DEFAULT_MODEL_DIR
 from itt_runtime.llm import LLM
-from itt_runtime.model.loader import DEFAULT_MODEL_DIR
 from itt_runtime.sampling_params import SamplingParams
+from itt_runtime.tokenizers import plain_chat
 
 pytestmark = pytest.mark.skipif(not DEFAULT_MODEL_DIR.is_dir(),
                                 reason="the default model has not been trained yet")

@@ -15,7 +15,7 @@ import torch
 from hf_models import build_hf_model, load_hf
 from live_server import REPO, free_port, launch, metric
 
-from itt_runtime.model.loader import load_tokenizer
+from itt_runtime.tokenizers.loader import load_tokenizer
 
 PROMPTS = [[1, 400, 401, 402, 403], [1, 300, 317], [1] + list(range(300, 360))]
 MAX_NEW = 8

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 from live_server import MODEL_NAME
 
-from itt_runtime import plain_chat
 from itt_runtime.llm import LLM
 from itt_runtime.outputs import CompletionOutput
 from itt_runtime.sampling_params import SamplingParams
+from itt_runtime.tokenizers import plain_chat
 
 PROMPT = "And God said, Let there be light"
 MAX_EXTRA = 4          # tiny model: 2 ITT layers x (3 - 1) routed steps

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from itt_runtime.plain_chat import PLAIN_CHAT_TEMPLATE
-from server.chat_template import ChatTemplate
+from itt_runtime.tokenizers.chat_template import ChatTemplate
+from itt_runtime.tokenizers.plain_chat import PLAIN_CHAT_TEMPLATE
 from server.protocol import UNSUPPORTED_CHAT, UNSUPPORTED_COMMON
 
 MSGS = [{"role": "user", "content": "Say something."}]

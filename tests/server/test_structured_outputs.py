@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from live_server import launch
 
-from itt_runtime.model.loader import DEFAULT_MODEL_DIR
+from itt_runtime.checkpoints import DEFAULT_MODEL_DIR
 
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("xgrammar")

@@ -10,11 +10,11 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from itt_runtime.async_engine import AsyncLLMEngine
-from itt_runtime.engine import EngineConfig
-from itt_runtime.plain_chat import PLAIN_CHAT_TEMPLATE
+from itt_runtime.engine.async_engine import AsyncLLMEngine
+from itt_runtime.engine.llm_engine import EngineConfig
+from itt_runtime.tokenizers.chat_template import ChatTemplate
+from itt_runtime.tokenizers.plain_chat import PLAIN_CHAT_TEMPLATE
 from server.app import create_app
-from server.chat_template import ChatTemplate
 from server.config import ServerSettings
 from server.engine_client import EngineClient
 from server.errors import APIError

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from itt_runtime.tokenizer import Tokenizer
+from itt_runtime.tokenizers.tokenizer import Tokenizer
 
 Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
 

@@ -16,43 +16,36 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
-
-from itt_runtime.kv_cache.manager import KVCacheManager, SequenceKV
+from itt_runtime.engine.sequence import Sequence, Status
+from itt_runtime.engine.step import (
+    RunnerOutput,
+    ScheduledSeq,
+    SchedulerOutput,
+    logit_positions,
+)
+from itt_runtime.engine.stopping import append_token
+from itt_runtime.kv_cache.manager import KVCacheManager
 from itt_runtime.kv_cache.prefix_cache import CacheNode, chain_hash, root_hash
-from itt_runtime.output_processor import append_token
-from itt_runtime.request import Sequence, Status
-from itt_runtime.tokenizer import Tokenizer
 
 
 @dataclass
-class ScheduledSeq:
-    seq: Sequence
-    num_new_tokens: int          # tokens computed this step, starting at seq.num_computed_tokens
-    kv: SequenceKV | None = None                 # its KV streams, allocated for this step
-    # K/V blocks to copy (source, destination) before the step: a cached prefix's partly
-    # filled routed blocks, which this sequence appends into (prefix caching).
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
-    # Indices within this step's new tokens whose logits are needed: the last one when the
-    # step samples, and the prompt positions whose next-token logprobs were asked for.
-    logit_positions: list[int] = field(default_factory=list)
+class StepBudget:
+    """What is left of one step: tokens, and tokens for rows that compute more than one
+    (prompt chunks, capped by ``--max-batch-prefill-tokens`` and elastic thinking)."""
+    tokens: int
+    prompt_tokens: int
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the sequence's end, so its last logits pick a token."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    def tokens_for(self, remaining: int) -> int:
+        """How many of a row's ``remaining`` tokens fit (0: none this step)."""
+        n = min(remaining, self.tokens)
+        return min(n, self.prompt_tokens) if remaining > 1 else n
 
-
-def logit_positions(seq: Sequence, num_new_tokens: int, samples: bool) -> list[int]:
-    c, n = seq.num_computed_tokens, num_new_tokens
-    wanted = []
-    if seq.wants_prompt_logprobs:           # positions that predict the next prompt token
-        wanted = [i for i in range(n) if c + i < seq.num_prompt_tokens - 1]
-    if samples and (not wanted or wanted[-1] != n - 1):
-        wanted.append(n - 1)
-    return wanted
+    def take(self, n: int, prompt: bool) -> None:
+        self.tokens -= n
+        if prompt:
+            self.prompt_tokens -= n
 
 
 @dataclass(frozen=True)
@@ -65,52 +58,14 @@ class InFlight:
     next_token: int | None
 
 
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledSeq]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    def only(self, request_id: str) -> SchedulerOutput:
-        """The part of this plan that belongs to one request."""
-        return SchedulerOutput([s for s in self.scheduled if s.seq.request_id == request_id])
-
-    @property
-    def request_ids(self) -> list[str]:
-        return list(dict.fromkeys(s.seq.request_id for s in self.scheduled))
-
-
-@dataclass
-class SampledToken:
-    seq: Sequence
-    token: int
-    extra_steps: int                         # routed steps the position took (thinking depth)
-    logprobs: dict[int, float]
-
-
-@dataclass
-class RunnerOutput:
-    """What the runner read back from the device for one plan, as host values."""
-    routed_counts: dict[str, list[int]]      # seq_id -> tokens routed to each routed stream
-    sampled: list[SampledToken]
-    prompt_logprobs: list[tuple[Sequence, int, dict[int, float]]]   # (seq, position, entry)
-    # seq_id -> (new tokens, routed streams) array, 1 where routed: multi-token rows only, and
-    # only when prefix caching needs the stream lengths at block boundaries inside a chunk.
-    routed_masks: dict[str, np.ndarray] = field(default_factory=dict)
-
-
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True, tokenizer: Tokenizer | None = None,
-                 max_model_len: int | None = None,
-                 eos_token_ids: frozenset[int] | None = None,
+                 max_model_len: int, eos_token_ids: frozenset[int] = frozenset(),
+                 enable_chunked_prefill: bool = True,
                  max_batch_prefill_tokens: int | None = None) -> None:
         self.kv = kv
-        self.tokenizer = tokenizer                  # for update_from_output (detokenizing)
-        self.eos_token_ids = eos_token_ids          # None: the tokenizer's EOS alone
         self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids          # every id that ends generation
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -134,58 +89,56 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        token_budget = self.max_num_batched_tokens
         caps = [c for c in (self.max_batch_prefill_tokens, self.prefill_token_cap)
                 if c is not None and self.enable_chunked_prefill]
-        prompt_budget = min(caps, default=token_budget)
+        budget = StepBudget(self.max_num_batched_tokens,
+                            min(caps, default=self.max_num_batched_tokens))
         scheduled: list[ScheduledSeq] = []
-        preempted = False
+        if not self._schedule_running(budget, scheduled):    # nothing new if it preempted
+            self._schedule_waiting(budget, scheduled)
+        for s in scheduled:
+            s.logit_positions = logit_positions(s.seq, s.num_new_tokens, s.samples)
+        return SchedulerOutput(scheduled)
 
-        # 1. running requests, oldest first; preempt from the back when blocks run out
+    def _schedule_running(self, budget: StepBudget, scheduled: list[ScheduledSeq]) -> bool:
+        """Running requests, oldest first; when blocks run out, the most recently admitted
+        is preempted. Returns whether any was."""
+        preempted = False
         i = 0
-        while i < len(self.running) and token_budget > 0:
+        while i < len(self.running) and budget.tokens > 0:
             seq = self.running[i]
-            remaining = seq.num_tokens - seq.num_computed_tokens
-            n = min(remaining, token_budget)
-            if remaining > 1:                       # a prompt chunk
-                n = min(n, prompt_budget)
-                if n == 0:                          # no prompt tokens left this step
-                    i += 1
-                    continue
+            n = budget.tokens_for(seq.num_tokens - seq.num_computed_tokens)
+            if n == 0:                              # no prompt tokens left this step
+                i += 1
+                continue
             while not self.kv.can_allocate(seq.seq_id, n, may_route=seq.may_route):
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
-                    break
-            else:
-                kv = self.kv.allocate(seq.seq_id, n, may_route=seq.may_route)
-                scheduled.append(ScheduledSeq(seq, n, kv))
-                token_budget -= n
-                if remaining > 1:
-                    prompt_budget -= n
-                i += 1
-                continue
-            break                                   # seq itself was preempted
+                    return True
+            kv = self.kv.allocate(seq.seq_id, n, may_route=seq.may_route)
+            scheduled.append(ScheduledSeq(seq, n, kv))
+            budget.take(n, seq.num_tokens - seq.num_computed_tokens > 1)
+            i += 1
+        return preempted
 
-        # Blocks this step computes for the first time, by key: a waiting request whose next
-        # block is one of them waits a step and then adopts it instead of computing it again.
+    def _schedule_waiting(self, budget: StepBudget, scheduled: list[ScheduledSeq]) -> None:
+        """Waiting requests, first come first served, while the budget, ``max_num_seqs`` and
+        the KV blocks allow; each starts from its longest cached prefix, or waits a step
+        for one being computed (``_waits_for_in_flight``)."""
         in_flight = self._blocks_in_flight(scheduled)
         deferred: list[Sequence] = []
-
-        # 2. waiting requests, first come first served; none if anything was preempted
-        while self.waiting and token_budget > 0 and not preempted \
-                and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget.tokens > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             queried = self._may_use_cache(seq)
             node = self._cached_prefix(seq) if queried else None
-            if queried and len(deferred) < self.max_num_seqs \
-                    and self._next_block_in_flight(seq, node, in_flight):
+            if queried and self._waits_for_in_flight(seq, node, in_flight, len(deferred)):
                 deferred.append(self.waiting.popleft())
                 continue
             computed = node.num_tokens if node else seq.num_computed_tokens
             remaining = seq.num_tokens - computed
-            n = min(remaining, token_budget, prompt_budget if remaining > 1 else remaining)
+            n = budget.tokens_for(remaining)
             if n == 0 or (n < remaining and not self.enable_chunked_prefill):
                 break
             if not self.kv.can_allocate(seq.seq_id, n, adopting=node, may_route=seq.may_route):
@@ -200,15 +153,10 @@ class Scheduler:
                 seq.metrics.first_scheduled_time = time.time()
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n, kv, block_copies=copies))
-            token_budget -= n
-            if remaining > 1:
-                prompt_budget -= n
+            budget.take(n, remaining > 1)
             if queried:
                 in_flight.update(self._blocks_in_flight(scheduled[-1:]))
         self.waiting.extendleft(reversed(deferred))             # at the front, in order
-        for s in scheduled:
-            s.logit_positions = logit_positions(s.seq, s.num_new_tokens, s.samples)
-        return SchedulerOutput(scheduled)
 
     def update_from_output(self, plan: SchedulerOutput,
                            output: RunnerOutput) -> dict[str, Exception]:
@@ -228,8 +176,6 @@ class Scheduler:
                     seq.num_computed_tokens - len(seq.position_budgets))
         for seq, position, entry in output.prompt_logprobs:
             seq.prompt_logprobs[position] = entry
-        assert self.tokenizer is not None and self.max_model_len is not None, \
-            "update_from_output needs the scheduler built with a tokenizer and max_model_len"
         if self.kv.prefix_cache is not None:
             for s in plan.scheduled:
                 self._cache_blocks(s, output)
@@ -239,14 +185,13 @@ class Scheduler:
             if seq.request_id in failed:
                 continue
             try:
-                append_token(seq, t.token, t.extra_steps, t.logprobs, self.tokenizer,
-                             self.max_model_len, self.eos_token_ids)
+                append_token(seq, t.token, t.extra_steps, t.logprobs, self.max_model_len,
+                             self.eos_token_ids)
             except Exception as error:           # noqa: BLE001 - fails this request only
                 failed[seq.request_id] = error
                 continue
             if seq.finish_reason is not None:
-                seq.metrics.finished_time = time.time()
-                self.finish(seq)
+                self.stop(seq)
         return failed
 
     # ---- prefix caching ---------------------------------------------------------------------
@@ -307,6 +252,13 @@ class Scheduler:
                                           if k is not None and after < seq.num_prompt_tokens
                                           else None)
         return out
+
+    def _waits_for_in_flight(self, seq: Sequence, node: CacheNode | None,
+                             in_flight: dict[bytes, InFlight], num_deferred: int) -> bool:
+        """Whether ``seq`` skips this step to adopt, next step, the block another request
+        computes now (``_next_block_in_flight``); at most ``max_num_seqs`` wait per step."""
+        return num_deferred < self.max_num_seqs and self._next_block_in_flight(seq, node,
+                                                                               in_flight)
 
     def _next_block_in_flight(self, seq: Sequence, node: CacheNode | None,
                               in_flight: dict[bytes, InFlight]) -> bool:
@@ -384,6 +336,11 @@ class Scheduler:
         seq.metrics.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+    def stop(self, seq: Sequence) -> None:
+        """Finish a sequence that reached its ``finish_reason``."""
+        seq.metrics.finished_time = time.time()
+        self.finish(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence and free its blocks at once."""

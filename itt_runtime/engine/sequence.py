@@ -12,7 +12,7 @@ import torch
 
 from itt_runtime.outputs import RequestMetrics
 from itt_runtime.sampling_params import SamplingParams
-from itt_runtime.tokenizer import IncrementalDetokenizer
+from itt_runtime.tokenizers.tokenizer import IncrementalDetokenizer
 
 
 class Status(enum.Enum):

@@ -14,8 +14,8 @@ from collections.abc import Collection
 
 import torch
 
-from itt_runtime import structured_output
-from itt_runtime.request import Sequence
+from itt_runtime.engine.sequence import Sequence
+from itt_runtime.sampling import structured_output
 
 
 def logprob_entries(logprobs: torch.Tensor, chosen: torch.Tensor, ks: list[int]) \

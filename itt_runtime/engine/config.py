@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 
 from itt_runtime.config import ConfigError, ModelConfig, option
-from itt_runtime.runner.model_runner import ROUTED_COMPUTE
 from itt_runtime.sampling_params import SamplingParams
 
+# How routed steps compute (runner/model_runner.py): "gather" runs only the routed tokens,
+# "masked" every token with the others masked out (CUDA graphs); "auto" picks per step.
+ROUTED_COMPUTE = ("auto", "gather", "masked")
 # Bucket upper bounds of the tokens-per-step histogram (vLLM's iteration_tokens buckets).
 STEP_TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 

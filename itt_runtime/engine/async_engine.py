@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator
 
-from itt_runtime.engine import EngineConfig, EngineStats, LLMEngine
+from itt_runtime.engine.llm_engine import EngineConfig, EngineStats, LLMEngine
 from itt_runtime.outputs import RequestOutput
 from itt_runtime.sampling_params import SamplingParams
 
@@ -72,18 +72,23 @@ class AsyncLLMEngine:
 
     # ---- requests -------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ParamError for a request the engine can never serve (read-only, any thread)."""
+        """Raise ParamError for a request the engine can never serve (read-only, any thread):
+        for a front end that must fail before it answers (``generate`` reports the same
+        error only once the engine thread adds the request)."""
         self.engine.validate(prompt_token_ids, params)
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        self.engine.validate_prompt(prompt_token_ids)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncGenerator[RequestOutput, None]:
         """Delta outputs of one request; the last one has ``finished`` set.
-        Raises ParamError at once for an invalid request, EngineDeadError if the loop dies."""
+        Raises ParamError for an invalid request (``LLMEngine.add_request`` checks it on the
+        engine thread), EngineDeadError if the loop dies."""
         if not self.is_alive:
             raise EngineDeadError(f"engine loop is not running: {self.error!r}")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.validate(prompt_token_ids, params)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, q)

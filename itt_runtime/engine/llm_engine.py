@@ -14,21 +14,23 @@ from pathlib import Path
 
 import torch
 
+from itt_runtime.checkpoints import resolve_model_path
 from itt_runtime.config import CheckpointError, ConfigError
-from itt_runtime.elastic import ElasticController
-from itt_runtime.engine_config import STEP_TOKEN_BUCKETS, EngineConfig, EngineInfo, EngineStats
+from itt_runtime.engine.config import STEP_TOKEN_BUCKETS, EngineConfig, EngineInfo, EngineStats
+from itt_runtime.engine.elastic import ElasticController
+from itt_runtime.engine.output_processor import add_text, make_delta, make_request_output
+from itt_runtime.engine.scheduler import Scheduler
+from itt_runtime.engine.sequence import Sequence
+from itt_runtime.engine.step import RunnerOutput, ScheduledSeq, SchedulerOutput
 from itt_runtime.kv_cache.block_pool import BlockPool
 from itt_runtime.kv_cache.manager import KVCacheManager, cdiv
 from itt_runtime.model.hf import GENERATION_FILE, read_generation_config
-from itt_runtime.model.loader import load_model, resolve_model_path
-from itt_runtime.output_processor import make_delta, make_request_output
+from itt_runtime.model.loader import load_model
 from itt_runtime.outputs import RequestMetrics, RequestOutput
-from itt_runtime.request import Sequence
 from itt_runtime.runner.attention import KVCache
 from itt_runtime.runner.model_runner import ModelRunner
-from itt_runtime.sampler import Sampler
+from itt_runtime.sampling.sampler import Sampler
 from itt_runtime.sampling_params import ParamError, SamplingParams
-from itt_runtime.scheduler import RunnerOutput, ScheduledSeq, Scheduler, SchedulerOutput
 
 log = logging.getLogger("itt_runtime")
 
@@ -80,8 +82,8 @@ class LLMEngine:
         self.kv = KVCacheManager(BlockPool(num_blocks), config.block_size, mc.num_kv_streams,
                                  mc.n_layers, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.enable_chunked_prefill, self.tokenizer,
                                    self.max_model_len, self.eos_token_ids,
+                                   config.enable_chunked_prefill,
                                    config.max_batch_prefill_tokens)
         self.runner = ModelRunner(
             self.model, self.cache, Sampler(self.eos_token_ids, config.seed),
@@ -134,14 +136,26 @@ class LLMEngine:
         return self.config.cpu_kv_cache_default
 
     # ---- requests -------------------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ParamError for a request that can never be served."""
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        """Raise ParamError for prompt token ids no request can use: none, out of the
+        vocabulary, or as long as the context."""
         n = len(prompt_token_ids)
         if n == 0:
             raise ParamError("prompt", "the prompt is empty")
         vocab = self.model_config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
             raise ParamError("prompt", f"prompt token ids must be integers in [0, {vocab})")
+        if n >= self.max_model_len:
+            raise ParamError("prompt", f"this model's maximum context length is "
+                             f"{self.max_model_len} tokens, but the prompt has {n} tokens")
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ParamError for a request that can never be served. The one place a request
+        is checked against the engine: ``add_request`` calls it, and so does the server
+        before it answers (through ``AsyncLLMEngine.validate``)."""
+        self.validate_prompt(prompt_token_ids)
+        n = len(prompt_token_ids)
+        vocab = self.model_config.vocab_size
         floor = params.min_think_budget
         if floor is not None and floor > self.info.think_budget(params):
             raise ParamError("min_think_budget", f"min_think_budget {floor} is above the "
@@ -150,9 +164,6 @@ class LLMEngine:
         if bad_stop:
             raise ParamError("stop_token_ids", f"stop_token_ids must be in [0, {vocab}), got "
                              f"{bad_stop[0]}")
-        if n >= self.max_model_len:
-            raise ParamError("prompt", f"this model's maximum context length is "
-                             f"{self.max_model_len} tokens, but the prompt has {n} tokens")
         if n + params.max_tokens > self.max_model_len:
             raise ParamError("max_tokens", f"this model's maximum context length is "
                              f"{self.max_model_len} tokens, but {n} prompt tokens + "
@@ -292,7 +303,18 @@ class LLMEngine:
                 self.controller.observe_first_token(m.first_token_time - m.arrival_time)
 
     def _update(self, plan: SchedulerOutput, output: RunnerOutput) -> list[RequestOutput]:
+        """The scheduler records the step (tokens, token-level stops); then the new tokens
+        become text, and a stop string can end a sequence; then each request's delta."""
         failed = self.scheduler.update_from_output(plan, output)
+        for t in output.sampled:
+            seq = t.seq
+            if seq.request_id in failed:
+                continue
+            try:
+                if add_text(seq, t.token, self.tokenizer, self.eos_token_ids):
+                    self.scheduler.stop(seq)
+            except Exception as error:           # noqa: BLE001 - fails this request only
+                failed[seq.request_id] = error
         return [self._fail(rid, e) for rid, e in failed.items()] + \
             [o for rid in plan.request_ids
              if rid not in failed and (o := self._output(self.requests[rid]))]

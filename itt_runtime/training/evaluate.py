@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from itt_runtime.config import ConfigError
-from itt_runtime.data import encode_documents, eval_windows
 from itt_runtime.model.itt import ITTModel, ThresholdRouting, TopKRouting
 from itt_runtime.model.loader import load_model
+from itt_runtime.training.data import encode_documents, eval_windows
 
 
 def text_windows(tok, text: str, seq_len: int) -> torch.Tensor:

@@ -1,57 +1,35 @@
-"""Turns sampled tokens into text, decides when a sequence stops, and builds delta outputs."""
+"""Turns sampled tokens into text, stops sequences at stop strings, and builds delta outputs
+(the token-level stops are the scheduler's: ``stopping.py``)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Collection
 
-from itt_runtime import structured_output
+from itt_runtime.engine.sequence import Sequence
 from itt_runtime.outputs import CompletionOutput, RequestOutput
-from itt_runtime.request import Sequence
-from itt_runtime.tokenizer import Tokenizer
+from itt_runtime.tokenizers.tokenizer import Tokenizer
 
 
-def append_token(seq: Sequence, token: int, extra_steps: int, logprobs: dict[int, float],
-                 tok: Tokenizer, max_model_len: int,
-                 eos_token_ids: Collection[int] | None = None) -> None:
-    """Record one sampled token and set ``finish_reason`` if the sequence is done.
-    ``eos_token_ids``: every id that ends generation (default: the tokenizer's EOS)."""
-    eos = (tok.eos_token_id,) if eos_token_ids is None else eos_token_ids
+def add_text(seq: Sequence, token: int, tok: Tokenizer, eos_token_ids: Collection[int]) -> bool:
+    """Detokenize ``seq``'s newest token (``token``, appended by ``stopping.append_token``)
+    into ``seq.text`` and check the stop strings; True if one ends the sequence now (it
+    then needs finishing). A stop string also overrides "length": it ends the text first."""
     p = seq.params
-    now = time.time()
-    if seq.metrics.first_token_time is None:
-        seq.metrics.first_token_time = now
-    seq.metrics.last_token_time = now
-    seq.output_token_ids.append(token)
-    seq.extra_steps.append(extra_steps)
-    seq.applied_budgets.append(seq.think_budget)
-    if p.logprobs is not None:
-        seq.logprobs.append(logprobs)
-        seq.cumulative_logprob += logprobs[token]
     if seq.detokenizer is None:
         seq.detokenizer = tok.incremental(seq.prompt_token_ids, p.skip_special_tokens)
     # EOS/BOS add no text; with skip_special_tokens false they do, except an EOS that ends
     # the sequence (as vLLM: unless include_stop_str_in_output).
-    stops = token in eos and not p.ignore_eos and len(seq.output_token_ids) >= p.min_tokens
-    hidden = (token in eos or token == tok.bos_token_id) and (
+    is_eos = token in eos_token_ids
+    enough = len(seq.output_token_ids) >= p.min_tokens
+    stops = is_eos and not p.ignore_eos and enough
+    hidden = (is_eos or token == tok.bos_token_id) and (
         p.skip_special_tokens or (stops and not p.include_stop_str_in_output))
     delta = "" if hidden else seq.detokenizer.add([token])
     seq.text += delta
-    if p.grammar is not None and structured_output.accept(seq, token):
-        seq.finish_reason, seq.stop_reason = "stop", None     # the grammar is complete
-        return
-    n_out = len(seq.output_token_ids)
-    if n_out >= p.min_tokens:
-        if token in eos and not p.ignore_eos:
-            seq.finish_reason, seq.stop_reason = "stop", None
-            return
-        if token in p.stop_token_ids:
-            seq.finish_reason, seq.stop_reason = "stop", token
-            return
-        if delta and p.stop and _check_stop_strings(seq, len(delta)):
-            return
-    if n_out >= p.max_tokens or seq.num_tokens >= max_model_len:
-        seq.finish_reason = "length"
+    if not (delta and p.stop and enough) or seq.finish_reason not in (None, "length"):
+        return False
+    was_running = seq.finish_reason is None
+    return _check_stop_strings(seq, len(delta)) and was_running
 
 
 def _check_stop_strings(seq: Sequence, delta_len: int) -> bool:

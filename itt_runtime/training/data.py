@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from itt_runtime.tokenizer import Tokenizer
+from itt_runtime.tokenizers.tokenizer import Tokenizer
 
 
 def encode_documents(tok: Tokenizer, text: str) -> list[int]:

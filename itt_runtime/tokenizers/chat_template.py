@@ -1,8 +1,8 @@
 """Chat templates: a conversation → the prompt text, by the model's own Jinja template.
 
 The template is the model's ``chat_template`` (``tokenizer_config.json``, or a
-``chat_template.jinja`` file beside it; see ``itt_runtime.tokenizer.read_tokenizer_config``),
-or the file given with ``--chat-template``. It is rendered as transformers'
+``chat_template.jinja`` file beside it; see ``tokenizer.read_tokenizer_config``), or the
+file given with ``--chat-template``. It is rendered as transformers'
 ``apply_chat_template`` and vLLM render it, so that a model sees the prompt format it was
 trained on:
 
@@ -24,7 +24,7 @@ raises, or fails in any other way, is a 400 with its message. A request's own
 ``--trust-request-chat-template``: a template is code, and the model's is the one it knows.
 
 The shipped models' plain "User:/Assistant:" format is such a template too
-(``itt_runtime/plain_chat.py``), with its stop string and reply stripping beside it.
+(``itt_runtime/tokenizers/plain_chat.py``), with its stop string and reply stripping beside it.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from itt_runtime.tokenizer import Tokenizer
+from itt_runtime.tokenizers.tokenizer import Tokenizer
 
 # Variables the server sets; chat_template_kwargs may not replace them.
 RESERVED = ("messages", "add_generation_prompt", "tools", "documents")

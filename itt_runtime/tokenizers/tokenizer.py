@@ -2,10 +2,10 @@
 (streaming) detokenization that works for both.
 
 - ``SentencePieceTokenizer``: a ``tokenizer.model`` (this project's own models).
-- ``HFTokenizer`` (``itt_runtime/hf_tokenizer.py``): a Hugging Face ``tokenizer.json``
+- ``HFTokenizer`` (``itt_runtime/tokenizers/hf_tokenizer.py``): a Hugging Face ``tokenizer.json``
   (Llama 3, SmolLM, Qwen, Mistral…), byte-level BPE or sentencepiece-style.
 
-``itt_runtime.model.loader.load_tokenizer(DIR)`` picks one: ``tokenizer.json`` when present,
+``itt_runtime.tokenizers.loader.load_tokenizer(DIR)`` picks one: ``tokenizer.json`` when present,
 else ``tokenizer.model``. Either may have a ``tokenizer_config.json`` beside it, which holds
 the chat template (see ``read_tokenizer_config``).
 """

@@ -27,7 +27,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as Backend
 
-from itt_runtime.tokenizer import Tokenizer, TokenizerError, read_json
+from itt_runtime.tokenizers.tokenizer import Tokenizer, TokenizerError, read_json
 
 
 @functools.cache
