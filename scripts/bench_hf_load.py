@@ -5,7 +5,7 @@ Writes a Llama-3.2-1B-shaped checkpoint (hidden 2048, 16 layers, 32 heads, 8 KV 
 weights, sharded, into a temporary directory, one shard in memory at a time; then loads it with
 ``load_model(dir, dtype=bfloat16, fuse=True)`` (what the engine does) in a fresh subprocess and
 prints the load time and the child's peak RSS (``getrusage`` maxrss) against the weights' size.
-The target (issue 11) is a peak RSS of at most 1.3x the weights.
+The target is a peak RSS of at most 1.3x the weights.
 
     python scripts/bench_hf_load.py [--keep DIR]
 """

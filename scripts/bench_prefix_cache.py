@@ -1,4 +1,4 @@
-"""Prefix caching on vs off, side by side: issue 12's benchmarks on two real servers.
+"""Prefix caching on vs off, side by side: four benchmarks on two real servers.
 
     python scripts/bench_prefix_cache.py [--model default] [--device cpu] [--quick]
 

@@ -1,9 +1,9 @@
-"""Throughput with and without structured outputs, same server, same run (issue 15's closing
-benchmark): ``--streams`` concurrent streamed completions of ``--max-tokens`` tokens each,
-plain (ignore_eos) and constrained by a JSON schema that cannot complete within that many
-tokens (so both phases generate exactly the same number of tokens). Phases alternate over
-``--rounds`` rounds; the report is the median tokens/s of each, their ratio, and the median of
-the per-round ratios (robust to load drifting on a shared machine).
+"""Throughput with and without structured outputs, same server, same run: ``--streams`` concurrent
+streamed completions of ``--max-tokens`` tokens each, plain (ignore_eos) and constrained by a
+JSON schema that cannot complete within that many tokens (so both phases generate exactly the
+same number of tokens). Phases alternate over ``--rounds`` rounds; the report is the median
+tokens/s of each, their ratio, and the median of the per-round ratios (robust to load drifting on
+a shared machine).
 
     python scripts/bench_structured.py                   # starts the default model on CPU
     python scripts/bench_structured.py --url http://127.0.0.1:8000

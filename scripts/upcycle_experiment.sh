@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Is upcycling worth it? (issue 11, docs/MODEL_CARD_UPCYCLE.md.) From one dense checkpoint,
+# Is upcycling worth it? (docs/MODEL_CARD_UPCYCLE.md.) From one dense checkpoint,
 # continue (a) dense and (b) upcycled ITT x4 (odd layers, 4 think steps, capacity 0.6, as the
 # default model) on the same batches for the same number of tokens with the same LR schedule,
 # one thread each, side by side; then evaluate both and the base on the held-out text.

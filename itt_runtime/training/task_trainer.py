@@ -1,6 +1,6 @@
 """Training on a synthetic task stream (training/tasks.py) instead of a text corpus.
 
-What differs from trainer.py, and why (issue 17: the packed, every-token recipe scored 0-1%):
+What differs from trainer.py, and why (the packed, every-token recipe scored 0-1%):
   * one problem per sequence, right-padded, never packed: a problem's answer only ever sees
     its own prompt;
   * the loss is on the answer digits and EOS only: the operands are random and unlearnable,
