@@ -6,7 +6,8 @@ import is still a dependency; only ``if TYPE_CHECKING:`` blocks are left out).
 - neither config module imports the runner (nor, so, torch's model code);
 - the step's data types import neither the scheduler nor the runner;
 - the scheduler does not detokenize (the output processor does);
-- no import cycle exists among the modules of ``itt_runtime`` or ``server``.
+- no import cycle exists among the modules of ``itt_runtime``, ``server`` or ``loadtest``;
+- docs/engine.md's module map names every module of ``itt_runtime``.
 """
 
 from __future__ import annotations
@@ -123,3 +124,22 @@ def test_no_import_cycles(graph):
         if v not in index:
             visit(v)
     assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_module_map_names_every_module():
+    """Each module of itt_runtime appears in docs/engine.md's map, under its folder."""
+    text = (REPO / "docs" / "engine.md").read_text()
+    block = text[text.index("## Module map"):]
+    block = block[block.index("```"):block.index("```", block.index("```") + 3)]
+    listed, folder = set(), ""
+    for line in block.splitlines()[2:]:
+        name = line.split()[0] if line.strip() else ""
+        if name.endswith("/"):
+            folder = name if line.startswith("  ") and not line.startswith("    ") else folder
+            continue
+        if name.endswith(".py"):
+            listed.add((folder if line.startswith("    ") else "") + name)
+    modules = {str(p.relative_to(REPO / "itt_runtime"))
+               for p in (REPO / "itt_runtime").rglob("*.py") if p.name != "__init__.py"}
+    assert modules - listed == set(), "modules missing from docs/engine.md's map"
+    assert listed - modules == set(), "docs/engine.md's map names modules that do not exist"
