@@ -115,9 +115,7 @@ def write_byte_level_tokenizer(out_dir: str | Path, vocab_size: int = 512,
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
         "eos_token": "<|end_of_text|>", "clean_up_tokenization_spaces": False,
         "model_max_length": 512,
-        # As SmolLM2 names it: an AddedToken object, the chat's end-of-turn token.
-        "pad_token": {"content": "<|im_end|>", "lstrip": False, "normalized": False,
-                      "rstrip": False, "single_word": False, "special": True}}
+        "pad_token": "<|im_end|>"}           # as SmolLM2 names it: the end-of-turn token
     if chat_template is not None:
         config["chat_template"] = chat_template
     return _write(Path(out_dir), _byte_level_json(vocab_size), config)

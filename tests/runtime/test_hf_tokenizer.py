@@ -391,7 +391,8 @@ def test_config_names_the_pad_token_as_a_string_or_an_added_token(hf_dir, tmp_pa
     assert load_tokenizer(d).config_token("pad_token") is None
     (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "pad_token": eos}))
     assert load_tokenizer(d).config_token("pad_token") == eos
-    added = {"content": eos, "lstrip": False, "normalized": False, "special": True}
+    added = {"__type": "AddedToken", "content": eos, "lstrip": False, "normalized": False,
+             "rstrip": False, "single_word": False, "special": True}
     (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "pad_token": added}))
     assert load_tokenizer(d).config_token("pad_token") == eos
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
