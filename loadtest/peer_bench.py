@@ -5,7 +5,7 @@ other) on the same weights, through HTTP with one client, side by side.
     python convert_hf_to_gguf.py /tmp/itt-llama --outtype f32 --outfile /tmp/itt-f32.gguf
     python -m loadtest.peer_bench --gguf /tmp/itt-f32.gguf \\
         --llama-server PATH/llama-server \\
-        --itt compiled=--cpu-compile --itt eager= --itt before@/tmp/start=
+        --itt compiled=--compile=on --itt eager=--compile=off --itt before@/tmp/start=
 
 Every server gets the same requests: streaming ``/v1/completions``, prompts of exactly
 ``--prompt-tokens`` token ids (random ids, new ones every round so that no prefix cache

@@ -30,6 +30,7 @@ from prometheus_client import disable_created_metrics
 from itt_runtime.config import ConfigError
 from itt_runtime.engine.async_engine import AsyncLLMEngine
 from itt_runtime.engine.llm_engine import EngineConfig
+from itt_runtime.runner.cpu_compile import cache_dir
 from itt_runtime.tokenizers.chat_template import ChatTemplateError, read_template_file
 from server.app import create_app
 from server.config import ServerSettings
@@ -261,11 +262,18 @@ def main(argv: list[str] | None = None) -> int:
     except ChatTemplateError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    if engine.engine.runner.compiled is not None:
+    runner = engine.engine.runner
+    if runner.compiled is not None and engine_config.compile_mode == "on":
         # Before listening, as vLLM compiles and captures before it serves: the first
-        # requests would otherwise wait for the compiles (minutes on a small CPU).
-        log.info("--cpu-compile: compiling the decode steps before serving")
-        engine.engine.runner.warm_up()
+        # requests would otherwise wait for the compiles (minutes on a small CPU, seconds
+        # with a warm compile cache).
+        log.info("--compile on: compiling the decode steps before serving (compile cache: "
+                 "%s)", cache_dir())
+        runner.warm_up()
+    elif runner.compiled is not None:
+        log.info("--compile auto: serving eagerly while the decode steps compile in the "
+                 "background (compile cache: %s)", cache_dir())
+        runner.warm_up(background=True)
     info = engine.info
     log.info("serving %s as %s on %s (%s): %d KV blocks of %d tokens, max_model_len %d, "
              "default think budget %.2f; listening on http://%s:%d", info.model_path,

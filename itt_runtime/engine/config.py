@@ -15,6 +15,7 @@ from itt_runtime.sampling_params import SamplingParams
 # How routed steps compute (runner/model_runner.py): "gather" runs only the routed tokens,
 # "masked" every token with the others masked out (CUDA graphs); "auto" picks per step.
 ROUTED_COMPUTE = ("auto", "gather", "masked")
+COMPILE_MODES = ("auto", "on", "off")
 # Bucket upper bounds of the tokens-per-step histogram (vLLM's iteration_tokens buckets).
 STEP_TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 
@@ -62,14 +63,28 @@ class EngineConfig:
         "auto: masked for decode-only steps on CUDA, gather otherwise",
         choices=ROUTED_COMPUTE)
     enforce_eager: bool = option(False, "run every step eagerly: no CUDA graphs (CUDA), no "
-                                 "compiled decode steps (CPU, --cpu-compile)", "bool")
-    # Off by default: each decode shape costs 10-130 s of compilation on a 2-core CPU, more
-    # than short jobs (tests, itt-eval, offline LLM runs) save; servers turn it on
-    # (docs/perf-notes.md has the measurements).
-    cpu_compile: bool = option(False, "CPU: run decode steps compiled with torch.compile "
-                               "(inductor): four variants (one row or several, routing or "
-                               "at budget 0) with dynamic shapes, compiled before the server "
-                               "listens (minutes on a small CPU)", "bool")
+                                 "compiled decode steps (CPU, --compile)", "bool")
+    # Off by default: a compile costs 15-160 s per variant on a 2-core CPU, more than short
+    # jobs (tests, itt-eval, offline LLM runs) save, and compiling in the background slows
+    # the steps served meanwhile 10-25x (the compile thread's tracing holds the GIL that each
+    # eager operator needs): docs/perf-notes.md has the measurements.
+    compile: str = option(
+        "off", "CPU: decode steps compiled with torch.compile (inductor), four variants (one "
+        "row or several, routing or at budget 0). 'on': compiled before the server listens "
+        "(6 min on a 2-core CPU, 2 min with a warm compile cache); 'auto': the server "
+        "answers at once while they compile in the background (its steps 10-25x slower "
+        "until then) and uses each once it is ready (servers only; offline engines stay "
+        "eager); 'off': never",
+        choices=COMPILE_MODES)
+    cpu_compile: bool = option(False, "the same as --compile on", "bool")
+
+    @property
+    def compile_mode(self) -> str:
+        """``compile`` as it applies: "on" with ``cpu_compile``, "off" with
+        ``enforce_eager``."""
+        if self.enforce_eager:
+            return "off"
+        return "on" if self.cpu_compile else self.compile
     elastic_thinking: bool = option(
         False, "lower the think budget of requests that set min_think_budget when latency "
         "targets are missed, and restore it when load falls", "bool")
@@ -103,6 +118,8 @@ class EngineConfig:
         need(0.0 < self.kv_cache_fraction <= 1.0, "kv_cache_fraction must be in (0, 1]")
         need(self.routed_compute in ROUTED_COMPUTE,
              f"routed_compute must be one of {ROUTED_COMPUTE}, got {self.routed_compute!r}")
+        need(self.compile in COMPILE_MODES,
+             f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         targets = (self.target_itl_ms, self.target_ttft_ms)
         need(all(t is None or t > 0 for t in targets), "latency targets must be positive")
         need(self.elastic_thinking or targets == (None, None),

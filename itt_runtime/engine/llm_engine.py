@@ -91,7 +91,7 @@ class LLMEngine:
             use_graphs=self.device.type == "cuda" and not config.enforce_eager,
             max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
             return_routing=config.enable_prefix_caching,
-            cpu_compile=config.cpu_compile and not config.enforce_eager)
+            cpu_compile=config.compile_mode)
         self.requests: dict[str, _Request] = {}
         self.controller = (ElasticController(
             None if config.target_itl_ms is None else config.target_itl_ms / 1e3,

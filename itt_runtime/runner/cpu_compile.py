@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 import time
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,6 +75,23 @@ MIN_SIZE = 2                         # pad batches of several rows and widths to
 SPLIT_MIN_ROWS = 4
 
 
+# Every variant, in the order a background compile makes them: one row and several that can
+# route first (requests at the default budget), then budget 0.
+VARIANTS: tuple[Variant, ...] = ((True, True), (False, True), (True, False), (False, False))
+
+
+def cache_dir() -> Path:
+    """Where inductor keeps its compiled artefacts across restarts (its FX graph and AOT
+    caches, keyed by the graph, the options and torch's version, so a code or torch change
+    misses): ``$TORCHINDUCTOR_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/itt-server/inductor``
+    (``~/.cache/itt-server/inductor``). Deleting the folder clears it."""
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if given:
+        return Path(given)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "itt-server" / "inductor"
+
+
 def variant_of(key: Key) -> Variant:
     return key[0] == 1, key[2]
 
@@ -93,11 +113,14 @@ class CompiledDecode:
     """Runs decode-only steps through compiled ``decode_step`` variants.
 
     ``compile=False`` runs the same padded pure step eagerly (the tests compare both);
-    ``backend`` another torch.compile backend (the fast tests trace with ``aot_eager``)."""
+    ``backend`` another torch.compile backend (the fast tests trace with ``aot_eager``).
+    ``lazy``: a step whose variant is not compiled yet compiles it (and waits); without, such
+    steps are not this class's (``ready_for``) until ``compile_in_background`` made it."""
 
     def __init__(self, forward: PagedForward, max_batch: int,
                  compile: bool = True, compile_budget_s: float = 600.0,
-                 options: dict[str, Any] | None = None, backend: str = "inductor") -> None:
+                 options: dict[str, Any] | None = None, backend: str = "inductor",
+                 lazy: bool = True) -> None:
         self.forward = forward
         self.model = forward.model
         self.cache = forward.cache
@@ -107,13 +130,33 @@ class CompiledDecode:
         self.compile_seconds = 0.0              # spent so far, all variants together
         self.options = dict(INDUCTOR_OPTIONS if options is None else options)
         self.backend = backend                  # another torch.compile backend: tests
+        self.lazy = lazy
         self.variants: dict[Variant, Callable] = {}
         self.eager_keys: set[Variant] = set()   # over the budget: these run eagerly
+        self.ready_seconds: dict[Variant, float] = {}    # compile time of each variant made
+        self.failed: set[Variant] = set()       # background compiles that failed: eager
         cfg = self.model.cfg
         self.n_layers, self.num_routed = cfg.n_layers, cfg.max_extra_steps
 
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.max_batch
+
+    def ready_for(self, scheduled: list[ScheduledSeq]) -> bool:
+        """Whether ``run`` would use only compiled variants (always, when lazy: it compiles
+        what is missing)."""
+        return self.lazy or all(v in self.variants for v in self._variants(scheduled))
+
+    def _split(self, scheduled: list[ScheduledSeq]) -> int:
+        """How many leading rows (those that route) run as a step of their own, apart from
+        the budget-0 rows after them; 0 for one step."""
+        flags = [s.seq.routable for s in scheduled]
+        n = sum(flags)
+        return n if n and len(scheduled) - n >= SPLIT_MIN_ROWS and all(flags[:n]) else 0
+
+    def _variants(self, scheduled: list[ScheduledSeq]) -> list[Variant]:
+        n = self._split(scheduled)
+        parts = [scheduled[:n], scheduled[n:]] if n else [scheduled]
+        return [(len(p) == 1, any_routable(p)) for p in parts]
 
     def run(self, scheduled: list[ScheduledSeq], kvs: list[SequenceKV]) -> StepOutput:
         """One decode step: every scheduled sequence computes one token. Raises
@@ -125,9 +168,8 @@ class CompiledDecode:
         floored beside a prompt, or requests that ask for 0), they run as a step of their
         own through the budget-0 variant: the masked routed steps of the other variant
         would otherwise cost them as much as a row at budget 1."""
-        flags = [s.seq.routable for s in scheduled]
-        n = sum(flags)
-        if n and len(scheduled) - n >= SPLIT_MIN_ROWS and all(flags[:n]):
+        n = self._split(scheduled)
+        if n:
             return join_outputs(self._run(scheduled[:n], kvs[:n]),
                                 self._run(scheduled[n:], kvs[n:]))
         return self._run(scheduled, kvs)
@@ -135,24 +177,50 @@ class CompiledDecode:
     def warm_up(self) -> None:
         """Compile every variant now, not in the first step that needs it: a compile takes
         15-160 s on a busy 2-core machine, which the first requests of each kind would
-        otherwise wait (the server calls this before it listens). Each variant runs once on
-        a step of padding rows over the scratch block; its outputs are dropped, so the cache
-        is untouched. Raises CompileError as a step would."""
-        streams_all = self.model.cfg.num_kv_streams
-        for one_row in (True, False):
-            for routable in (True, False):
-                if (one_row, routable) in self.variants:
+        otherwise wait (``--compile on`` calls this before the server listens). Raises
+        CompileError as a step would."""
+        for variant in VARIANTS:
+            if variant not in self.variants:
+                self.compile_variant(variant)
+
+    def compile_in_background(self) -> threading.Thread:
+        """Compile every variant on a thread of its own while steps run (``--compile auto``):
+        each is used from the first step after it is ready (``ready_for``); until then, and
+        for good if its compile fails (logged), the runner runs those steps eagerly. No step
+        waits for a compile, but every step is slower meanwhile: tracing holds the GIL that
+        each eager operator needs (docs/perf-notes.md, 2026-12-06)."""
+        self.lazy = False
+
+        def compile_all() -> None:
+            for variant in VARIANTS:
+                if variant in self.variants:
                     continue
-                B, W = (1 if one_row else MIN_SIZE), MIN_SIZE
-                streams = streams_all if routable else self.n_layers
-                thresholds = torch.full((B, self.num_routed), 0.0 if routable else math.inf)
-                args = self._pack([0] * B, [1] * B, [self.cache.scratch_block] * (B * streams * W),
-                                  [1] * (B * streams), B, streams, W, thresholds)
-                start = time.perf_counter()
-                with torch.inference_mode():
-                    self._call((B, W, routable), args)
-                log.info("warm-up: decode step (%s) ready in %.1f s",
-                         describe((one_row, routable)), time.perf_counter() - start)
+                try:
+                    self.compile_variant(variant)
+                except CompileError:
+                    self.failed.add(variant)
+                    log.warning("compiling the decode step (%s) failed; those steps run "
+                                "eagerly", describe(variant), exc_info=True)
+
+        thread = threading.Thread(target=compile_all, name="itt-compile", daemon=True)
+        thread.start()
+        return thread
+
+    def compile_variant(self, variant: Variant) -> None:
+        """Compile one variant by running it once on a step of padding rows over the scratch
+        block; its outputs are dropped, so the cache is untouched."""
+        one_row, routable = variant
+        streams_all = self.model.cfg.num_kv_streams
+        B, W = (1 if one_row else MIN_SIZE), MIN_SIZE
+        streams = streams_all if routable else self.n_layers
+        thresholds = torch.full((B, self.num_routed), 0.0 if routable else math.inf)
+        args = self._pack([0] * B, [1] * B, [self.cache.scratch_block] * (B * streams * W),
+                          [1] * (B * streams), B, streams, W, thresholds)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self._compile_and_call((B, W, routable), args)
+        log.info("decode step (%s) compiled and ready in %.1f s", describe(variant),
+                 time.perf_counter() - start)
 
     def _pack(self, ids: list[int], pos: list[int], tables: list[int], lengths: list[int],
               B: int, streams: int, W: int, thresholds: torch.Tensor) -> tuple:
@@ -191,7 +259,7 @@ class CompiledDecode:
     def _call(self, key: Key, args: tuple):
         variant = variant_of(key)
         fn = self.variants.get(variant)
-        if fn is None and self.compile and variant not in self.eager_keys:
+        if fn is None and self.compile and self.lazy and variant not in self.eager_keys:
             if self.compile_seconds >= self.compile_budget_s:
                 log.warning("decode-step compile budget (%.0f s) spent: decode steps (%s) "
                             "run eagerly", self.compile_budget_s, describe(variant))
@@ -232,6 +300,7 @@ class CompiledDecode:
             options = None
             if self.backend == "inductor":
                 options = {**self.options, **(ONE_ROW_OPTIONS if key[0] == 1 else {})}
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
             fn = torch.compile(step, fullgraph=True, backend=self.backend, options=options)
             out = fn(*args)
         except Exception as e:
@@ -239,7 +308,8 @@ class CompiledDecode:
                                f"wide) failed: {e}") from e
         finally:
             self.compile_seconds += time.perf_counter() - start
-        self.variants[variant_of(key)] = fn
+        self.variants[variant_of(key)] = fn          # used from the next step on
+        self.ready_seconds[variant_of(key)] = time.perf_counter() - start
         log.info("compiled a decode step (%s) in %.1f s (%.0f s of %.0f s compile budget used)",
                  describe(variant_of(key)), time.perf_counter() - start,
                  self.compile_seconds, self.compile_budget_s)

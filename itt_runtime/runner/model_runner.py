@@ -30,7 +30,7 @@ class ModelRunner:
     def __init__(self, model: ITTModel, cache: KVCache, sampler: Sampler,
                  routed_compute: str = "auto", use_graphs: bool = False,
                  max_num_seqs: int = 64, max_model_len: int = 1024,
-                 return_routing: bool = False, cpu_compile: bool = False) -> None:
+                 return_routing: bool = False, cpu_compile: str = "off") -> None:
         self.forward = PagedForward(model, cache)
         self.cache = cache
         self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="itt-grammar")
@@ -45,15 +45,22 @@ class ModelRunner:
         if use_graphs and routed_compute != "gather":
             self.graphs = DecodeGraphs(self.forward, max_num_seqs,
                                        cdiv(max_model_len, cache.block_size))
-        # CPU: decode-only steps through a step compiled with torch.compile (cpu_compile.py).
+        # CPU: decode-only steps through a step compiled with torch.compile (cpu_compile.py):
+        # "on" compiles a variant when a step first needs it (or at warm_up); "auto" only in
+        # the background (warm_up(background=True)), each used once ready.
         self.compiled: CompiledDecode | None = None
-        if cpu_compile and self.device.type == "cpu":
-            self.compiled = CompiledDecode(self.forward, max_num_seqs)
+        if cpu_compile in ("on", "auto") and self.device.type == "cpu":
+            self.compiled = CompiledDecode(self.forward, max_num_seqs,
+                                           lazy=cpu_compile == "on")
 
-    def warm_up(self) -> None:
-        """Compile the CPU decode-step variants now (``CompiledDecode.warm_up``). A failed
-        compile runs every step eagerly from then on, as one while serving does."""
+    def warm_up(self, background: bool = False) -> None:
+        """Compile the CPU decode-step variants: now (``CompiledDecode.warm_up``; a failed
+        compile runs every step eagerly from then on, as one while serving does), or on a
+        thread of their own while steps run eagerly (``compile_in_background``)."""
         if self.compiled is None:
+            return
+        if background:
+            self.compiled.compile_in_background()
             return
         try:
             self.compiled.warm_up()
@@ -126,7 +133,8 @@ class ModelRunner:
         # first): a compiled step can run them, also when prompt rows follow.
         n_decode = next((i for i, s in enumerate(scheduled)
                          if s.num_new_tokens != 1 or s.logit_positions != [0]), len(scheduled))
-        if compiled is not None and n_decode and compiled.can_run(n_decode):
+        if compiled is not None and n_decode and compiled.can_run(n_decode) \
+                and compiled.ready_for(scheduled[:n_decode]):
             try:
                 head = compiled.run(scheduled[:n_decode], kvs[:n_decode])
             except CompileError:

@@ -19,7 +19,7 @@ from itt_testing import (
 
 from itt_runtime.llm import LLM
 from itt_runtime.model.loader import load_model
-from itt_runtime.runner.cpu_compile import SPLIT_MIN_ROWS, CompiledDecode, own_code
+from itt_runtime.runner.cpu_compile import SPLIT_MIN_ROWS, VARIANTS, CompiledDecode, own_code
 from itt_runtime.sampling_params import SamplingParams
 
 MAX_NEW = 5
@@ -277,9 +277,42 @@ def test_compile_budget_spent_runs_eagerly(tiny_model_dir, prompts, caplog):
 def test_engine_flag_builds_the_compiled_runner(tiny_model_dir):
     on = LLM(str(tiny_model_dir), cpu_compile=True).engine.runner
     off = LLM(str(tiny_model_dir)).engine.runner
-    assert isinstance(on.compiled, CompiledDecode) and off.compiled is None
+    assert isinstance(on.compiled, CompiledDecode) and on.compiled.lazy
+    assert off.compiled is None
     eager = LLM(str(tiny_model_dir), cpu_compile=True, enforce_eager=True).engine.runner
     assert eager.compiled is None
+
+
+def test_auto_mode_never_waits_for_a_compile(tiny_model_dir, prompts):
+    """``compile="auto"`` builds the compiled runner but compiles only when asked to in the
+    background: until a variant is ready its steps run the plain eager forward, and nothing
+    is compiled on the way (offline engines stay eager)."""
+    llm = LLM(str(tiny_model_dir), max_num_seqs=8, compile="auto")
+    compiled = llm.engine.runner.compiled
+    assert isinstance(compiled, CompiledDecode) and not compiled.lazy
+    calls = []
+    run = compiled.run
+    compiled.run = lambda *a: calls.append(1) or run(*a)
+    check_against_reference(llm, tiny_model_dir, prompts[:3], [0.0, 0.5, 1.0])
+    assert not calls and not compiled.variants and compiled.compile_seconds == 0
+
+
+@pytest.mark.slow
+def test_background_compile_swaps_each_variant_in_when_ready(small_model_dir, prompts):
+    """``compile_in_background`` (what the server starts by default) while generation runs:
+    outputs equal the reference throughout; once the thread ends every variant is ready,
+    and decode steps then run compiled. Traced without code generation (backend "eager")."""
+    llm, compiled = llm_with(small_model_dir, backend="eager", lazy=False)
+    thread = compiled.compile_in_background()
+    check_against_reference(llm, small_model_dir, prompts[:3], [0.0, 1.0])
+    thread.join(600)
+    assert set(compiled.variants) == set(VARIANTS) and not compiled.failed
+    assert set(compiled.ready_seconds) == set(VARIANTS)
+    calls = []
+    run = compiled.run
+    compiled.run = lambda *a: calls.append(1) or run(*a)
+    check_against_reference(llm, small_model_dir, prompts[:3], [0.0, 1.0])
+    assert calls, "no decode step ran compiled once every variant was ready"
 
 
 def test_each_compiled_step_has_its_own_code_object():

@@ -30,6 +30,16 @@ def test_engine_flags_reach_the_engine_config():
     assert (engine.enforce_eager, engine.routed_compute) == (True, "gather")
 
 
+@pytest.mark.parametrize("flags, mode", [([], "off"), (["--compile", "auto"], "auto"),
+                                         (["--compile", "on"], "on"), (["--cpu-compile"], "on"),
+                                         (["--compile", "auto", "--enforce-eager"], "off")])
+def test_compile_modes(flags, mode):
+    """Compiled CPU decode steps are off by default; --cpu-compile is --compile on, and
+    --enforce-eager turns compiling off."""
+    engine, _ = configs(build_parser().parse_args(flags))
+    assert engine.compile_mode == mode
+
+
 def test_api_key_from_environment(monkeypatch):
     monkeypatch.setenv("ITT_API_KEY", "s3cret")
     assert build_parser().parse_args([]).api_key == "s3cret"
@@ -50,6 +60,7 @@ def test_kv_cache_memory_sizes(size, expected):
     (["--drain-timeout", "-1"], "--drain-timeout"),
     (["--dtype", "float8"], "dtype"),
     (["--routed-compute", "sometimes"], "--routed-compute"),
+    (["--compile", "always"], "--compile"),
     (["--max-batch-prefill-tokens", "0"], "--max-batch-prefill-tokens"),
     (["--max-batch-prefill-tokens", "16", "--no-enable-chunked-prefill"],
      "--max-batch-prefill-tokens needs chunked prefill"),
