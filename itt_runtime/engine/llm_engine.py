@@ -34,6 +34,7 @@ from itt_runtime.sampling_params import ParamError, SamplingParams
 
 log = logging.getLogger("itt_runtime")
 
+
 class EngineBrokenError(RuntimeError):
     """The engine itself can no longer run steps (not one request's fault)."""
 

@@ -107,7 +107,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget.tokens > 0:
             seq = self.running[i]
-            n = budget.tokens_for(seq.num_tokens - seq.num_computed_tokens)
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            n = budget.tokens_for(remaining)
             if n == 0:                              # no prompt tokens left this step
                 i += 1
                 continue
@@ -119,7 +120,7 @@ class Scheduler:
                     return True
             kv = self.kv.allocate(seq.seq_id, n, may_route=seq.may_route)
             scheduled.append(ScheduledSeq(seq, n, kv))
-            budget.take(n, seq.num_tokens - seq.num_computed_tokens > 1)
+            budget.take(n, remaining > 1)
             i += 1
         return preempted
 
@@ -288,7 +289,6 @@ class Scheduler:
             seq.num_cached_tokens = node.num_tokens
         if seq.wants_prompt_logprobs:          # lookup checked that the node gives them
             entries = node.adopt_logprobs(seq.prompt_token_ids, seq.params.prompt_logprobs or 0)
-            assert entries is not None
             seq.prompt_logprobs[1:node.num_tokens + 1] = entries[1:]
         return copies
 

@@ -114,28 +114,30 @@ class CacheNode:
     prompt_logprobs_k: int | None = None
     children: int = 0
 
-    def adopt_logprobs(self, tokens: Sequence[int], k: int) -> list[Entry | None] | None:
-        """Prompt logprob entries 0 … num_tokens for a sequence with ``tokens`` that wants
-        top-``k``: the node's, and the entry of position num_tokens for the sequence's own
-        token there. None if the node cannot give them (other k, or that token not known)."""
-        if self.prompt_logprobs is None or self.next_logprobs is None \
-                or self.prompt_logprobs_k != k:
-            return None
+    def gives_logprobs(self, tokens: Sequence[int], k: int) -> bool:
+        """Whether the node has the prompt logprobs a sequence with ``tokens`` that wants
+        top-``k`` needs: for that k, and its own token's at position num_tokens."""
+        return (self.prompt_logprobs_k == k and self.next_logprobs is not None
+                and tokens[self.num_tokens] in self.next_logprobs.known)
+
+    def adopt_logprobs(self, tokens: Sequence[int], k: int) -> list[Entry | None]:
+        """Prompt logprob entries 0 … num_tokens for such a sequence (``gives_logprobs``):
+        the node's, and the entry of position num_tokens for the sequence's own token."""
+        assert self.prompt_logprobs is not None and self.next_logprobs is not None \
+            and self.gives_logprobs(tokens, k)
         last = self.next_logprobs.entry_for(tokens[self.num_tokens])
-        return None if last is None else [*self.prompt_logprobs, last]
+        return [*self.prompt_logprobs, last]
 
     def add_logprobs(self, entries: Sequence[Entry | None], k: int) -> None:
         """Record prompt logprob entries 0 … num_tokens computed by a sequence through this
         node (the first to bring them, or another next token for the same k)."""
-        if self.prompt_logprobs is None:
+        last = entries[self.num_tokens]
+        assert last is not None, "position num_tokens ≥ 1 has an entry"
+        if self.next_logprobs is None:
             self.prompt_logprobs = list(entries[:self.num_tokens])
             self.prompt_logprobs_k = k
-            last = entries[self.num_tokens]
-            assert last is not None, "position num_tokens ≥ 1 has an entry"
             self.next_logprobs = NextTokenLogprobs.from_entry(last, k)
-        elif self.prompt_logprobs_k == k and self.next_logprobs is not None:
-            last = entries[self.num_tokens]
-            assert last is not None, "position num_tokens ≥ 1 has an entry"
+        elif self.prompt_logprobs_k == k:
             self.next_logprobs.learn(last)
 
     @property
@@ -170,7 +172,7 @@ class PrefixCache:
                prompt_logprobs_k: int | None = None) -> CacheNode | None:
         """The longest cached node among ``hashes`` (the chain of the sequence ``tokens``)
         that covers at most ``max_tokens`` tokens and, if prompt logprobs are wanted, can give
-        them for the same top-k, its last position included (``CacheNode.adopt_logprobs``).
+        them for the same top-k, its last position included (``CacheNode.gives_logprobs``).
         (The scheduler counts queries and hits once it admits.)"""
         best = None
         for k in range(min(len(hashes), max_tokens // self.block_size), 0, -1):
@@ -178,7 +180,7 @@ class PrefixCache:
             if node is None:
                 continue
             if prompt_logprobs_k is not None \
-                    and node.adopt_logprobs(tokens, prompt_logprobs_k) is None:
+                    and not node.gives_logprobs(tokens, prompt_logprobs_k):
                 continue
             best = node
             break
