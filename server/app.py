@@ -33,7 +33,8 @@ def create_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
                   description="OpenAI-compatible server for Inner Thinking Transformer models")
     app.state.server = ServerState(settings=settings, client=client, metrics=metrics,
                                    completions=CompletionHandler(client, names, lifecycle),
-                                   chat=ChatHandler(client, names, lifecycle, template),
+                                   chat=ChatHandler(client, names, lifecycle, template,
+                                                    settings.auto_tool_parser),
                                    lifecycle=lifecycle)
     for router in routers:
         app.include_router(router)

@@ -37,8 +37,20 @@ class ServerSettings:
     chat_template: str | None = option(
         None, "a file with a Jinja chat template to use instead of the model's own (see "
         "'Chat templates')", default_text="the model's (tokenizer_config.json)")
+    enable_auto_tool_choice: bool = option(
+        False, "let requests with tools leave tool_choice 'auto' (the default): calls are "
+        "read from the generated text by --tool-call-parser", "bool")
+    tool_call_parser: str | None = option(
+        None, "how 'auto' reads tool calls from the text: hermes (Hermes, Qwen 2.5/3, and "
+        "models whose template has no tool format) or llama3_json (Llama 3.x's JSON calls); "
+        "see 'Tool calling'", choices=("hermes", "llama3_json"), default_text="none")
     log_level: str = option("info", "log level",
                             choices=("critical", "error", "warning", "info", "debug"))
+
+    @property
+    def auto_tool_parser(self) -> str | None:
+        """The parser for tool_choice 'auto', or None where 'auto' is refused."""
+        return self.tool_call_parser if self.enable_auto_tool_choice else None
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(self.served_model_names):
@@ -51,5 +63,7 @@ class ServerSettings:
             raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
         if self.timeout_request_header <= 0 or self.timeout_keep_alive < 0:
             raise ValueError("connection timeouts must be positive")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")

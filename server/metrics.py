@@ -114,6 +114,14 @@ class Metrics:
             "itt_request_applied_think_budget",
             "Per request: token-weighted mean of the think budgets its tokens were computed at "
             "(below the requested one when elastic thinking stepped in)", BUDGET_BUCKETS)
+        self.tool_requests = Counter(
+            "itt_tool_call_requests", "Chat requests with tools, by tool_choice (none, auto, "
+            "required, named)", ["model_name", "tool_choice"], registry=reg)
+        for choice in ("none", "auto", "required", "named"):
+            self.tool_requests.labels(model_name, choice)
+        self.tool_parse_failures = Counter(
+            "itt_tool_call_parse_failures", "Tool-call blocks the 'auto' parser could not "
+            "read (returned as content), by parser", ["model_name", "parser"], registry=reg)
         reg.register(EngineCollector(engine, model_name))
 
     def render(self) -> bytes:
@@ -122,6 +130,12 @@ class Metrics:
     def count_http(self, method: str, path: str, status: int, seconds: float) -> None:
         self.http_requests.labels(self.model_name, method, path, str(status)).inc()
         self.http_duration.labels(self.model_name, method, path, str(status)).observe(seconds)
+
+    def count_tool_request(self, tool_choice: str) -> None:
+        self.tool_requests.labels(self.model_name, tool_choice).inc()
+
+    def count_tool_parse_failures(self, parser: str, failures: int) -> None:
+        self.tool_parse_failures.labels(self.model_name, parser).inc(failures)
 
     def track(self, num_prompt_tokens: int, n: int, think_budget: float,
               max_tokens: int) -> RequestTracker:

@@ -90,8 +90,7 @@ UNSUPPORTED_COMMON: dict[str, tuple] = {
     "structural_tag": (), "service_tier": ("auto", "default"),
 }
 UNSUPPORTED_CHAT: dict[str, tuple] = {
-    "tool_choice": ("none", "auto"),          # without tools both mean "no tool calls"
-    "parallel_tool_calls": (), "functions": (), "function_call": (), "audio": (),
+    "functions": (), "function_call": (), "audio": (),
     "modalities": (["text"],), "prediction": (), "reasoning_effort": (),
     "web_search_options": (), "verbosity": (), "chat_template": (), "documents": (),
     "mm_processor_kwargs": (),
@@ -248,10 +247,24 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str | dict[str, Any]     # OpenAI's is JSON text; some clients send an object
+
+
+class MessageToolCall(_Body):
+    """A call in an assistant message of the conversation (OpenAI's shape)."""
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None     # assistant: the calls it made
+    tool_call_id: str | None = None                     # tool: the call this answers
 
     @property
     def text(self) -> str:
@@ -261,13 +274,64 @@ class ChatMessage(_Body):
             return self.content
         return "".join(p.text for p in self.content)
 
+    def template_fields(self) -> dict[str, Any]:
+        """The message as a chat template sees it (transformers' and vLLM's shape): a call's
+        arguments as an object where they are JSON text of one (templates write them with
+        ``tojson``)."""
+        d: dict[str, Any] = {"role": self.role, "content": self.text}
+        if self.name is not None:
+            d["name"] = self.name
+        if self.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments_object(c.function.arguments)}}
+                for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
+        return d
+
+
+def _arguments_object(arguments: str | dict[str, Any]) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except json.JSONDecodeError:
+            return arguments            # as written: the template shows what was sent
+    return arguments
+
+
+class FunctionDefinition(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None        # a JSON schema; none: no parameters
+    strict: Bool | None = None                      # calls always follow it (as strict)
+
+
+class ToolDefinition(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage]
     logprobs: Bool = False
     top_logprobs: Annotated[Int | None, documented(0, 20)] = None
     max_completion_tokens: Int | None = None
-    tools: list[Any] | None = None
+    # Tool calling (server/tools.py)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: Bool = True
     # vLLM's chat template controls, and echo of the last (assistant) message
     echo: Bool = False
     # As vLLM: the chat template writes BOS itself ({{ bos_token }}), so none is added.
@@ -276,8 +340,6 @@ class ChatCompletionRequest(GenerationRequest):
     continue_final_message: Bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     # Not supported: declared so that giving them is a 400 (UNSUPPORTED_CHAT)
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -294,8 +356,6 @@ class ChatCompletionRequest(GenerationRequest):
         self.check_common()
         if not self.messages:
             raise bad_request("messages must not be empty", "messages")
-        if self.tools:
-            raise bad_request("tools are not supported", "tools")
         reject_unsupported(self, UNSUPPORTED_CHAT)
         kwargs = self.chat_template_kwargs or {}
         if not isinstance(kwargs.get("add_generation_prompt", False), bool):
@@ -314,6 +374,13 @@ class ChatCompletionRequest(GenerationRequest):
                                   "both be true", "continue_final_message")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+        for i, m in enumerate(self.messages):
+            if m.tool_calls and m.role != "assistant":
+                raise bad_request(f"messages[{i}]: only assistant messages have tool_calls",
+                                  "messages")
+            if m.role == "tool" and not m.tool_call_id:
+                raise bad_request(f"messages[{i}]: a tool message needs the tool_call_id of "
+                                  "the call it answers", "messages")
 
     @property
     def generation_prompt(self) -> bool:

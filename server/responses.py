@@ -105,9 +105,22 @@ class ChatLogprobs(_Out):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionOut(_Out):
+    name: str
+    arguments: str                  # JSON text, as the model wrote it
+
+
+class ToolCallOut(_Out):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionOut
+
+
 class ChatMessageOut(_Out):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None             # None: the reply is only tool calls
+    tool_calls: list[ToolCallOut] | None = None
+    _omit_if_none = frozenset({"tool_calls"})
 
 
 class ChatChoice(_Out):
@@ -131,10 +144,27 @@ class ChatCompletion(_Out):
     _omit_if_none = frozenset({"prompt_logprobs"})
 
 
+class DeltaFunction(_Out):
+    name: str | None = None         # on a call's first delta
+    arguments: str = ""             # the next piece of the arguments' JSON text
+    _omit_if_none = frozenset({"name"})
+
+
+class DeltaToolCall(_Out):
+    """One piece of one call (OpenAI's stream shape): ``id``, ``type`` and the name come on
+    the call's first delta, the arguments in pieces after it."""
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+    _omit_if_none = frozenset({"id", "type"})
+
+
 class ChatDelta(_Out):
     role: Literal["assistant"] | None = None
     content: str | None = None
-    _omit_if_none = frozenset({"role", "content"})
+    tool_calls: list[DeltaToolCall] | None = None
+    _omit_if_none = frozenset({"role", "content", "tool_calls"})
 
 
 class ChatChunkChoice(_Out):

@@ -95,8 +95,16 @@ class StructuredOutputs:
         """Build the tokenizer table in the background now, not on the first request."""
         self.pool.submit(self.compiler.compile, GrammarSpec("json_object"))
 
-    async def grammar(self, req: Any) -> CompiledGrammar | None:
+    async def grammar(self, req: Any,
+                      tool_grammar: GrammarSpec | None = None) -> CompiledGrammar | None:
+        """The request's compiled grammar, or None. ``tool_grammar``: the one its
+        ``tool_choice`` sets (server/tools.py), which no other form may accompany."""
         found = spec_of(req)
+        if tool_grammar is not None:
+            if found is not None:
+                raise bad_request(f"tool_choice 'required' or a named function constrains "
+                                  f"the reply; {found[1]} cannot also", found[1])
+            found = (tool_grammar, "tools")
         if found is None:
             return None
         spec, param = found

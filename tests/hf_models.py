@@ -77,12 +77,12 @@ def build_hf_model(out: Path, family: str = "llama", *, tokenizer_file: Path | N
     return out
 
 
-def build_hf_chat_model(out: Path, chat_template: str = LLAMA3) -> Path:
+def build_hf_chat_model(out: Path, chat_template: str = LLAMA3, **config_kwargs) -> Path:
     """A tiny random Llama directory that a Hugging Face client can load whole: the byte-level
     ``tokenizer.json`` of ``hf_tokenizers`` (511 learned + 1 added token = the model's 512
     rows; BOS 0 and EOS 1 as the tokenizer's) with ``chat_template`` in its
     tokenizer_config.json."""
-    build_hf_model(out, vocab_size=512, bos_token_id=0, eos_token_id=1)
+    build_hf_model(out, vocab_size=512, bos_token_id=0, eos_token_id=1, **config_kwargs)
     return write_byte_level_tokenizer(out, 511, chat_template=chat_template)
 
 

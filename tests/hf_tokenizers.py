@@ -47,6 +47,49 @@ LLAMA3 = """{{- bos_token }}
 {%- endif %}
 """
 
+# A Qwen-2.5-style ChatML template with Hermes tool calling: the tools listed in the system
+# turn, an assistant's calls as <tool_call> blocks, tool answers as <tool_response> turns.
+HERMES_TOOLS = """{%- if tools %}
+<|im_start|>system
+{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}You are a helpful assistant.{% endif %}
+
+
+# Tools
+
+You may call one or more functions. The functions:
+<tools>
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}</tools>
+
+For each call, write <tool_call>{"name": <function-name>, "arguments": <args-object>}</tool_call><|im_end|>
+{% elif messages[0]['role'] == 'system' %}
+<|im_start|>system
+{{ messages[0]['content'] }}<|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'system' and loop.first %}
+{%- elif message.role == 'assistant' and message.tool_calls %}
+<|im_start|>assistant
+{% if message.content %}{{ message.content }}
+{% endif %}
+{%- for call in message.tool_calls %}<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% elif message.role == 'tool' %}
+<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}
+<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+<|im_start|>assistant
+{% endif %}
+"""
+
 
 def _with_bos(tok: Tokenizer, bos: str, byte_level: bool) -> None:
     template = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",

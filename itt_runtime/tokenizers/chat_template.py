@@ -9,8 +9,10 @@ trained on:
 - Jinja2's ``ImmutableSandboxedEnvironment`` (a template cannot reach Python internals or
   mutate its arguments), ``trim_blocks`` and ``lstrip_blocks``, the ``loopcontrols``
   extension;
-- the variables ``messages`` (``{"role", "content"[, "name"]}`` dicts),
-  ``add_generation_prompt``, ``tools`` and ``documents`` (None: not supported), the special
+- the variables ``messages`` (``{"role", "content"[, "name", "tool_calls",
+  "tool_call_id"]}`` dicts, a call's arguments an object as in transformers),
+  ``add_generation_prompt``, ``tools`` (OpenAI's function definitions, or None) and
+  ``documents`` (None: not supported), the special
   tokens (``bos_token``, ``eos_token``, and ``unk_token``/``pad_token`` where the tokenizer
   config names them), then the request's ``chat_template_kwargs`` (``enable_thinking``…);
 - the helpers ``raise_exception(message)``, the ``tojson`` filter (no HTML escaping, non-ASCII
@@ -22,6 +24,11 @@ gets a clear 400 on chat requests (as vLLM does) rather than a guessed format; a
 raises, or fails in any other way, is a 400 with its message. A request's own
 ``chat_template`` is refused, as vLLM refuses it unless started with
 ``--trust-request-chat-template``: a template is code, and the model's is the one it knows.
+
+A template that never reads ``tools`` has no tool format of its own (the shipped models',
+SmolLM2's): a conversation with tools, tool calls or tool messages is then rewritten in the
+Hermes convention before rendering (``hermes_fallback``), so that any model sees its tools
+and the calls it made in one documented format, and the ``hermes`` parser reads its calls.
 
 The shipped models' plain "User:/Assistant:" format is such a template too
 (``itt_runtime/tokenizers/plain_chat.py``), with its stop string and reply stripping beside it.
@@ -37,6 +44,7 @@ from typing import Any, Protocol
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from itt_runtime.tokenizers.tokenizer import Tokenizer
@@ -51,11 +59,16 @@ class ChatTemplateError(ValueError):
 
 
 class Message(Protocol):
-    @property
-    def role(self) -> str: ...
+    def template_fields(self) -> dict[str, Any]:
+        """The message as the template sees it: ``role``, ``content`` and optional fields."""
+        ...
 
-    @property
-    def text(self) -> str: ...
+
+# The fallback tool format (Hermes'), for templates without one.
+FALLBACK_PREAMBLE = (
+    "You can call functions. To call one, reply with <tool_call>{\"name\": the function's "
+    "name, \"arguments\": an object of its arguments}</tool_call>, one such block per call. "
+    "The functions:")
 
 
 def _raise_exception(message: Any) -> None:
@@ -117,9 +130,13 @@ class ChatTemplate:
         self.strip_reply = strip_reply
         self._template: jinja2.Template | None = None
         self._compile_error: str | None = None
+        self.supports_tools = False         # the template reads ``tools``
         if source is not None:
             try:
-                self._template = _environment().from_string(source)
+                env = _environment()
+                self._template = env.from_string(source)
+                self.supports_tools = "tools" in jinja2.meta.find_undeclared_variables(
+                    env.parse(source))
             except jinja2.TemplateError as e:
                 self._compile_error = f"the chat template ({origin}) does not compile: " \
                                       f"{_error_text(e)}"
@@ -143,8 +160,11 @@ class ChatTemplate:
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True,
                continue_final_message: bool = False,
-               kwargs: Mapping[str, Any] | None = None) -> str:
-        """The prompt text for a conversation; ``ChatTemplateError`` (a 400) if it fails."""
+               kwargs: Mapping[str, Any] | None = None,
+               tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """The prompt text for a conversation, with ``tools`` (OpenAI's ``{"type":
+        "function", "function": {...}}`` definitions) where given; ``ChatTemplateError`` (a
+        400) if it fails."""
         if self._template is None:
             raise ChatTemplateError(
                 self._compile_error or "this model has no chat template (no 'chat_template' "
@@ -153,23 +173,53 @@ class ChatTemplate:
         for key in kwargs or {}:
             if key in RESERVED:
                 raise ChatTemplateError(f"chat_template_kwargs may not set {key!r}")
-        chat = []
-        for m in messages:
-            d = {"role": m.role, "content": m.text}
-            name = getattr(m, "name", None)        # optional in OpenAI's messages
-            if name is not None:
-                d["name"] = name
-            chat.append(d)
+        chat = [m.template_fields() for m in messages]
+        tool_list = [dict(t) for t in tools] if tools else None
+        if not self.supports_tools:
+            chat, tool_list = hermes_fallback(chat, tool_list), None
         generation_prompt = add_generation_prompt and not continue_final_message
         try:
             text = self._template.render(
-                **self.special_tokens, **dict(kwargs or {}), messages=chat, tools=None,
+                **self.special_tokens, **dict(kwargs or {}), messages=chat, tools=tool_list,
                 documents=None, add_generation_prompt=generation_prompt)
         except Exception as e:     # noqa: BLE001 - whatever the template does is its error
             raise ChatTemplateError(f"the chat template failed: {_error_text(e)}") from None
         if continue_final_message:
             text = _cut_after_final(text, chat[-1]["content"])
         return text
+
+
+def hermes_fallback(chat: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """``chat`` for a template with no tool format: the tools listed in the system message
+    (``FALLBACK_PREAMBLE``, then one JSON definition per line), an assistant's calls as
+    ``<tool_call>{json}</tool_call>`` lines after its text, and a tool's answer as a user
+    message ``<tool_response>text</tool_response>``. Unchanged without tools or calls."""
+    out = []
+    for m in chat:
+        m = dict(m)
+        calls = m.pop("tool_calls", None)
+        if calls:
+            blocks = [f"<tool_call>{_call_json(c['function'])}</tool_call>" for c in calls]
+            m["content"] = "\n".join(([m["content"]] if m["content"] else []) + blocks)
+        if m["role"] == "tool":
+            m = {"role": "user", "content": f"<tool_response>{m['content']}</tool_response>"}
+        m.pop("tool_call_id", None)
+        out.append(m)
+    if tools:
+        listing = "\n".join([FALLBACK_PREAMBLE] + [json.dumps(t.get("function", t),
+                                                               ensure_ascii=False)
+                                                    for t in tools])
+        if out and out[0]["role"] in ("system", "developer"):
+            out[0] = {**out[0], "content": f"{listing}\n\n{out[0]['content']}"}
+        else:
+            out.insert(0, {"role": "system", "content": listing})
+    return out
+
+
+def _call_json(function: Mapping[str, Any]) -> str:
+    call = {"name": function["name"], "arguments": function["arguments"]}
+    return json.dumps(call, ensure_ascii=False)
 
 
 def _cut_after_final(text: str, final: str) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 from hf_models import build_hf_chat_model  # noqa: E402
+from hf_tokenizers import HERMES_TOOLS  # noqa: E402
 from live_server import Server, launch, log_tail  # noqa: E402
 
 
@@ -37,12 +38,25 @@ def client_server(hf_chat_dir, tmp_path_factory) -> Iterator[Server]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def tools_server(tmp_path_factory) -> Iterator[Server]:
+    """Tool calling as vLLM users enable it, on the tiny model with a Qwen-style (Hermes)
+    template that takes ``tools``."""
+    model = build_hf_chat_model(tmp_path_factory.mktemp("tools_model") / "llama", HERMES_TOOLS,
+                               max_position_embeddings=2048)
+    server = launch(model, tmp_path_factory.mktemp("tools_server"),
+                    "--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+    yield server
+    server.stop()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A failed test that used the shared server shows the server's log tail: a client's
     error message rarely says more than "500"."""
     outcome = yield
     report = outcome.get_result()
-    server = getattr(item, "funcargs", {}).get("client_server")
+    funcargs = getattr(item, "funcargs", {})
+    server = funcargs.get("client_server") or funcargs.get("tools_server")
     if report.when == "call" and report.failed and server is not None:
         report.sections.append(("server log (tail)", log_tail(server.log_path, 60)))

@@ -2,7 +2,7 @@
 compared with the same request made through the openai SDK: ``invoke`` (reply, finish reason,
 token usage), ``stream`` (the chunks add up to the invoked reply and its usage) and
 ``with_structured_output(PydanticModel, method="json_schema")``. Tool calling
-(``bind_tools``) is left out: the server does not support tools yet."""
+(``bind_tools``) is in test_tool_calling_clients.py."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from hf_tokenizers import LLAMA3, hf_reference, write_byte_level_tokenizer
+from hf_tokenizers import HERMES_TOOLS, LLAMA3, hf_reference, write_byte_level_tokenizer
 from live_server import launch
 
 from itt_runtime.engine.async_engine import AsyncLLMEngine
@@ -56,7 +56,24 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "ok"}],
     [{"role": "user", "content": "{% raw %}not {{ code }}{% endraw %}\n\nline two"}],
 ]
-TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3}
+TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "hermes_tools": HERMES_TOOLS}
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city, now",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+# A tool round trip: the call, the tool's answer, and the next user turn.
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris and Rome?"},
+    {"role": "assistant", "content": "Checking.", "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "call_2", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"},
+    {"role": "tool", "tool_call_id": "call_2", "content": "24 C, clear"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +126,7 @@ def test_continue_final_message_matches_transformers(tok, refs, name):
                                           continue_final_message=True)
     got = ours(tok, TEMPLATES[name]).render(messages(conversation), True,
                                             continue_final_message=True)
-    assert got == want and got.endswith("The answer is" + (" " if name == "chatml" else ""))
+    assert got == want and got.endswith("The answer is" + ("" if name == "llama3" else " "))
 
 
 def test_template_kwargs_match_transformers(tok, refs):
@@ -122,6 +139,53 @@ def test_template_kwargs_match_transformers(tok, refs):
         assert got == want
     assert "<think>" in ours(tok, CHATML).render(messages(conversation),
                                                  kwargs={"enable_thinking": False})
+
+
+def _with_argument_objects(conversation):
+    """The conversation as transformers' templates expect it: a call's arguments an object
+    (OpenAI clients send JSON text, which the server parses for the template, as vLLM)."""
+    out = []
+    for m in conversation:
+        m = dict(m)
+        if "tool_calls" in m:
+            m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": json.loads(
+                c["function"]["arguments"])}} for c in m["tool_calls"]]
+        out.append(m)
+    return out
+
+
+@pytest.mark.parametrize("conversation", [CONVERSATIONS[1], TOOL_CONVERSATION])
+def test_tools_render_as_transformers(tok, refs, conversation):
+    want = refs["hermes_tools"].apply_chat_template(
+        _with_argument_objects(conversation), tools=[WEATHER], tokenize=False,
+        add_generation_prompt=True)
+    got = ours(tok, HERMES_TOOLS).render(messages(conversation), tools=[WEATHER])
+    assert got == want and '{"name": "get_weather", "description"' in got
+    if conversation is TOOL_CONVERSATION:
+        assert '"name": "get_weather", "arguments": {"city": "Rome"}' in got
+        assert "<tool_response>\n24 C, clear\n</tool_response>" in got
+
+
+def test_a_template_without_tools_gets_the_hermes_fallback(tok):
+    from itt_runtime.tokenizers.chat_template import FALLBACK_PREAMBLE
+    from itt_runtime.tokenizers.plain_chat import PLAIN_CHAT_TEMPLATE
+    template = ours(tok, PLAIN_CHAT_TEMPLATE)
+    assert not template.supports_tools and ours(tok, HERMES_TOOLS).supports_tools
+    text = template.render(messages(TOOL_CONVERSATION), tools=[WEATHER])
+    assert text == (
+        f"{tok.bos_token}{FALLBACK_PREAMBLE}\n{json.dumps(WEATHER['function'])}\n\n"
+        "Be brief.\n\n"
+        "User: Weather in Paris and Rome?\n"
+        'Assistant: Checking.\n<tool_call>{"name": "get_weather", "arguments": {"city": '
+        '"Paris"}}</tool_call>\n<tool_call>{"name": "get_weather", "arguments": {"city": '
+        '"Rome"}}</tool_call>\n'
+        "User: <tool_response>18 C, sunny</tool_response>\n"
+        "User: <tool_response>24 C, clear</tool_response>\n"
+        "Assistant:")
+    # Without tools and tool messages the conversation renders as before.
+    plain = messages(CONVERSATIONS[1])
+    assert template.render(plain) == template.render(plain, tools=None)
+    assert FALLBACK_PREAMBLE not in template.render(plain)
 
 
 # ---- errors and the sandbox -----------------------------------------------------------------

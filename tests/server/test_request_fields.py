@@ -9,7 +9,7 @@ import pytest
 
 from itt_runtime.tokenizers.chat_template import ChatTemplate
 from itt_runtime.tokenizers.plain_chat import PLAIN_CHAT_TEMPLATE
-from server.protocol import UNSUPPORTED_CHAT, UNSUPPORTED_COMMON
+from server.protocol import UNSUPPORTED_CHAT, UNSUPPORTED_COMMON, ChatMessage
 
 MSGS = [{"role": "user", "content": "Say something."}]
 PLAIN = ChatTemplate(PLAIN_CHAT_TEMPLATE, "plain", {})   # the tiny model's template
@@ -20,7 +20,7 @@ BAD = {"priority": 1, "use_beam_search": True, "length_penalty": 0.5,
        "return_token_ids": True, "cache_salt": "s", "kv_transfer_params": {"a": 1},
        "vllm_xargs": {"a": 1}, "request_id": "r", "guided_whitespace_pattern": " ",
        "structural_tag": "{}", "service_tier": "flex",
-       "tool_choice": "required", "parallel_tool_calls": False, "functions": [{"name": "f"}],
+       "functions": [{"name": "f"}],
        "function_call": "auto", "audio": {"voice": "x"}, "modalities": ["audio"],
        "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "low",
        "web_search_options": {}, "verbosity": "low", "chat_template": "{{ x }}",
@@ -151,10 +151,5 @@ def test_prompt_logprobs_as_vllm(tiny_server, tokenizer):
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
 
 
-class _M:
-    def __init__(self, d):
-        self.role, self.text = d["role"], d["content"]
-
-
 def _msgs(ms):
-    return [_M(m) for m in ms]
+    return [ChatMessage(**m) for m in ms]
