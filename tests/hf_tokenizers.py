@@ -51,7 +51,8 @@ LLAMA3 = """{{- bos_token }}
 # turn, an assistant's calls as <tool_call> blocks, tool answers as <tool_response> turns.
 HERMES_TOOLS = """{%- if tools %}
 <|im_start|>system
-{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}You are a helpful assistant.{% endif %}
+{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}
+{%- else %}You are a helpful assistant.{% endif %}
 
 
 # Tools
@@ -61,7 +62,7 @@ You may call one or more functions. The functions:
 {% for tool in tools %}{{ tool | tojson }}
 {% endfor %}</tools>
 
-For each call, write <tool_call>{"name": <function-name>, "arguments": <args-object>}</tool_call><|im_end|>
+For each call, write <tool_call>{"name": <name>, "arguments": <object>}</tool_call><|im_end|>
 {% elif messages[0]['role'] == 'system' %}
 <|im_start|>system
 {{ messages[0]['content'] }}<|im_end|>
