@@ -27,7 +27,13 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 class EngineConfig:
     """The engine's configuration. Fields made with ``option`` are also itt-server flags."""
 
-    model: str = option("default", "model directory, or 'default' for the shipped model")
+    model: str = option("default", "model directory (this project's or a Hugging Face "
+                        "LLaMA-family one), a GGUF file (dequantized at load), or 'default' "
+                        "for the shipped model")
+    tokenizer: str | None = option(None, "a Hugging Face tokenizer directory to use instead "
+                                   "of the model's own (for a GGUF file, instead of the "
+                                   "tokenizer built from its vocabulary)",
+                                   default_text="the model's")
     device: str = option("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
     dtype: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or "
                         "float16 (bf16 on a CPU without AVX-512 is slower than fp32)")

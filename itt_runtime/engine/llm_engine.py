@@ -25,7 +25,7 @@ from itt_runtime.engine.step import RunnerOutput, ScheduledSeq, SchedulerOutput
 from itt_runtime.kv_cache.block_pool import BlockPool
 from itt_runtime.kv_cache.manager import KVCacheManager, cdiv
 from itt_runtime.model.hf import GENERATION_FILE, read_generation_config
-from itt_runtime.model.loader import load_model
+from itt_runtime.model.loader import load_checkpoint
 from itt_runtime.outputs import RequestMetrics, RequestOutput
 from itt_runtime.runner.attention import KVCache
 from itt_runtime.runner.model_runner import ModelRunner
@@ -52,8 +52,9 @@ class LLMEngine:
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
         self.model_path = resolve_model_path(config.model)
-        self.model, self.tokenizer = load_model(self.model_path, self.device, self.dtype,
-                                                fuse=True)
+        loaded = load_checkpoint(self.model_path, self.device, self.dtype, fuse=True,
+                                 tokenizer=config.tokenizer)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
         mc = self.model_config = self.model.cfg
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if not 1 <= self.max_model_len <= mc.max_position_embeddings:
@@ -62,7 +63,9 @@ class LLMEngine:
         if mc.sliding_window is not None and self.max_model_len > mc.sliding_window:
             # Full attention equals the checkpoint's sliding-window attention only while the
             # context fits in the window.
-            raise ConfigError(f"{self.model_path / 'config.json'}: 'sliding_window' "
+            where = self.model_path if self.model_path.is_file() \
+                else self.model_path / "config.json"
+            raise ConfigError(f"{where}: 'sliding_window' "
                               f"{mc.sliding_window} (sliding-window attention) is not supported "
                               f"beyond the window; serve with --max-model-len "
                               f"{mc.sliding_window} or less (asked: {self.max_model_len})")
@@ -70,7 +73,8 @@ class LLMEngine:
         # int or a list) and generation_config.json's.
         self.eos_token_ids = frozenset(
             i for i in (self.tokenizer.eos_token_id, *mc.eos_token_ids) if i >= 0)
-        generation = read_generation_config(self._generation_config_dir())
+        generation = (loaded.generation if config.generation_config in ("auto", "vllm")
+                      else read_generation_config(self._generation_config_dir()))
         block_bytes = KVCache.bytes_per_block(config.block_size, mc.n_kv_heads, mc.head_dim,
                                               self.dtype)
         num_blocks = self._kv_bytes() // block_bytes - 1        # one scratch block, see KVCache
@@ -118,10 +122,9 @@ class LLMEngine:
                  self.kv_cache_bytes / 2**20)
 
     def _generation_config_dir(self) -> Path:
-        """Where generation_config.json is read from: the model directory ("auto", and for
-        "vllm" too, whose eos ids still count, as in vLLM) or the folder given."""
-        if self.config.generation_config in ("auto", "vllm"):
-            return self.model_path
+        """The folder ``--generation-config`` names (for "auto" and "vllm" the checkpoint's own
+        generation settings are used: its generation_config.json, or a GGUF's metadata;
+        for "vllm" only their eos ids count, as in vLLM)."""
         folder = Path(self.config.generation_config).expanduser()
         if not (folder / GENERATION_FILE).is_file():
             raise CheckpointError(f"--generation-config {str(folder)!r}: no {GENERATION_FILE} "

@@ -1,12 +1,15 @@
 """Checkpoint format (ITT_SPEC): a directory with config.json, model.safetensors, tokenizer.model.
 
 A Hugging Face LLaMA-family directory (config.json naming an architecture, weights in one file
-or in shards) is read too, through the adapter in ``hf.py``, as a dense model.
+or in shards) is read too, through the adapter in ``hf.py``, as a dense model; so is a GGUF file
+(llama.cpp's format: ``gguf.py``), its tensors dequantized into the model's dtype.
 
 ``load_model`` checks everything before torch sees it, so that a bad directory fails with a
 ``CheckpointError`` naming the problem rather than a stack trace from deep inside torch. The
 model is built on the meta device and its parameters materialised one tensor at a time from
-memory-mapped safetensors, so that loading holds at most one extra copy of one tensor.
+memory-mapped safetensors (or dequantized from the memory-mapped GGUF), so that loading holds
+at most one extra copy of one tensor. Every format reaches the same loop (``_materialize``)
+through ``TensorSource``: where a tensor is, and how to read it.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,12 +29,13 @@ from torch import nn
 
 from itt_runtime.checkpoints import resolve_model_path
 from itt_runtime.config import CheckpointError, ConfigError, ModelConfig, read_json_object
-from itt_runtime.model import hf
+from itt_runtime.model import gguf, hf
 from itt_runtime.model.itt import ITTModel
 from itt_runtime.model.layers import Rotary, input_major_view
-from itt_runtime.tokenizers.loader import TOKENIZER_FILES, load_tokenizer
+from itt_runtime.tokenizers.gguf_vocab import gguf_tokenizer
+from itt_runtime.tokenizers.loader import TOKENIZER_FILES, check_vocabulary, load_tokenizer
 from itt_runtime.tokenizers.plain_chat import plain_tokenizer_config
-from itt_runtime.tokenizers.tokenizer import Tokenizer
+from itt_runtime.tokenizers.tokenizer import Tokenizer, TokenizerError
 
 FILES = ("config.json", "model.safetensors", "tokenizer.model")
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -38,6 +43,8 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 def load_config(path: str | Path | None) -> ModelConfig:
     path = resolve_model_path(path)
+    if gguf.is_gguf(path):
+        return gguf.config_from_gguf(gguf.open_gguf(path))
     if not path.is_dir():
         raise CheckpointError(f"model directory {str(path)!r} does not exist")
     missing = [f for f in FILES if f not in ("tokenizer.model", "model.safetensors")
@@ -77,11 +84,16 @@ def check_size(cfg: ModelConfig, headers: dict[Path, dict], path: Path) -> None:
     anything closer gets the exact per-tensor message), before anything of that size is
     built, even on the meta device. The embedding and the MLPs alone are a lower bound."""
     held = sum(math.prod(shape) for h in headers.values() for shape, _ in h.values())
+    where = f"{', '.join(f.name for f in headers)} hold{'s' if len(headers) == 1 else ''}"
+    check_implied_size(cfg, held, str(path / "config.json"), where)
+
+
+def check_implied_size(cfg: ModelConfig, held: int, config_name: str, where: str) -> None:
+    """``check_size`` given the number of values the files hold (``where``: "x.gguf holds")."""
     implied = cfg.vocab_size * cfg.d_model + cfg.n_layers * 3 * cfg.d_model * cfg.ffn_dim
     if implied > 2 * held:
-        raise CheckpointError(f"{path / 'config.json'} implies at least {implied:,} "
-                              f"parameters but {', '.join(f.name for f in headers)} "
-                              f"hold{'s' if len(headers) == 1 else ''} {held:,}")
+        raise CheckpointError(f"{config_name} implies at least {implied:,} parameters but "
+                              f"{where} {held:,}")
     if cfg.max_position_embeddings > MAX_POSITIONS:
         raise CheckpointError(f"'max_position_embeddings' {cfg.max_position_embeddings} is "
                               f"more than {MAX_POSITIONS} positions")
@@ -183,39 +195,116 @@ def set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
         owner._buffers[leaf] = value
 
 
-def load_model(path: str | Path | None = None, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32,
-               fuse: bool = False) -> tuple[ITTModel, Tokenizer]:
-    """Load a model directory (default: the shipped model) or a Hugging Face LLaMA-family
-    directory. Returns (model in eval mode, tok). The config is checked against the weight
-    files' headers before anything is allocated; then the model is built on the meta device
-    and each tensor is read (memory-mapped), converted to ``dtype`` on ``device`` and put in
-    place one at a time, largest first, each file mapping closed before the next, so that the
-    peak is the model plus one tensor's two copies.
-    ``fuse``: for serving, fuse each block's projections once (``Block.fuse_projections``)."""
-    path = resolve_model_path(path)
-    cfg = load_config(path)
-    tok = load_tokenizer(path, cfg)
-    weights = locate_weights(path, cfg)
-    model = meta_model(cfg)
-    device = torch.device(device)
-    model.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
-                          cfg.rope_scaling).to(device=device, dtype=dtype)
-    sizes = {k: math.prod(model.get_parameter(k).shape) for k in weights}
-    with torch.no_grad():
-        for key in sorted(weights, key=lambda k: -sizes[k]):
-            file, name = weights[key]
+@dataclass(frozen=True)
+class TensorSource:
+    """One model tensor in a checkpoint: the file and the name it has there (for messages),
+    and ``read(device, dtype)``, which returns a copy of it (never a view of a file mapping)."""
+    file: Path
+    name: str
+    read: Callable[[torch.device, torch.dtype], torch.Tensor]
+
+
+def safetensors_sources(weights: dict[str, tuple[Path, str]]) -> dict[str, TensorSource]:
+    """``locate_weights``' answer as sources: one file mapping per tensor, closed after it,
+    so that its pages leave the process."""
+    def reader(file: Path, name: str) -> Callable[[torch.device, torch.dtype], torch.Tensor]:
+        def read(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
             try:
-                # One mapping per tensor: its pages leave the process when it closes.
                 with safe_open(str(file), framework="pt", device="cpu") as f:
                     mapped = f.get_tensor(name)
-                    value = mapped.to(device=device, dtype=dtype, copy=True)
-                    del mapped
+                    return mapped.to(device=device, dtype=dtype, copy=True)
             except (SafetensorError, OSError) as e:
                 raise CheckpointError(f"{file}: unreadable ({e})") from None
+        return read
+    return {key: TensorSource(file, name, reader(file, name))
+            for key, (file, name) in weights.items()}
+
+
+def gguf_sources(ck: gguf.GGUFCheckpoint, cfg: ModelConfig) -> dict[str, TensorSource]:
+    """The GGUF file's tensors as sources, after checking names, shapes and types (and the
+    config's size against the values the file holds) before anything is allocated."""
+    held = sum(int(t.n_elements) for t in ck.tensors.values())
+    check_implied_size(cfg, held, f"{ck.path.name}'s metadata", f"{ck.path.name} holds")
+    located = gguf.locate_tensors(ck, cfg, expected_shapes(cfg))
+
+    def reader(t: gguf.GGUFTensor) -> Callable[[torch.device, torch.dtype], torch.Tensor]:
+        def read(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+            return t.read().to(device=device, dtype=dtype)      # read() is a fresh array
+        return read
+    return {key: TensorSource(ck.path, t.name, reader(t)) for key, t in located.items()}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """``load_checkpoint``'s answer: the model (eval mode), its tokenizer, and what the
+    checkpoint says about generation (generation_config.json, or a GGUF's metadata)."""
+    model: ITTModel
+    tokenizer: Tokenizer
+    generation: hf.GenerationConfig
+
+
+def load_model(path: str | Path | None = None, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, fuse: bool = False,
+               tokenizer: str | Path | None = None) -> tuple[ITTModel, Tokenizer]:
+    """Load a model directory (default: the shipped model), a Hugging Face LLaMA-family
+    directory or a GGUF file. Returns (model in eval mode, tok); see ``load_checkpoint``."""
+    loaded = load_checkpoint(path, device, dtype, fuse, tokenizer)
+    return loaded.model, loaded.tokenizer
+
+
+def load_checkpoint(path: str | Path | None = None, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32, fuse: bool = False,
+                    tokenizer: str | Path | None = None) -> LoadedModel:
+    """Load a model directory, a Hugging Face directory or a GGUF file. The config is checked
+    against the weight files' headers (the GGUF's tensor table) before anything is allocated;
+    then the model is built on the meta device and each tensor is read (memory-mapped; a GGUF
+    tensor dequantized), converted to ``dtype`` on ``device`` and put in place one at a time,
+    largest first, so that the peak is the model plus one tensor's two copies.
+    ``fuse``: for serving, fuse each block's projections once (``Block.fuse_projections``).
+    ``tokenizer``: a directory whose tokenizer to use instead of the checkpoint's (as vLLM's
+    ``--tokenizer``; for a GGUF, a Hugging Face tokenizer of the same vocabulary)."""
+    path = resolve_model_path(path)
+    if gguf.is_gguf(path):
+        ck = gguf.open_gguf(path)
+        cfg = gguf.config_from_gguf(ck)
+        sources = gguf_sources(ck, cfg)
+        tok = load_tokenizer(tokenizer, cfg) if tokenizer is not None \
+            else gguf_model_tokenizer(ck, cfg)
+        generation = gguf.generation_config(ck, cfg)
+        del ck                  # the mapping closes with the sources, after the load
+    else:
+        cfg = load_config(path)
+        tok = load_tokenizer(path if tokenizer is None else tokenizer, cfg)
+        sources = safetensors_sources(locate_weights(path, cfg))
+        generation = hf.read_generation_config(path)
+    model = _materialize(cfg, sources, torch.device(device), dtype, fuse)
+    return LoadedModel(model, tok, generation)
+
+
+def gguf_model_tokenizer(ck: gguf.GGUFCheckpoint, cfg: ModelConfig) -> Tokenizer:
+    """The tokenizer of an opened GGUF file, checked against its model config."""
+    try:
+        tok = gguf_tokenizer(ck.metadata, ck.path)
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from None
+    return check_vocabulary(tok, cfg, ck.path.name, gguf.ROWS)
+
+
+def _materialize(cfg: ModelConfig, sources: dict[str, TensorSource], device: torch.device,
+                 dtype: torch.dtype, fuse: bool) -> ITTModel:
+    """The model of ``cfg`` with every tensor read from ``sources`` (one at a time, largest
+    first), in eval mode; fused for serving when ``fuse``."""
+    model = meta_model(cfg)
+    model.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
+                          cfg.rope_scaling).to(device=device, dtype=dtype)
+    sizes = {k: math.prod(model.get_parameter(k).shape) for k in sources}
+    with torch.no_grad():
+        for key in sorted(sources, key=lambda k: -sizes[k]):
+            src = sources[key]
+            value = src.read(device, dtype)
             if not all_finite(value):
-                raise CheckpointError(f"{file.name}: tensor {name!r} is not finite floating "
-                                      "point")
+                raise CheckpointError(f"{src.file.name}: tensor {src.name!r} is not finite "
+                                      "floating point")
             set_tensor(model, key, value)
     model.eval()
     if fuse:
@@ -229,7 +318,7 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
         if input_major:
             head = model.embed_tokens if model.lm_head is None else model.lm_head
             head.weight = nn.Parameter(input_major_view(head.weight), requires_grad=False)
-    return model, tok
+    return model
 
 
 def save_model(model: ITTModel, tokenizer_file: str | Path, out_dir: str | Path,

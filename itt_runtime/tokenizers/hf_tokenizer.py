@@ -21,6 +21,7 @@ trained with:
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -61,17 +62,28 @@ def _component_types(node: Any) -> set[str]:
 
 class HFTokenizer(Tokenizer):
     """A ``tokenizer.json``; ``config``: the model's tokenizer config
-    (``read_tokenizer_config``), for BOS/EOS, ``add_bos_token`` and the chat template."""
+    (``read_tokenizer_config``), for BOS/EOS, ``add_bos_token`` and the chat template.
+    ``backend``: a ``tokenizers.Tokenizer`` built in memory (from a GGUF vocabulary) instead of
+    the file, which ``tokenizer_file`` then only names (in messages and ``path``)."""
 
-    def __init__(self, tokenizer_file: str | Path, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, tokenizer_file: str | Path, config: dict[str, Any] | None = None,
+                 backend: Backend | None = None) -> None:
         super().__init__(tokenizer_file)
         file = self.path
-        raw = read_json(file)
-        try:
-            self._tok = Backend.from_str(file.read_text(encoding="utf-8"))
-        except Exception as e:     # noqa: BLE001 - the Rust library's errors are untyped
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TokenizerError(f"{file}: not a Hugging Face tokenizer ({first})") from None
+        if backend is None:
+            raw = read_json(file)
+            try:
+                backend = Backend.from_str(file.read_text(encoding="utf-8"))
+            except Exception as e:     # noqa: BLE001 - the Rust library's errors are untyped
+                first = str(e).strip().splitlines()[0] if str(e).strip() \
+                    else type(e).__name__
+                raise TokenizerError(f"{file}: not a Hugging Face tokenizer ({first})") \
+                    from None
+            where = file.parent / "tokenizer_config.json"
+        else:
+            raw = json.loads(backend.to_str())
+            where = file
+        self._tok = backend
         self.config = dict(config or {})
         self.chat_template = self.config.get("chat_template")
         decoder = _component_types(raw.get("decoder"))
@@ -80,7 +92,6 @@ class HFTokenizer(Tokenizer):
         self._added = {i: t for i, t in self._tok.get_added_tokens_decoder().items()}
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self._vocab_size = max(vocab.values(), default=-1) + 1
-        where = file.parent / "tokenizer_config.json"
         self.bos_token_id = self._config_token_id("bos_token", where)
         self.eos_token_id = self._config_token_id("eos_token", where)
         # What the post-processor puts around a text: BOS first or not.
@@ -89,6 +100,13 @@ class HFTokenizer(Tokenizer):
         wants = self.config.get("add_bos_token")
         self._add_bos = wants if isinstance(wants, bool) and self.bos_token_id >= 0 \
             else self._post_bos
+
+    def save(self, out_dir: Path) -> list[str]:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (with the chat template)
+        into ``out_dir``, as a Hugging Face tokenizer directory; returns their names."""
+        self._tok.save(str(out_dir / "tokenizer.json"))
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        return ["tokenizer.json", "tokenizer_config.json"]
 
     def _config_token_id(self, field: str, where: Path) -> int:
         content = self.config_token(field)

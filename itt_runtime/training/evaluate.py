@@ -57,7 +57,8 @@ def evaluate_budget(model: ITTModel, windows: torch.Tensor, budget: float | None
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="itt-eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", help="model directory, or 'default'")
+    p.add_argument("--model", default="default",
+                   help="model directory, GGUF file, or 'default'")
     p.add_argument("--text", required=True, help="plain text file, one document per line")
     p.add_argument("--budgets", default="0,0.25,0.5,0.75,1")
     p.add_argument("--seq-len", type=int, default=256)

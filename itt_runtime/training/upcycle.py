@@ -26,6 +26,11 @@ Decisions (the issue leaves them open):
   copied bit for bit, and φ's 0/1 are exact in every float dtype.
 - Tokenizer files (``tokenizer.model``, ``tokenizer.json``, ``tokenizer_config.json``, …)
   are copied as they are; nothing about the vocabulary changes.
+- A GGUF source (``SRC.gguf``) is dequantized at load; its weights are written in fp32 with
+  ``--dtype auto`` (every GGUF block format is exact in fp32), and the tokenizer built from
+  its vocabulary is written as tokenizer.json + tokenizer_config.json (with its chat
+  template), so that the upcycled directory needs neither the GGUF nor llama.cpp. Sampling
+  defaults the file states go to generation_config.json.
 """
 
 from __future__ import annotations
@@ -44,8 +49,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from itt_runtime.config import ConfigError
+from itt_runtime.model import gguf
+from itt_runtime.model.hf import GENERATION_DEFAULTS, GENERATION_FILE
 from itt_runtime.model.itt import ITTModel
-from itt_runtime.model.loader import load_model
+from itt_runtime.model.loader import LoadedModel, load_checkpoint
+from itt_runtime.tokenizers.hf_tokenizer import HFTokenizer
 from itt_runtime.training.calibrate import calibrate
 from itt_runtime.training.data import encode_corpus, eval_windows
 
@@ -128,7 +136,8 @@ def upcycle(dense: ITTModel, itt_layers: tuple[int, ...], think_steps: int,
 
 
 def source_dtype(src: Path) -> torch.dtype:
-    """The float dtype of the source's weights (its first safetensors file)."""
+    """The float dtype of the source's weights (its first safetensors file; fp32 for a GGUF,
+    dequantized)."""
     for file in sorted(src.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for k in f.keys():
@@ -146,22 +155,35 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def write_checkpoint(model: ITTModel, out: Path, dtype: torch.dtype, tokenizer_from: Path) \
-        -> Path:
+def write_checkpoint(model: ITTModel, out: Path, dtype: torch.dtype, tokenizer_from: Path,
+                     loaded: LoadedModel | None = None) -> Path:
     """This project's format (ITT_SPEC "Checkpoint format"): config.json, model.safetensors
-    in ``dtype``, and the tokenizer files of the ``tokenizer_from`` directory."""
+    in ``dtype``, and the tokenizer files of the ``tokenizer_from`` directory; for a GGUF
+    source (``loaded``: what it loaded as), its tokenizer and sampling defaults, written."""
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
-    copy_tokenizer_files(tokenizer_from, out)
+    if loaded is None or not gguf.is_gguf(tokenizer_from):
+        copy_tokenizer_files(tokenizer_from, out)
+        return out
+    if not isinstance(loaded.tokenizer, HFTokenizer):
+        raise UpcycleError("the GGUF's tokenizer cannot be written as tokenizer.json")
+    loaded.tokenizer.save(out)
+    defaults = loaded.generation.sampling_defaults
+    if defaults:
+        hf_names = {ours: theirs for theirs, ours in GENERATION_DEFAULTS.items()}
+        (out / GENERATION_FILE).write_text(json.dumps(
+            {hf_names[k]: (0 if k == "top_k" and v == -1 else v) for k, v in defaults.items()},
+            indent=2) + "\n")
     return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="itt-upcycle", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", type=Path, help="dense model directory (anything load_model reads)")
+    p.add_argument("src", type=Path, help="dense model directory or GGUF file (anything "
+                   "load_model reads)")
     p.add_argument("dst", type=Path, help="ITT model directory to write (must not exist)")
     p.add_argument("--itt-layers", default="odd",
                    help="odd (default, as the paper), even, all, or e.g. 1,3,5")
@@ -183,7 +205,8 @@ def main(argv=None) -> int:
             raise UpcycleError(f"{a.dst} exists and is not empty; choose a new directory")
         if a.calib is not None and not a.calib.is_file():
             raise UpcycleError(f"--calib {a.calib}: no such file")
-        dense, tok = load_model(a.src)
+        loaded = load_checkpoint(a.src)
+        dense, tok = loaded.model, loaded.tokenizer
         layers = parse_itt_layers(a.itt_layers, dense.cfg.n_layers)
         model = upcycle(dense, layers, a.think_steps, a.train_capacity, a.seed)
         if a.calib is not None:
@@ -191,7 +214,7 @@ def main(argv=None) -> int:
             windows = eval_windows(encode_corpus(tok, a.calib), seq_len, limit=256)[:, :-1]
             model.cfg = dataclasses.replace(model.cfg, calibration=calibrate(model, windows))
         dtype = source_dtype(a.src) if a.dtype == "auto" else DTYPES[a.dtype]
-        write_checkpoint(model, a.dst, dtype, a.src)
+        write_checkpoint(model, a.dst, dtype, a.src, loaded)
     except (ConfigError, UpcycleError, OSError) as e:
         print(f"itt-upcycle: error: {e}", file=sys.stderr)
         return 2
