@@ -29,6 +29,8 @@ def create_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     metrics = Metrics(names[0], engine)
     client = EngineClient(engine, metrics, settings.max_queue_len)
     client.structured.warm_up()
+    if settings.auto_tool_parser is not None:       # its failure counter exists from the start
+        metrics.count_tool_parse_failures(settings.auto_tool_parser, 0)
     app = FastAPI(title="itt-server", version=__version__,
                   description="OpenAI-compatible server for Inner Thinking Transformer models")
     app.state.server = ServerState(settings=settings, client=client, metrics=metrics,

@@ -276,6 +276,21 @@ class EngineCollector:
         yield family(CounterMetricFamily, "itt_block_applications_max",
                      "Block applications at think budget 1",
                      s.tokens_computed * (mc.n_layers + mc.max_extra_steps))
+        yield family(CounterMetricFamily, "itt_spec_decode_num_drafts",
+                     "Self-speculative decoding: verify steps (one per sequence and step)",
+                     s.spec_num_drafts)
+        yield family(CounterMetricFamily, "itt_spec_decode_num_draft_tokens",
+                     "Self-speculative decoding: tokens drafted", s.spec_num_draft_tokens)
+        yield family(CounterMetricFamily, "itt_spec_decode_num_accepted_tokens",
+                     "Self-speculative decoding: drafted tokens accepted",
+                     s.spec_num_accepted_tokens)
+        per_pos = CounterMetricFamily("itt_spec_decode_num_accepted_tokens_per_pos",
+                                      "Self-speculative decoding: accepted tokens by draft "
+                                      "position (0 = the first drafted)",
+                                      labels=["model_name", "position"])
+        for position, count in enumerate(s.spec_accepted_per_position):
+            per_pos.add_metric(name + [str(position)], count)
+        yield per_pos
         routed = CounterMetricFamily("itt_routed_tokens", "Tokens routed per (layer, step)",
                                      labels=["model_name", "layer", "step"])
         for k, count in enumerate(s.routed_tokens):

@@ -108,6 +108,11 @@ SERVING = [
     ("Preemptions", "timeseries", "short", [
         (f"sum({rate('itt_num_preemptions_total')})", "preemptions/s")],
      "Sequences evicted from the KV cache and recomputed later."),
+    ("Tool calling", "timeseries", "reqps", [
+        (f"sum by (tool_choice) ({rate('itt_tool_call_requests_total')})", "{{tool_choice}}"),
+        (f"sum({rate('itt_tool_call_parse_failures_total')})", "parse failures")],
+     "Chat requests with tools by tool_choice, and calls the 'auto' parser could not read "
+     "(returned as content)."),
     ("HTTP requests by status", "timeseries", "reqps", [
         (f"sum by (status) ({rate('itt_http_requests_total')})", "{{status}}")],
      "All HTTP requests by status code; 5xx are server errors (alerted on)."),
@@ -136,6 +141,14 @@ ITT = [
         (f"sum({rate('itt_block_applications_total')})", "block applications/s"),
         (f"sum({rate('itt_block_applications_max_total')})", "at think budget 1")],
      "Block applications computed, and what they would be if every token took every step."),
+    ("Self-speculative decoding: acceptance", "timeseries", "percentunit", [
+        (f"sum({rate('itt_spec_decode_num_accepted_tokens_total')})"
+         f" / sum({rate('itt_spec_decode_num_draft_tokens_total')})", "acceptance rate"),
+        (f"sum by (position) ({rate('itt_spec_decode_num_accepted_tokens_per_pos_total')})"
+         f" / ignoring (position) group_left sum({rate('itt_spec_decode_num_drafts_total')})",
+         "position {{position}}")],
+     "Drafted tokens (at the draft think budget) the request's budget accepted, overall and "
+     "by draft position. Tokens per verify step = 1 + accepted / drafts."),
     ("Compute saved by routing", "stat", "percentunit", [
         (f"1 - sum({rate('itt_block_applications_total')})"
          f" / sum({rate('itt_block_applications_max_total')})", "saved")],

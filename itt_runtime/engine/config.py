@@ -4,6 +4,7 @@ flags), the read-only facts of a loaded engine (``EngineInfo``) and its statisti
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,62 @@ STEP_TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Self-speculative decoding (``--speculative-config``, vLLM's shape): the model drafts
+    ``num_speculative_tokens`` tokens at ``draft_think_budget`` (its routed steps skipped at
+    0), then verifies them at the request's own budget in one multi-token step
+    (runner/speculative.py). Only ``method`` "itt_self" exists: an ITT model is its own
+    draft model."""
+    method: str = "itt_self"
+    num_speculative_tokens: int = 4
+    draft_think_budget: float = 0.0
+    # vLLM's: no speculation while this many requests or more are running (a full batch
+    # gains nothing on a CPU: measured break-even at 16 streams).
+    disable_by_batch_size: int | None = None
+
+    METHODS = ("itt_self",)
+    MAX_TOKENS = 16
+
+    @classmethod
+    def parse(cls, value: str | dict | None) -> SpeculativeConfig | None:
+        """From the flag's JSON text or an ``LLM(speculative_config=...)`` dict; None: off.
+        ``ConfigError`` naming the key for anything else."""
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--speculative-config is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ConfigError("--speculative-config must be a JSON object, e.g. "
+                              '\'{"method": "itt_self", "num_speculative_tokens": 4}\'')
+        known = ("method", "num_speculative_tokens", "draft_think_budget",
+                 "disable_by_batch_size")
+        unknown = set(value) - set(known)
+        if unknown:
+            raise ConfigError(f"--speculative-config: unknown key(s) {sorted(unknown)}; "
+                              f"known: {', '.join(known)}")
+        method = value.get("method", "itt_self")
+        if method not in cls.METHODS:
+            raise ConfigError(f"--speculative-config: method must be 'itt_self' (the model "
+                              f"drafts for itself at a low think budget), got {method!r}")
+        k = value.get("num_speculative_tokens", 4)
+        if type(k) is not int or not 1 <= k <= cls.MAX_TOKENS:
+            raise ConfigError("--speculative-config: num_speculative_tokens must be an "
+                              f"integer in [1, {cls.MAX_TOKENS}], got {k!r}")
+        b = value.get("draft_think_budget", 0.0)
+        if type(b) not in (int, float) or not 0.0 <= b < 1.0:
+            raise ConfigError("--speculative-config: draft_think_budget must be a number in "
+                              f"[0, 1), got {b!r}")
+        off = value.get("disable_by_batch_size")
+        if off is not None and (type(off) is not int or off < 1):
+            raise ConfigError("--speculative-config: disable_by_batch_size must be an integer "
+                              f">= 1, got {off!r}")
+        return cls(method, k, float(b), off)
 
 
 @dataclass(frozen=True)
@@ -105,6 +162,17 @@ class EngineConfig:
     enable_prefix_caching: bool = option(
         True, "reuse the KV streams of cached prompt prefixes (same tokens, same routing "
         "thresholds)", "bool")
+    speculative_config: str | dict | None = option(
+        None, "self-speculative decoding, as JSON: '{\"method\": \"itt_self\", "
+        "\"num_speculative_tokens\": 4, \"draft_think_budget\": 0}': the model drafts k "
+        "tokens at the draft budget and verifies them at each request's own budget in one "
+        "step (requests above the draft budget; greedy output identical, sampled output "
+        "of the same distribution)",
+        default_text="off")
+
+    @property
+    def speculative(self) -> SpeculativeConfig | None:
+        return SpeculativeConfig.parse(self.speculative_config)
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -134,6 +202,7 @@ class EngineConfig:
              "--elastic-thinking needs --target-itl-ms or --target-ttft-ms (or both)")
         need(self.default_think_budget is None or 0.0 <= self.default_think_budget <= 1.0,
              f"default_think_budget must be in [0, 1], got {self.default_think_budget}")
+        SpeculativeConfig.parse(self.speculative_config)   # ConfigError if malformed
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -192,3 +261,9 @@ class EngineStats:
     # and their sum (vLLM's iteration_tokens histogram).
     step_token_counts: list[int] = field(default_factory=list)
     step_token_sum: int = 0
+    # Self-speculative decoding (vLLM's spec_decode counters): verify steps of one sequence
+    # (drafts), tokens drafted, drafted tokens accepted, and accepted ones per draft position.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_position: list[int] = field(default_factory=list)

@@ -22,6 +22,7 @@ from itt_runtime.engine.output_processor import add_text, make_delta, make_reque
 from itt_runtime.engine.scheduler import Scheduler
 from itt_runtime.engine.sequence import Sequence
 from itt_runtime.engine.step import RunnerOutput, ScheduledSeq, SchedulerOutput
+from itt_runtime.engine.stopping import drop_last_tokens
 from itt_runtime.kv_cache.block_pool import BlockPool
 from itt_runtime.kv_cache.manager import KVCacheManager, cdiv
 from itt_runtime.model.hf import GENERATION_FILE, read_generation_config
@@ -86,17 +87,21 @@ class LLMEngine:
                              self.dtype, self.device)
         self.kv = KVCacheManager(BlockPool(num_blocks), config.block_size, mc.num_kv_streams,
                                  mc.n_layers, config.enable_prefix_caching)
+        speculative = config.speculative
+        if speculative is not None and not mc.is_itt:
+            raise ConfigError("--speculative-config itt_self needs an ITT model (its draft is "
+                              "the same model at a lower think budget); this model is dense")
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, self.eos_token_ids,
                                    config.enable_chunked_prefill,
-                                   config.max_batch_prefill_tokens)
+                                   config.max_batch_prefill_tokens, speculative)
         self.runner = ModelRunner(
             self.model, self.cache, Sampler(self.eos_token_ids, config.seed),
             config.routed_compute,
             use_graphs=self.device.type == "cuda" and not config.enforce_eager,
             max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
             return_routing=config.enable_prefix_caching,
-            cpu_compile=config.compile_mode)
+            cpu_compile=config.compile_mode, speculative_config=speculative)
         self.requests: dict[str, _Request] = {}
         self.controller = (ElasticController(
             None if config.target_itl_ms is None else config.target_itl_ms / 1e3,
@@ -310,15 +315,25 @@ class LLMEngine:
         """The scheduler records the step (tokens, token-level stops); then the new tokens
         become text, and a stop string can end a sequence; then each request's delta."""
         failed = self.scheduler.update_from_output(plan, output)
+        after_stop: dict[str, int] = {}    # tokens appended after a stop string, per seq
         for t in output.sampled:
             seq = t.seq
-            if seq.request_id in failed:
+            if seq.request_id in failed or not t.appended:
                 continue
+            if seq.seq_id in after_stop:
+                after_stop[seq.seq_id] += 1
+                continue
+            stopped = isinstance(seq.stop_reason, str)
             try:
                 if add_text(seq, t.token, self.tokenizer, self.eos_token_ids):
                     self.scheduler.stop(seq)
             except Exception as error:           # noqa: BLE001 - fails this request only
                 failed[seq.request_id] = error
+            if not stopped and isinstance(seq.stop_reason, str):   # a stop string, now
+                after_stop[seq.seq_id] = 0
+        for t in output.sampled:             # a verify row's tokens after its stop string
+            if after_stop.get(t.seq.seq_id):
+                drop_last_tokens(t.seq, after_stop.pop(t.seq.seq_id))
         return [self._fail(rid, e) for rid, e in failed.items()] + \
             [o for rid in plan.request_ids
              if rid not in failed and (o := self._output(self.requests[rid]))]
@@ -411,7 +426,11 @@ class LLMEngine:
             prefix_cache_nodes=len(cache) if cache else 0,
             elastic_scale=self.controller.scale if self.controller else 1.0,
             elastic_reduced_steps=self.controller.reduced_steps if self.controller else 0,
-            step_token_counts=list(self.step_token_counts), step_token_sum=self.step_token_sum)
+            step_token_counts=list(self.step_token_counts), step_token_sum=self.step_token_sum,
+            spec_num_drafts=self.scheduler.spec_num_drafts,
+            spec_num_draft_tokens=self.scheduler.spec_num_draft_tokens,
+            spec_num_accepted_tokens=self.scheduler.spec_num_accepted_tokens,
+            spec_accepted_per_position=list(self.scheduler.spec_accepted_per_position))
 
     def kv_bytes_per_token(self, budget: float) -> float:
         """ITT_SPEC formula: (n_layers + b·(S−1)·|itt|) · 2 · kv_heads · head_dim · size."""

@@ -18,11 +18,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from itt_runtime.engine.config import SpeculativeConfig
 from itt_runtime.engine.sequence import Sequence, Status
 from itt_runtime.engine.step import (
     RunnerOutput,
     ScheduledSeq,
     SchedulerOutput,
+    SpecResult,
     logit_positions,
 )
 from itt_runtime.engine.stopping import append_token
@@ -62,8 +64,10 @@ class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, eos_token_ids: frozenset[int] = frozenset(),
                  enable_chunked_prefill: bool = True,
-                 max_batch_prefill_tokens: int | None = None) -> None:
+                 max_batch_prefill_tokens: int | None = None,
+                 speculative: SpeculativeConfig | None = None) -> None:
         self.kv = kv
+        self.speculative = speculative
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids          # every id that ends generation
         self.max_num_seqs = max_num_seqs
@@ -81,6 +85,12 @@ class Scheduler:
         self.num_preemptions = 0
         self.tokens_computed = 0                    # every token the model ran
         self.routed_tokens = [0] * kv.num_routed_streams    # per routed stream
+        # Self-speculative decoding counters (EngineStats.spec_*).
+        self.spec_num_drafts = 0
+        self.spec_num_draft_tokens = 0
+        self.spec_num_accepted_tokens = 0
+        self.spec_accepted_per_position = [0] * (speculative.num_speculative_tokens
+                                                 if speculative else 0)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -97,7 +107,8 @@ class Scheduler:
         if not self._schedule_running(budget, scheduled):    # nothing new if it preempted
             self._schedule_waiting(budget, scheduled)
         for s in scheduled:
-            s.logit_positions = logit_positions(s.seq, s.num_new_tokens, s.samples)
+            s.logit_positions = logit_positions(s.seq, s.num_new_tokens, s.samples,
+                                                s.num_draft)
         return SchedulerOutput(scheduled)
 
     def _schedule_running(self, budget: StepBudget, scheduled: list[ScheduledSeq]) -> bool:
@@ -118,11 +129,36 @@ class Scheduler:
                 preempted = True
                 if victim is seq:
                     return True
-            kv = self.kv.allocate(seq.seq_id, n, may_route=seq.may_route)
-            scheduled.append(ScheduledSeq(seq, n, kv))
-            budget.take(n, remaining > 1)
+            draft = self._draft_tokens(seq, budget) if remaining == 1 else 0
+            if draft and not self.kv.can_allocate(seq.seq_id, 1 + draft,
+                                                  may_route=seq.may_route):
+                draft = 0                           # no room to speculate: decode as usual
+            kv = self.kv.allocate(seq.seq_id, n + draft, may_route=seq.may_route)
+            scheduled.append(ScheduledSeq(seq, n + draft, kv, num_draft=draft))
+            budget.take(n + draft, remaining > 1)
             i += 1
         return preempted
+
+    def _draft_tokens(self, seq: Sequence, budget: StepBudget) -> int:
+        """How many tokens a decoding ``seq`` drafts this step (self-speculative decoding;
+        0: it decodes one token as usual). Speculation serves requests computed above the
+        draft budget whose next tokens depend on nothing but the logits (no penalties,
+        grammar, or min_tokens still holding back EOS), within their max_tokens, the
+        context and the step's token budget, while the batch is below
+        ``disable_by_batch_size``."""
+        spec = self.speculative
+        p = seq.params
+        if spec is None or seq.think_budget <= spec.draft_think_budget \
+                or spec.disable_by_batch_size is not None \
+                and len(self.running) >= spec.disable_by_batch_size \
+                or p.grammar is not None or len(seq.output_token_ids) < p.min_tokens \
+                or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 \
+                or p.frequency_penalty != 0.0:
+            return 0
+        left = min(p.max_tokens - len(seq.output_token_ids),
+                   self.max_model_len - seq.num_tokens)
+        # Drafts beyond the tokens still wanted would be thrown away; one left: no gain.
+        return max(0, min(spec.num_speculative_tokens, left - 1, budget.tokens - 1))
 
     def _schedule_waiting(self, budget: StepBudget, scheduled: list[ScheduledSeq]) -> None:
         """Waiting requests, first come first served, while the budget, ``max_num_seqs`` and
@@ -166,11 +202,17 @@ class Scheduler:
         raised (they are left for the engine to fail; nothing else is affected)."""
         for s in plan.scheduled:
             counts = output.routed_counts[s.seq.seq_id]
-            self.kv.commit(s.seq.seq_id, s.num_new_tokens, counts)
+            kept = self._kept(s, output)
+            self.kv.commit(s.seq.seq_id, kept, counts)
+            self.tokens_computed += s.num_new_tokens
+            spec = output.spec.get(s.seq.seq_id)
+            if spec is not None:         # the compute counts its rejected and draft work too
+                self._count_speculation(spec)
+                counts = [a + b for a, b in zip(spec.verify_routed, spec.draft_routed)]
+                self.tokens_computed += spec.drafted
             for k, count in enumerate(counts):
                 self.routed_tokens[k] += count
-            self.tokens_computed += s.num_new_tokens
-            s.seq.num_computed_tokens += s.num_new_tokens
+            s.seq.num_computed_tokens += kept
             if s.seq.elastic:          # positions computed for the first time keep their budget
                 seq = s.seq
                 seq.position_budgets += [seq.think_budget] * (
@@ -179,15 +221,16 @@ class Scheduler:
             seq.prompt_logprobs[position] = entry
         if self.kv.prefix_cache is not None:
             for s in plan.scheduled:
-                self._cache_blocks(s, output)
+                self._cache_blocks(s, output, self._kept(s, output))
         failed: dict[str, Exception] = {}
         for t in output.sampled:
             seq = t.seq
-            if seq.request_id in failed:
-                continue
+            if seq.request_id in failed or seq.finish_reason is not None:
+                continue            # a verify row's tokens after the one that ended it
             try:
                 append_token(seq, t.token, t.extra_steps, t.logprobs, self.max_model_len,
                              self.eos_token_ids)
+                t.appended = True
             except Exception as error:           # noqa: BLE001 - fails this request only
                 failed[seq.request_id] = error
                 continue
@@ -195,12 +238,21 @@ class Scheduler:
                 self.stop(seq)
         return failed
 
+    def _count_speculation(self, spec: SpecResult) -> None:
+        self.spec_num_drafts += 1
+        self.spec_num_draft_tokens += spec.drafted
+        self.spec_num_accepted_tokens += spec.accepted
+        for position in range(spec.accepted):
+            self.spec_accepted_per_position[position] += 1
+
     # ---- prefix caching ---------------------------------------------------------------------
-    def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+    def _block_hashes(self, seq: Sequence, num_blocks: int,
+                      tokens: list[int] | None = None) -> list[bytes]:
         """The first ``num_blocks`` keys of ``seq``'s hash chain (kv_cache/prefix_cache.py),
-        extended as its tokens grow."""
+        extended as its tokens grow. ``tokens``: its tokens, where they run ahead of
+        ``all_token_ids`` (a verify row's accepted drafts, cached before they are appended)."""
         hashes, bs = seq.block_hashes, self.kv.block_size
-        tokens = seq.all_token_ids
+        tokens = seq.all_token_ids if tokens is None else tokens
         while len(hashes) < num_blocks:
             k = len(hashes)
             parent = hashes[-1] if hashes else root_hash(seq.thresholds)
@@ -235,14 +287,14 @@ class Scheduler:
     def _blocks_in_flight(self, scheduled: list[ScheduledSeq]) -> dict[bytes, InFlight]:
         """Keys of the full blocks that multi-token rows of ``scheduled`` complete this step
         and will cache, each with the prompt logprobs its node will give (``InFlight``).
-        Single-token (decode) rows are left out: they rarely complete a block another request
-        is waiting for, and this runs every step."""
+        Decode rows (verify rows too) are left out: they rarely complete a block another
+        request is waiting for, and this runs every step."""
         if self.kv.prefix_cache is None:
             return {}
         bs, out = self.kv.block_size, {}
         for s in scheduled:
             seq = s.seq
-            if s.num_new_tokens < 2 or seq.budget_changed:
+            if s.num_new_tokens < 2 or s.num_draft or seq.budget_changed:
                 continue
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + s.num_new_tokens
             k = seq.params.prompt_logprobs if seq.wants_prompt_logprobs else None
@@ -292,18 +344,27 @@ class Scheduler:
             seq.prompt_logprobs[1:node.num_tokens + 1] = entries[1:]
         return copies
 
-    def _cache_blocks(self, s: ScheduledSeq, output: RunnerOutput) -> None:
-        """Cache the state after every block boundary this step crossed for ``s.seq``."""
+    @staticmethod
+    def _kept(s: ScheduledSeq, output: RunnerOutput) -> int:
+        """Positions of the step whose K/V stay: all, except for a verify row, which drops
+        those of its rejected drafts."""
+        spec = output.spec.get(s.seq.seq_id)
+        return s.num_new_tokens if spec is None else spec.accepted + 1
+
+    def _cache_blocks(self, s: ScheduledSeq, output: RunnerOutput, kept: int) -> None:
+        """Cache the state after every block boundary this step crossed for ``s.seq``
+        (``kept``: the positions of the step that stay)."""
         seq, bs = s.seq, self.kv.block_size
         if seq.budget_changed:         # computed below its requested budget: not that key
             return
         end = seq.num_computed_tokens                      # after this step
-        start = end - s.num_new_tokens
+        start = end - kept
         first, last = start // bs + 1, end // bs
         if first > last:
             return
         kv = self.kv.get(seq.seq_id)
-        hashes = self._block_hashes(seq, last)
+        hashes = self._block_hashes(seq, last, seq.all_token_ids + s.draft_ids[:kept - 1]
+                                    if s.num_draft else None)
         routed = output.routed_masks.get(seq.seq_id)       # per new token, per routed stream
         counts = output.routed_counts[seq.seq_id]          # routed this step, per stream
         nb = self.kv.num_base_streams

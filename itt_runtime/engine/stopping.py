@@ -40,3 +40,15 @@ def append_token(seq: Sequence, token: int, extra_steps: int, logprobs: dict[int
             return
     if n_out >= p.max_tokens or seq.num_tokens >= max_model_len:
         seq.finish_reason = "length"
+
+
+def drop_last_tokens(seq: Sequence, n: int) -> None:
+    """Take back the last ``n`` output tokens: a stop string ended the sequence at an earlier
+    token of the same step (a verify row appends several at once)."""
+    if n <= 0:
+        return
+    if seq.params.logprobs is not None:
+        for entry, token in zip(seq.logprobs[-n:], seq.output_token_ids[-n:]):
+            seq.cumulative_logprob -= entry[token]
+        del seq.logprobs[-n:]
+    del seq.output_token_ids[-n:], seq.extra_steps[-n:], seq.applied_budgets[-n:]

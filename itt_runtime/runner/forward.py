@@ -147,7 +147,7 @@ class PagedForward:
                 num_decode += 1
             base = len(ids)
             row_start.append(base)
-            ids.extend(s.seq.all_token_ids[c:c + n])
+            ids.extend(s.input_ids)
             pos.extend(range(c, c + n))
             rows.extend([b] * n)
             logit_rows.extend(base + i for i in logit_positions[b])

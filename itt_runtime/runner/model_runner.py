@@ -13,10 +13,18 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from itt_runtime.engine.config import SpeculativeConfig
 from itt_runtime.engine.sequence import Sequence
-from itt_runtime.engine.step import RunnerOutput, SampledToken, ScheduledSeq, SchedulerOutput
+from itt_runtime.engine.step import (
+    RunnerOutput,
+    SampledToken,
+    ScheduledSeq,
+    SchedulerOutput,
+    SpecResult,
+)
 from itt_runtime.kv_cache.manager import cdiv
 from itt_runtime.model.itt import ITTModel
+from itt_runtime.runner import speculative
 from itt_runtime.runner.attention import KVCache
 from itt_runtime.runner.cpu_compile import CompiledDecode, CompileError
 from itt_runtime.runner.cuda_graphs import CaptureError, DecodeGraphs
@@ -30,8 +38,10 @@ class ModelRunner:
     def __init__(self, model: ITTModel, cache: KVCache, sampler: Sampler,
                  routed_compute: str = "auto", use_graphs: bool = False,
                  max_num_seqs: int = 64, max_model_len: int = 1024,
-                 return_routing: bool = False, cpu_compile: str = "off") -> None:
+                 return_routing: bool = False, cpu_compile: str = "off",
+                 speculative_config: SpeculativeConfig | None = None) -> None:
         self.forward = PagedForward(model, cache)
+        self.speculative = speculative_config
         self.cache = cache
         self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="itt-grammar")
         # Prefix caching needs each stream's length at block boundaries inside a chunk.
@@ -73,6 +83,8 @@ class ModelRunner:
         copies = [c for s in plan.scheduled for c in s.block_copies]
         if copies:                   # before anything of the step writes to the cache
             self.cache.copy_blocks(copies)
+        verify = [s for s in plan.scheduled if s.num_draft]
+        drafts = self._draft(verify) if verify else None
         # Grammar masks of the rows that sample are host work: done during the forward.
         constrained = [s.seq for s in plan.scheduled
                        if s.samples and s.seq.params.grammar is not None]
@@ -105,21 +117,74 @@ class ModelRunner:
         K = self.max_extra_steps
         parts = {"tokens": tokens, "extra_steps": out.extra_steps,
                  "routed_counts": out.routed_counts}
-        if self.return_routing and K and any(s.num_new_tokens > 1 for s in scheduled):
+        if verify:                   # the target's token at every verified position
+            parts["verify_tokens"] = out.logits.argmax(-1)
+        if K and (verify or self.return_routing
+                  and any(s.num_new_tokens > 1 for s in scheduled)):
             parts["routed"] = out.routed
         host = read_to_host(parts)
         counts = host["routed_counts"].view(len(scheduled), K).tolist()
         extra_steps = host["extra_steps"].tolist()
-        return RunnerOutput(
+        result = RunnerOutput(
             routed_counts={s.seq.seq_id: counts[b] for b, s in enumerate(scheduled)},
             sampled=[SampledToken(seq, token, extra_steps[r],
                                   logprobs[j] if logprobs is not None else {})
                      for j, (seq, token, r) in enumerate(zip(sample_seqs,
                                                              host["tokens"].tolist(),
                                                              sample_rows))],
-            prompt_logprobs=prompt_logprobs,
-            routed_masks=(chunk_routing(scheduled, host["routed"].view(-1, K).numpy())
-                          if "routed" in host else {}))
+            prompt_logprobs=prompt_logprobs)
+        routed = host["routed"].view(-1, K).numpy() if "routed" in host else None
+        if verify:
+            assert drafts is not None and routed is not None or not K
+            self._accept(scheduled, out.logits, host["verify_tokens"].tolist(), extra_steps,
+                         routed, drafts, result)
+        if routed is not None and self.return_routing:
+            result.routed_masks = chunk_routing(scheduled, routed, result.spec)
+        return result
+
+    def _draft(self, verify: list[ScheduledSeq]) -> speculative.Drafts:
+        """The draft phase of the step's verify rows (runner/speculative.py)."""
+        assert self.speculative is not None
+        budget = self.speculative.draft_think_budget
+        return speculative.draft(verify, self.forward.cfg.thresholds_for(budget), budget,
+                                 self.forward.cfg.n_layers,
+                                 lambda rows: self._run(rows, decode_only=True), self.sampler)
+
+    def _accept(self, scheduled: list[ScheduledSeq], logits: torch.Tensor,
+                targets: list[int], extra_steps: list[int], routed, drafts, result) -> None:
+        """Each verify row's accepted drafts and the target's next token become its sampled
+        tokens (with the target's depth and logprobs); its routed counts cover only the
+        positions it keeps."""
+        row = token = 0
+        K = self.max_extra_steps
+        for s in scheduled:
+            n_rows = len(s.logit_positions)
+            if s.num_draft:
+                if s.seq.params.greedy:
+                    chosen = targets[row:row + n_rows]
+                    m = speculative.accepted_count(s.draft_ids, chosen)
+                else:
+                    chosen = speculative.rejection_sample(
+                        s.draft_ids, drafts.q[s.seq.seq_id], logits[row:row + n_rows], s.seq,
+                        self.sampler)
+                    m = len(chosen) - 1
+                kept = routed[token:token + m + 1] if K else None
+                result.routed_counts[s.seq.seq_id] = \
+                    [int(c) for c in kept.sum(0)] if kept is not None else []
+                result.spec[s.seq.seq_id] = SpecResult(
+                    s.num_draft, m,
+                    [int(c) for c in routed[token:token + n_rows].sum(0)] if K else [],
+                    drafts.routed[s.seq.seq_id])
+                want = s.seq.params.logprobs
+                entries: list[dict[int, float]] = [{}] * (m + 1)
+                if want is not None:
+                    lp = torch.log_softmax(logits[row:row + m + 1], dim=-1)
+                    entries = logprob_entries(lp, torch.tensor(chosen[:m + 1], device=lp.device),
+                                              [want] * (m + 1))
+                result.sampled += [SampledToken(s.seq, chosen[i], extra_steps[row + i],
+                                                entries[i]) for i in range(m + 1)]
+            row += n_rows
+            token += s.num_new_tokens
 
     def _run(self, scheduled: list[ScheduledSeq], decode_only: bool) -> StepOutput:
         """The forward: on CPU a compiled step for the decode rows, also those of a step
@@ -194,12 +259,13 @@ class ModelRunner:
 
 
 def rows_that_sample(scheduled: list[ScheduledSeq]) -> tuple[list[int], list[Sequence]]:
-    """The logit rows whose logits pick a token (a row per ``logit_positions`` entry, in
-    order), and their sequences."""
+    """The logit rows whose logits the sampler picks a token from (a row per
+    ``logit_positions`` entry, in order), and their sequences. Verify rows pick theirs by
+    acceptance instead (``_accept``)."""
     rows, seqs, row = [], [], 0
     for s in scheduled:
         for i in s.logit_positions:
-            if s.samples and i == s.num_new_tokens - 1:
+            if s.samples and i == s.num_new_tokens - 1 and not s.num_draft:
                 rows.append(row)
                 seqs.append(s.seq)
             row += 1
@@ -214,13 +280,16 @@ def read_to_host(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(zip(parts, host.split([t.numel() for t in flat])))
 
 
-def chunk_routing(scheduled: list[ScheduledSeq], routed: np.ndarray) -> dict[str, np.ndarray]:
+def chunk_routing(scheduled: list[ScheduledSeq], routed: np.ndarray,
+                  spec: dict[str, SpecResult]) -> dict[str, np.ndarray]:
     """Per multi-token row, its (new tokens, routed streams) slice of the step's per-token
-    routing ``routed`` (1 where routed): the scheduler takes cumulative sums of it."""
+    routing ``routed`` (1 where routed): the scheduler takes cumulative sums of it. A verify
+    row's slice covers the positions it keeps."""
     out, start = {}, 0
     for s in scheduled:
         n = s.num_new_tokens
+        kept = spec[s.seq.seq_id].accepted + 1 if s.seq.seq_id in spec else n
         if n > 1:
-            out[s.seq.seq_id] = routed[start:start + n]
+            out[s.seq.seq_id] = routed[start:start + kept]
         start += n
     return out

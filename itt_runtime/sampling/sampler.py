@@ -101,6 +101,30 @@ class Sampler:
         return logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        return self.race(self.probabilities(logits, seqs), seqs)
+
+    def race(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """One token per row drawn from ``probs`` (N, V) (need not sum to 1): the exponential
+        race ``argmax(p / E)``, E ~ Exp(1) from the row's own generator if seeded."""
+        V, dev = probs.shape[1], probs.device
+        if self.generator is None:
+            self.generator = torch.Generator(device=dev).manual_seed(self.seed)
+        race = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, seq in enumerate(seqs):
+            if seq.generator is not None:
+                race[i] = torch.empty(V, device=dev).exponential_(generator=seq.generator)
+        return (probs / race).argmax(-1)
+
+    def uniform(self, n: int, seq: Sequence, device: torch.device) -> torch.Tensor:
+        """``n`` numbers in [0, 1) from the sequence's generator (or the sampler's)."""
+        if self.generator is None:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        return torch.rand(n, device=device, generator=seq.generator or self.generator)
+
+    def probabilities(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """(N, V) each row's sampling weights: softmax at its temperature, zero outside its
+        top-k, top-p and min-p. Not renormalised after top-p and min-p (the race does not
+        need it); divide by the row sum for the distribution."""
         V = logits.shape[1]
         dev = logits.device
         temp = torch.tensor([max(s.params.temperature, 1e-5) for s in seqs], device=dev)
@@ -122,10 +146,4 @@ class Sampler:
             min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
             cutoff = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < cutoff, 0.0)
-        if self.generator is None:
-            self.generator = torch.Generator(device=dev).manual_seed(self.seed)
-        race = torch.empty_like(probs).exponential_(generator=self.generator)
-        for i, seq in enumerate(seqs):
-            if seq.generator is not None:
-                race[i] = torch.empty(V, device=dev).exponential_(generator=seq.generator)
-        return (probs / race).argmax(-1)
+        return probs

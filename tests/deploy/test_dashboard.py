@@ -53,6 +53,10 @@ SHARED_PREFIX = ("In the beginning God created the heaven and the earth. And the
                  "without form, and void; and darkness was upon the face of the deep.")
 
 
+TOOLS = [{"type": "function", "function": {"name": "roll", "parameters": {
+    "type": "object", "properties": {"sides": {"type": "integer", "enum": [6, 20]}}}}}]
+
+
 class Traffic(threading.Thread):
     """Keeps requests flowing (mixed budgets, streaming or not, completions and chat, and one
     bad request per round for a 4xx) until stopped, so every rate() window has increases. The
@@ -77,6 +81,8 @@ class Traffic(threading.Thread):
                     path = "/v1/chat/completions"
                     body["messages"] = [{"role": "system", "content": SHARED_PREFIX},
                                         {"role": "user", "content": f"tell me story {i}"}]
+                    if i % 2:                   # the tool-calling panel's series
+                        body["tools"], body["tool_choice"] = TOOLS, "required"
                 else:
                     path = "/v1/completions"
                     body["prompt"] = f"{SHARED_PREFIX} Once upon a time, number {i}, there was"
@@ -96,7 +102,10 @@ class Traffic(threading.Thread):
 def live(tiny_model_dir, tmp_path_factory):
     """(server URL, Prometheus URL) with traffic flowing and several scrapes taken."""
     work = tmp_path_factory.mktemp("dashboard")
-    with running_server(tiny_model_dir, work) as server:
+    # Speculation and tool calling on, so that their panels have data too.
+    with running_server(tiny_model_dir, work, "--speculative-config",
+                        '{"method": "itt_self", "num_speculative_tokens": 3}',
+                        "--enable-auto-tool-choice", "--tool-call-parser", "hermes") as server:
         server_url = server.url
         target = server_url.removeprefix("http://")
         with running_prometheus(target, work, SCRAPE_S) as prom_url:
