@@ -288,8 +288,8 @@ class LLMEngine:
     @staticmethod
     def _stalls_decoding(plan: SchedulerOutput) -> bool:
         """The step computes prompt tokens while other requests are decoding."""
-        return (any(s.num_new_tokens > 1 for s in plan.scheduled)
-                and any(s.num_new_tokens == 1 and s.seq.output_token_ids
+        return (any(s.num_new_tokens > 1 and not s.num_draft for s in plan.scheduled)
+                and any((s.num_new_tokens == 1 or s.num_draft) and s.seq.output_token_ids
                         for s in plan.scheduled))
 
     def _set_budget(self, seq: Sequence, scale: float) -> None:
@@ -304,7 +304,8 @@ class LLMEngine:
     def _observe(self, plan: SchedulerOutput, seconds: float, unfloored_stall: bool) -> None:
         assert self.controller is not None
         self.controller.observe_step(
-            seconds, sum(s.num_new_tokens for s in plan.scheduled if s.num_new_tokens > 1),
+            seconds, sum(s.num_new_tokens for s in plan.scheduled
+                         if s.num_new_tokens > 1 and not s.num_draft),
             unfloored_stall)
         for s in plan.scheduled:
             m = s.seq.metrics

@@ -251,6 +251,26 @@ def test_disable_by_batch_size(tiny_model_dir, prompts):
     assert alone.engine.stats().spec_num_drafts > drafts
 
 
+def test_verify_rows_are_not_prompt_work_for_elastic_thinking(tiny_model_dir, prompts):
+    """Elastic thinking treats a step with prompt chunks beside decoding rows as a stall (it
+    may floor the step); a verify row is decoding, however many tokens it computes."""
+    from itt_runtime.engine.llm_engine import LLMEngine
+    from itt_runtime.engine.step import ScheduledSeq, SchedulerOutput
+    spec = LLM(tiny_model_dir, device="cpu", elastic_thinking=True, target_itl_ms=1000,
+               speculative_config={"method": "itt_self", "num_speculative_tokens": 3})
+    params = SamplingParams(max_tokens=12, temperature=0.0, think_budget=1.0,
+                            min_think_budget=0.5, ignore_eos=True)
+    want = LLM(tiny_model_dir, device="cpu").generate(prompts[:3], params)
+    assert_same(spec.generate(prompts[:3], params), want)     # the scale stayed at 1
+    # Stand-ins for decoding sequences: only the rows' shapes matter here.
+    a, b = (type("Decoding", (), {"output_token_ids": [1]})() for _ in range(2))
+    verify = ScheduledSeq(a, 4, num_draft=3)
+    decode = ScheduledSeq(b, 1)
+    prompt = ScheduledSeq(b, 8)
+    assert not LLMEngine._stalls_decoding(SchedulerOutput([verify, decode]))
+    assert LLMEngine._stalls_decoding(SchedulerOutput([prompt, verify]))
+
+
 def test_a_dense_model_is_refused(tiny_dense_dir):
     with pytest.raises(ConfigError, match="needs an ITT model"):
         LLM(tiny_dense_dir, device="cpu", speculative_config='{"method": "itt_self"}')
