@@ -142,8 +142,8 @@ class Scheduler:
     def _draft_tokens(self, seq: Sequence, budget: StepBudget) -> int:
         """How many tokens a decoding ``seq`` drafts this step (self-speculative decoding;
         0: it decodes one token as usual). Speculation serves requests computed above the
-        draft budget whose next tokens depend on nothing but the logits (no penalties,
-        grammar, or min_tokens still holding back EOS), within their max_tokens, the
+        draft budget whose next tokens depend on nothing but the logits and their grammar
+        (no penalties, or min_tokens still holding back EOS), within their max_tokens, the
         context and the step's token budget, while the batch is below
         ``disable_by_batch_size``."""
         spec = self.speculative
@@ -151,7 +151,7 @@ class Scheduler:
         if spec is None or seq.think_budget <= spec.draft_think_budget \
                 or spec.disable_by_batch_size is not None \
                 and len(self.running) >= spec.disable_by_batch_size \
-                or p.grammar is not None or len(seq.output_token_ids) < p.min_tokens \
+                or len(seq.output_token_ids) < p.min_tokens \
                 or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 \
                 or p.frequency_penalty != 0.0:
             return 0

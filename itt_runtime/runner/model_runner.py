@@ -86,8 +86,8 @@ class ModelRunner:
         verify = [s for s in plan.scheduled if s.num_draft]
         drafts = self._draft(verify) if verify else None
         # Grammar masks of the rows that sample are host work: done during the forward.
-        constrained = [s.seq for s in plan.scheduled
-                       if s.samples and s.seq.params.grammar is not None]
+        constrained = [s.seq for s in plan.scheduled      # verify rows masked their own
+                       if s.samples and not s.num_draft and s.seq.params.grammar is not None]
         masks = (self._mask_worker.submit(structured_output.next_token_bitmasks, constrained,
                                           self.forward.cfg.vocab_size)
                  if constrained else None)
@@ -160,13 +160,17 @@ class ModelRunner:
         for s in scheduled:
             n_rows = len(s.logit_positions)
             if s.num_draft:
+                target = logits[row:row + n_rows]
+                masks = drafts.masks.get(s.seq.seq_id)
+                if masks is not None:       # structured outputs: masked as decoding masks
+                    target = speculative.masked(target, masks, s.seq)
                 if s.seq.params.greedy:
-                    chosen = targets[row:row + n_rows]
+                    chosen = (targets[row:row + n_rows] if masks is None
+                              else target.argmax(-1).tolist())
                     m = speculative.accepted_count(s.draft_ids, chosen)
                 else:
                     chosen = speculative.rejection_sample(
-                        s.draft_ids, drafts.q[s.seq.seq_id], logits[row:row + n_rows], s.seq,
-                        self.sampler)
+                        s.draft_ids, drafts.q[s.seq.seq_id], target, s.seq, self.sampler)
                     m = len(chosen) - 1
                 kept = routed[token:token + m + 1] if K else None
                 result.routed_counts[s.seq.seq_id] = \

@@ -38,6 +38,7 @@ from itt_runtime.engine.sequence import Sequence
 from itt_runtime.engine.step import ScheduledSeq
 from itt_runtime.kv_cache.manager import SequenceKV
 from itt_runtime.runner.forward import StepOutput
+from itt_runtime.sampling import structured_output
 from itt_runtime.sampling.sampler import Sampler
 
 
@@ -47,6 +48,9 @@ class Drafts:
     routed: dict[str, list[int]]         # routed tokens per routed stream (draft budget > 0)
     # Sampled rows: the draft's distribution q at each drafted position (V,), for acceptance.
     q: dict[str, list[torch.Tensor]]
+    # Grammar rows: the token bitmask at each verified position (k + 1 of them; None after
+    # the grammar completed within the drafts: nothing there is ever emitted).
+    masks: dict[str, list[torch.Tensor | None]] = dataclasses.field(default_factory=dict)
 
 
 def draft(rows: list[ScheduledSeq], thresholds: list[float], budget: float,
@@ -60,6 +64,7 @@ def draft(rows: list[ScheduledSeq], thresholds: list[float], budget: float,
               if s.kv is not None}
     q: dict[str, list[torch.Tensor]] = {s.seq.seq_id: [] for s in rows
                                         if not s.seq.params.greedy}
+    grammars = GrammarDrafts([s for s in rows if s.seq.params.grammar is not None])
     for s in rows:
         s.draft_ids = []
     for i in range(max(s.num_draft for s in rows)):
@@ -67,11 +72,13 @@ def draft(rows: list[ScheduledSeq], thresholds: list[float], budget: float,
         views = [_view(s, i, thresholds, budget, routed[s.seq.seq_id], num_base_streams)
                  for s in active]
         out = run(views)
-        tokens = out.logits.argmax(-1)
+        logits = out.logits.clone() if grammars.ids else out.logits
+        grammars.mask(logits, active)
+        tokens = logits.argmax(-1)
         sampled = [j for j, s in enumerate(active) if s.seq.seq_id in q]
         if sampled:
             seqs = [views[j].seq for j in sampled]
-            probs = sampler.probabilities(out.logits[sampled], seqs)
+            probs = sampler.probabilities(logits[sampled], seqs)
             probs = probs / probs.sum(-1, keepdim=True)
             tokens[sampled] = sampler.race(probs, seqs)
             for j, row in zip(sampled, probs):
@@ -85,7 +92,62 @@ def draft(rows: list[ScheduledSeq], thresholds: list[float], budget: float,
             row = routed[s.seq.seq_id]
             for k in range(width):
                 row[k] += counts[j * width + k]
-    return Drafts(routed, q)
+        grammars.advance(active)
+    return Drafts(routed, q, grammars.finish(rows))
+
+
+class GrammarDrafts:
+    """Structured outputs while drafting: each grammar row's matcher follows its drafts (so
+    every draft is a token the grammar allows there), the bitmask at each position is kept
+    for the verify step (the target is masked exactly as decoding would mask it), and the
+    matcher is rolled back at the end, so that only the tokens emitted advance it."""
+
+    def __init__(self, rows: list[ScheduledSeq]) -> None:
+        self.ids = {s.seq.seq_id for s in rows}
+        self.masks: dict[str, list[torch.Tensor | None]] = {i: [] for i in self.ids}
+        self.advanced: dict[str, int] = {i: 0 for i in self.ids}
+        self.vocab_size = 0                 # the logits' width, from the first draft step
+        for s in rows:
+            grammar = s.seq.params.grammar
+            if s.seq.grammar_matcher is None and grammar is not None:
+                s.seq.grammar_matcher = grammar.matcher()
+
+    def mask(self, logits: torch.Tensor, active: list[ScheduledSeq]) -> None:
+        """Mask the draft logits of the active grammar rows (in place); keep their masks."""
+        self.vocab_size = logits.shape[1]
+        rows = [j for j, s in enumerate(active) if s.seq.seq_id in self.ids]
+        live = [j for j in rows if not active[j].seq.grammar_matcher.is_terminated()]
+        for j in rows:
+            if j not in live:               # completed within the drafts: any token will do
+                self.masks[active[j].seq.seq_id].append(None)
+        if not live:
+            return
+        seqs = [active[j].seq for j in live]
+        bitmask = structured_output.next_token_bitmasks(seqs, logits.shape[1])
+        structured_output.apply_grammars(logits, seqs, live, bitmask)
+        for seq, row in zip(seqs, bitmask):
+            self.masks[seq.seq_id].append(row)
+
+    def advance(self, active: list[ScheduledSeq]) -> None:
+        for s in active:
+            matcher = s.seq.grammar_matcher
+            if s.seq.seq_id in self.ids and not matcher.is_terminated():
+                assert matcher.accept_token(s.draft_ids[-1]), "a draft the grammar allows"
+                self.advanced[s.seq.seq_id] += 1
+
+    def finish(self, rows: list[ScheduledSeq]) -> dict[str, list[torch.Tensor | None]]:
+        """The masks of every verified position (the last one's too), matchers rolled back."""
+        for s in rows:
+            if s.seq.seq_id not in self.ids:
+                continue
+            matcher = s.seq.grammar_matcher
+            last = None
+            if not matcher.is_terminated():
+                last = structured_output.next_token_bitmasks([s.seq], self.vocab_size)[0]
+            self.masks[s.seq.seq_id].append(last)
+            if self.advanced[s.seq.seq_id]:
+                matcher.rollback(self.advanced[s.seq.seq_id])
+        return self.masks
 
 
 def _view(s: ScheduledSeq, i: int, thresholds: list[float], budget: float,
@@ -126,6 +188,19 @@ def rejection_sample(drafted: list[int], q: list[torch.Tensor], logits: torch.Te
     else:
         last = p[k]
     return drafted[:m] + [int(sampler.race(last[None], [seq])[0])]
+
+
+def masked(logits: torch.Tensor, masks: list[torch.Tensor | None],
+           seq: Sequence) -> torch.Tensor:
+    """A verify row's logits (k + 1, V) with each position's grammar mask applied (a copy);
+    positions after the grammar completed (no mask) are left as they are."""
+    out = logits.clone()
+    present = [(i, m) for i, m in enumerate(masks) if m is not None]
+    rows = [i for i, _ in present]
+    if present:
+        bitmask = torch.stack([m for _, m in present])
+        structured_output.apply_grammars(out, [seq] * len(rows), rows, bitmask)
+    return out
 
 
 def accepted_count(drafted: list[int], target: list[int]) -> int:

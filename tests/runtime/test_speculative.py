@@ -8,7 +8,9 @@ model drafts well (its acceptance rate is checked)."""
 
 from __future__ import annotations
 
+import json
 import random
+import re
 
 import pytest
 from itt_testing import HELDOUT
@@ -178,6 +180,48 @@ def test_sampled_tokens_follow_the_target_distribution(tiny_model_dir, prompts, 
     assert max(tv) > 0.12 if broken else max(tv) < 0.07, tv
     stats = spec.engine.stats()
     assert broken or stats.spec_num_accepted_tokens < 0.9 * stats.spec_num_draft_tokens
+
+
+def grammar_requests(tokenizer, vocab_size, sampled: bool):
+    from itt_runtime.sampling.structured_output import GrammarCompiler, GrammarSpec
+    compiler = GrammarCompiler(tokenizer, vocab_size)
+    specs = [GrammarSpec("json_schema", json.dumps({
+                 "type": "object", "properties": {
+                     "name": {"type": "string", "maxLength": 12},
+                     "n": {"type": "integer", "minimum": 0, "maximum": 999}},
+                 "required": ["name", "n"]})),
+             GrammarSpec("regex", "(the|and|of) [a-z]{2,12}( [a-z]{2,12}){0,4}\\."),
+             GrammarSpec("choice", json.dumps(["light and darkness", "heaven and earth"]))]
+    return [SamplingParams(max_tokens=40, temperature=0.8 if sampled else 0.0, seed=i,
+                           think_budget=1.0, grammar=compiler.compile(spec))
+            for i, spec in enumerate(specs * 2)]
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_structured_outputs(tiny_model_dir, prompts, bad_drafts, sampled):
+    """Grammar rows speculate too: drafts follow the grammar, the target is masked as
+    decoding masks it, and only emitted tokens advance the matcher. Greedy output equals
+    plain decoding (with drafts also made wrong at random), sampled output follows the
+    grammar."""
+    plain = LLM(tiny_model_dir, device="cpu")
+    tok, vocab = plain.engine.tokenizer, plain.engine.model_config.vocab_size
+    spec = LLM(tiny_model_dir, device="cpu",
+               speculative_config={"method": "itt_self", "num_speculative_tokens": 4})
+    params = grammar_requests(tok, vocab, sampled)
+    got = spec.generate(prompts[:6], params)
+    if not sampled:
+        assert_same(got, plain.generate(prompts[:6], params))
+    for out, p in zip(got, params):
+        text = out.outputs[0].text
+        assert out.outputs[0].finish_reason == "stop", text
+        if p.grammar.spec.kind == "json_schema":
+            value = json.loads(text)
+            assert set(value) == {"name", "n"} and 0 <= value["n"] <= 999
+        elif p.grammar.spec.kind == "regex":
+            assert re.fullmatch(p.grammar.spec.text, text), text
+        else:
+            assert text in json.loads(p.grammar.spec.text)
+    assert spec.engine.stats().spec_num_drafts > 0
 
 
 def test_stop_strings_eos_and_max_tokens(tiny_model_dir, prompts):
