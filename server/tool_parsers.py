@@ -354,6 +354,28 @@ class ToolCallParser:
             self.failures += 1
             self._say(text)
 
+    def _block_prefix(self) -> str:
+        """What came before the current object in its block (content again if it fails)."""
+        return ""
+
+    def _step_object(self, failed_state: str, next_state: str) -> bool:
+        """The "object" state of every format: read the buffer into the call object; once it
+        is done go to ``next_state``, or, if it failed, give its text back as content and go
+        to ``failed_state``. True if the state changed."""
+        if not self._read_object():
+            return False
+        if self._object.failed:
+            self._failed(self._block_prefix() + self._object.raw)
+            self._state = failed_state
+        else:
+            self._state = next_state
+        return True
+
+    def _end_object(self) -> None:
+        """At the end of the generation: an object whose header was never decided."""
+        if self._state == "object" and self._object.call_name is None:
+            self._failed(self._block_prefix() + self._object.raw)
+
 
 class _Hermes(ToolCallParser):
     """``<tool_call>{...}</tool_call>`` blocks among content."""
@@ -367,14 +389,7 @@ class _Hermes(ToolCallParser):
                 self._state = "object"
             return found
         if self._state == "object":
-            if not self._read_object():
-                return False
-            if self._object.failed:
-                self._failed(OPEN_TAG + self._object.raw)
-                self._state = "failed"
-            else:
-                self._state = "close"
-            return True
+            return self._step_object("failed", "close")
         if self._state == "close":              # after a call: whitespace, the closing tag
             self._buf = self._buf.lstrip()
             if self._buf.startswith(CLOSE_TAG):
@@ -396,9 +411,11 @@ class _Hermes(ToolCallParser):
             self._say(self._buf)                # a tag's beginning that never completed
         elif self._state == "failed" and not self._dropping:
             self._say(self._buf)
-        elif self._state == "object" and self._object.call_name is None:
-            self._failed(OPEN_TAG + self._object.raw)
+        self._end_object()
         # "close": a cut-off closing tag is dropped
+
+    def _block_prefix(self) -> str:
+        return OPEN_TAG
 
     def _take_until(self, tag: str) -> tuple[str, bool]:
         """Takes the buffer's text up to ``tag`` and the tag itself, or, with no tag in
@@ -436,14 +453,7 @@ class _Llama3Json(ToolCallParser):
             self._state = "object"
             return True
         if self._state == "object":
-            if not self._read_object():
-                return False
-            if self._object.failed:
-                self._failed(self._lead + self._object.raw)
-                self._state = "dropped" if self._dropping else "content"
-            else:
-                self._state = "between"
-            return True
+            return self._step_object("dropped" if self._dropping else "content", "between")
         if self._state == "content":
             self._say(self._buf)
         self._buf = ""                          # "dropped": the rest of a dropped object
@@ -452,9 +462,11 @@ class _Llama3Json(ToolCallParser):
     def _end(self) -> None:
         if self._state == "start":
             self._say(self._buf)                # too short to decide: content
-        elif self._state == "object" and self._object.call_name is None:
-            self._failed(self._lead + self._object.raw)
+        self._end_object()
         # "between": a trailing ";" is dropped
+
+    def _block_prefix(self) -> str:
+        return self._lead
 
 
 class _Required(ToolCallParser):
@@ -476,20 +488,12 @@ class _Required(ToolCallParser):
             self._state = "done"                # "]", or junk after the last call
             return True
         if self._state == "object":
-            if not self._read_object():
-                return False
-            if self._object.failed:
-                self._failed("")
-                self._state = "done"
-            else:
-                self._state = "between"
-            return True
+            return self._step_object("done", "between")
         self._buf = ""                          # "done": the array has ended
         return False
 
     def _end(self) -> None:
-        if self._state == "object" and self._object.call_name is None:
-            self._failed("")
+        self._end_object()
 
     def _say(self, text: str) -> None:
         pass                                    # this format has no content

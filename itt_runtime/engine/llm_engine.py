@@ -316,13 +316,13 @@ class LLMEngine:
         """The scheduler records the step (tokens, token-level stops); then the new tokens
         become text, and a stop string can end a sequence; then each request's delta."""
         failed = self.scheduler.update_from_output(plan, output)
-        after_stop: dict[str, int] = {}    # tokens appended after a stop string, per seq
+        after_stop: dict[Sequence, int] = {}    # tokens appended after a stop string
         for t in output.sampled:
             seq = t.seq
             if seq.request_id in failed or not t.appended:
                 continue
-            if seq.seq_id in after_stop:
-                after_stop[seq.seq_id] += 1
+            if seq in after_stop:
+                after_stop[seq] += 1
                 continue
             stopped = isinstance(seq.stop_reason, str)
             try:
@@ -331,10 +331,9 @@ class LLMEngine:
             except Exception as error:           # noqa: BLE001 - fails this request only
                 failed[seq.request_id] = error
             if not stopped and isinstance(seq.stop_reason, str):   # a stop string, now
-                after_stop[seq.seq_id] = 0
-        for t in output.sampled:             # a verify row's tokens after its stop string
-            if after_stop.get(t.seq.seq_id):
-                drop_last_tokens(t.seq, after_stop.pop(t.seq.seq_id))
+                after_stop[seq] = 0
+        for seq, extra in after_stop.items():  # a verify row's tokens after its stop string
+            drop_last_tokens(seq, extra)
         return [self._fail(rid, e) for rid, e in failed.items()] + \
             [o for rid in plan.request_ids
              if rid not in failed and (o := self._output(self.requests[rid]))]

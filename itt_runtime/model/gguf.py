@@ -71,6 +71,9 @@ _IN_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layerno
              "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 
+_TOP_FROM_HF = {h: g for g, h in _TOP.items()}
+_IN_LAYER_FROM_HF = {h: g for g, h in _IN_LAYER.items()}
+
 # llama.cpp's end-of-generation tokens, recognised by their text (llama-vocab.cpp).
 EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
              "<|eom_id|>", "<EOT>", "<|end_of_text|>")
@@ -322,14 +325,11 @@ def hf_name(gguf_name: str) -> str | None:
 def to_gguf_name(key: str) -> str:
     """The GGUF name of ``ITTModel.state_dict()`` key ``key`` (for messages)."""
     theirs = hf.to_hf_name(key) or key
-    for g, h in _TOP.items():
-        if theirs == h:
-            return g
+    if theirs in _TOP_FROM_HF:
+        return _TOP_FROM_HF[theirs]
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", theirs)
-    if m:
-        for g, h in _IN_LAYER.items():
-            if m.group(2) == h:
-                return f"blk.{m.group(1)}.{g}.{m.group(3)}"
+    if m and m.group(2) in _IN_LAYER_FROM_HF:
+        return f"blk.{m.group(1)}.{_IN_LAYER_FROM_HF[m.group(2)]}.{m.group(3)}"
     return key
 
 

@@ -107,9 +107,7 @@ class Sampler:
         """One token per row drawn from ``probs`` (N, V) (need not sum to 1): the exponential
         race ``argmax(p / E)``, E ~ Exp(1) from the row's own generator if seeded."""
         V, dev = probs.shape[1], probs.device
-        if self.generator is None:
-            self.generator = torch.Generator(device=dev).manual_seed(self.seed)
-        race = torch.empty_like(probs).exponential_(generator=self.generator)
+        race = torch.empty_like(probs).exponential_(generator=self._generator(dev))
         for i, seq in enumerate(seqs):
             if seq.generator is not None:
                 race[i] = torch.empty(V, device=dev).exponential_(generator=seq.generator)
@@ -117,9 +115,13 @@ class Sampler:
 
     def uniform(self, n: int, seq: Sequence, device: torch.device) -> torch.Tensor:
         """``n`` numbers in [0, 1) from the sequence's generator (or the sampler's)."""
+        return torch.rand(n, device=device, generator=seq.generator or self._generator(device))
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The generator of rows without a seed, made on first use."""
         if self.generator is None:
             self.generator = torch.Generator(device=device).manual_seed(self.seed)
-        return torch.rand(n, device=device, generator=seq.generator or self.generator)
+        return self.generator
 
     def probabilities(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """(N, V) each row's sampling weights: softmax at its temperature, zero outside its
