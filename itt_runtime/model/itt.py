@@ -144,10 +144,13 @@ class ITTModel(nn.Module):
         return (h @ w.t()).float()
 
     def forward(self, input_ids: torch.Tensor, routing: Routing | None = None,
-                return_hidden: bool = False) -> ModelOutput:
+                return_hidden: bool = False,
+                logits_at: torch.Tensor | None = None) -> ModelOutput:
         """input_ids (B, T), all sequences starting at position 0.
 
         ``routing`` None means causal mode at the model's default budget for every sequence.
+        ``logits_at`` (B, T) bool: compute the logits of those positions only, as (N, vocab)
+        in row-major order (training on answer tokens skips the LM head everywhere else).
         """
         cfg = self.cfg
         B, T = input_ids.shape
@@ -174,7 +177,8 @@ class ITTModel(nn.Module):
                 x = self._routed_step(layer, t, x, torch.sigmoid(logits), mask, positions)
                 routed.append(mask)
             itt_index += 1
-        out = ModelOutput(self.output_logits(x), torch.stack(routed, -1) if routed else None)
+        h = x if logits_at is None else x[logits_at]
+        out = ModelOutput(self.output_logits(h), torch.stack(routed, -1) if routed else None)
         if return_hidden:
             out.hidden = x
         return out

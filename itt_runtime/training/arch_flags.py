@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from itt_runtime.config import ModelConfig
+from itt_runtime.config import ConfigError, ModelConfig
+from itt_runtime.model.loader import LoadedModel, load_checkpoint
 from itt_runtime.tokenizers.tokenizer import Tokenizer
 from itt_runtime.training.upcycle import parse_itt_layers
 
@@ -43,3 +44,19 @@ def init_conflicts(a: argparse.Namespace, cfg: ModelConfig) -> list[str]:
             out.append(f"--{name.replace('_', '-')} {given} (the checkpoint has "
                        f"{list(cfg.itt_layers) if name == 'itt_layers' else have[name]})")
     return out
+
+
+def load_init(a: argparse.Namespace) -> LoadedModel:
+    """The ``--init`` checkpoint (a model directory or a GGUF file), or ValueError naming
+    what is wrong: unreadable, or shape flags / ``--tokenizer`` that contradict it."""
+    try:
+        loaded = load_checkpoint(a.init)
+    except ConfigError as e:
+        raise ValueError(f"--init: {e}") from None
+    conflicts = init_conflicts(a, loaded.model.cfg)
+    if a.tokenizer is not None:
+        conflicts.append(f"--tokenizer {a.tokenizer} (the checkpoint has its own)")
+    if conflicts:
+        raise ValueError(f"--init {a.init} fixes the architecture and tokenizer; drop "
+                         f"{'; '.join(conflicts)} (itt-upcycle makes ITT layers)")
+    return loaded

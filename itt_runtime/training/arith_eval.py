@@ -28,7 +28,8 @@ import torch
 from itt_runtime.model.itt import ThresholdRouting
 from itt_runtime.model.loader import load_model
 from itt_runtime.training import tasks
-from itt_runtime.training.task_trainer import exact_match
+from itt_runtime.training.chat_tasks import ChatFormat
+from itt_runtime.training.task_trainer import PlainFormat, ProblemFormat, exact_match
 
 BUDGETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 SETTINGS = ("add2", "add3", "mul3", "mix")
@@ -51,12 +52,21 @@ def threshold_routing(cfg, budget: float):
     return route
 
 
+def problem_format(tok, cfg, name: str = "auto") -> ProblemFormat:
+    """The format a model was trained on (``auto``: its config's training record; plain when
+    it has none), or the one named: ``plain`` or ``chat``."""
+    if name == "auto":
+        name = cfg.extra.get("_training", {}).get("format", "plain")
+    return ChatFormat(tok) if name == "chat" else PlainFormat(tok)
+
+
 def evaluate_model(path: str, settings: list[tuple[str, int]], budgets: Sequence[float | None],
-                   n: int, engine_check: int = 0) -> list[dict]:
-    """Rows {setting, budget, accuracy, problems, blocks_per_token, routed, routed_per_step
-    (the fraction at each routed step of each ITT layer)[, engine_agree]}."""
+                   n: int, engine_check: int = 0, fmt_name: str = "auto") -> list[dict]:
+    """Rows {setting, budget, accuracy, stderr, problems, blocks_per_token, routed,
+    routed_per_step (the fraction at each routed step of each ITT layer)[, engine_agree]}."""
     model, tok = load_model(path)
     cfg = model.cfg
+    fmt = problem_format(tok, cfg, fmt_name)
     rows = []
     llm = None
     if not cfg.is_itt:
@@ -74,15 +84,16 @@ def evaluate_model(path: str, settings: list[tuple[str, int]], budgets: Sequence
         for b in budgets:
             budget = (cfg.default_budget if b is None else b) if cfg.is_itt else None
             route = threshold_routing(cfg, budget) if budget is not None else None
-            acc, extra, per_stream = exact_match(model, tok, problems, route)
+            acc, extra, per_stream = exact_match(model, fmt, problems, route)
             row = {"setting": task if task == "mix" else f"{task}{digits}", "budget": budget,
-                   "accuracy": acc, "problems": len(problems),
+                   "accuracy": acc, "stderr": (acc * (1 - acc) / len(problems)) ** 0.5,
+                   "problems": len(problems),
                    "blocks_per_token": cfg.n_layers + extra,
                    "routed": extra / cfg.max_extra_steps if cfg.is_itt else None,
                    "routed_per_step": per_stream}
             if engine_check:
                 llm = llm or _llm(path)
-                row["engine_agree"] = _engine_agreement(model, tok, llm, problems[:engine_check],
+                row["engine_agree"] = _engine_agreement(model, fmt, llm, problems[:engine_check],
                                                         budget, route)
             rows.append(row)
             print(_line(path.split("/")[-1], row), file=sys.stderr, flush=True)
@@ -94,19 +105,19 @@ def _llm(path: str):
     return LLM(model=path, device="cpu", dtype="float32")
 
 
-def _engine_agreement(model, tok, llm, problems, budget, route) -> str:
+def _engine_agreement(model, fmt: ProblemFormat, llm, problems, budget, route) -> str:
     """'agree/total': problems where engine greedy exact match == the forward's verdict."""
     from itt_runtime.sampling_params import SamplingParams
     params = SamplingParams(max_tokens=12, temperature=0.0, think_budget=budget)
-    outs = llm.generate([p.prompt for p in problems], params)
+    outs = llm.generate([fmt.prompt_ids(p) for p in problems], params)
     agree = 0
     for p, out in zip(problems, outs):
-        ref = exact_match(model, tok, [p], route)[0]
+        ref = exact_match(model, fmt, [p], route)[0]
         agree += (out.outputs[0].text == p.answer) == (ref == 1.0)
     return f"{agree}/{len(problems)}"
 
 
-HEADER = (f"{'model':<8} {'setting':<7} {'budget':>6} {'accuracy':>9} {'blocks/tok':>10} "
+HEADER = (f"{'model':<8} {'setting':<7} {'budget':>6} {'accuracy ± se':>15} {'blocks/tok':>10} "
           f"{'routed':>7} {'max|step-b|':>11} {'n':>5}")
 
 
@@ -117,6 +128,7 @@ def _line(name: str, r: dict) -> str:
         f"{max(abs(f - r['budget']) for f in r['routed_per_step']):.3f}"
     extra = f"  engine {r['engine_agree']}" if "engine_agree" in r else ""
     return (f"{name:<8} {r['setting']:<7} {b:>6} {100 * r['accuracy']:>8.1f}% "
+            f"± {100 * r['stderr']:.1f} "
             f"{r['blocks_per_token']:>10.2f} {routed:>7} {dev:>11} {r['problems']:>5}{extra}")
 
 
@@ -136,7 +148,8 @@ def format_markdown(results: dict[str, list[dict]]) -> str:
             routed = "-" if any_row["routed"] is None else f"{any_row['routed']:.3f}"
             cells = [name, "-" if b is None else f"{b:g}",
                      f"{any_row['blocks_per_token']:.2f}", routed]
-            cells += [f"{100 * sel[s]['accuracy']:.1f} %" if s in sel else "" for s in settings]
+            cells += [f"{100 * sel[s]['accuracy']:.1f} % ± {100 * sel[s]['stderr']:.1f}"
+                      if s in sel else "" for s in settings]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -156,17 +169,21 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=1000, help="problems per setting")
     p.add_argument("--engine-check", type=int, default=0, metavar="K",
                    help="also run K problems per setting and budget through the real engine")
+    p.add_argument("--format", choices=["auto", "plain", "chat"], default="auto",
+                   help="problem format (auto: what the model was trained on; chat: one user "
+                        "turn in the model's chat template, for an instruct model)")
     p.add_argument("--json", help="write the rows to this file")
     p.add_argument("--markdown", action="store_true", help="print a markdown table instead")
     a = p.parse_args(argv)
     settings = [parse_setting(s) for s in a.settings.split(",") if s]
     budgets = [float(b) for b in a.budgets.split(",")]
-    results = {"itt": evaluate_model(a.model, settings, budgets, a.n, a.engine_check)}
+    results = {"itt": evaluate_model(a.model, settings, budgets, a.n, a.engine_check, a.format)}
     for spec in a.control:
         name, _, path = spec.partition("=")
         model, _ = load_model(path)
         control_budgets = [1.0] if model.cfg.is_itt else [None]
-        results[name] = evaluate_model(path, settings, control_budgets, a.n, a.engine_check)
+        results[name] = evaluate_model(path, settings, control_budgets, a.n, a.engine_check,
+                                       a.format)
     print(format_markdown(results) if a.markdown else format_table(results))
     if a.json:
         with open(a.json, "w") as f:

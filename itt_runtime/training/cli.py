@@ -20,11 +20,10 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from itt_runtime.config import ConfigError
 from itt_runtime.model.itt import ITTModel
-from itt_runtime.model.loader import load_model, save_model
+from itt_runtime.model.loader import save_model
 from itt_runtime.tokenizers.tokenizer import Tokenizer
-from itt_runtime.training.arch_flags import ARCH_DEFAULTS, init_conflicts, model_config
+from itt_runtime.training.arch_flags import ARCH_DEFAULTS, load_init, model_config
 from itt_runtime.training.data import encode_corpus, eval_windows
 from itt_runtime.training.finish import CalibrationData, finish_run
 from itt_runtime.training.task_cli import run_task
@@ -55,6 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--capacities", default="",
                    help="--task: comma-separated capacities cycled step by step (elastic "
                         "training); default: --train-capacity every step")
+    p.add_argument("--task-format", choices=["plain", "chat"], default="plain",
+                   help="--task: 'plain' (4821+397=5218, the arith model) or 'chat' (one user "
+                        "turn in the --init model's chat template, the bare answer as reply)")
+    p.add_argument("--trainable-layers", default="",
+                   help="--task: only these layers train ('odd', 'all', 'itt' = the ITT "
+                        "layers, or e.g. 14,16); default every parameter")
     p.add_argument("--eval-problems", type=int, default=200,
                    help="--task: problems per setting in the periodic exact-match check")
     p.add_argument("--calib", type=Path, help="text for routing calibration (default: --heldout)")
@@ -95,21 +100,16 @@ def main(argv=None) -> int:
     if not a.train or not a.heldout:
         print("itt-train: --train and --heldout are required (or --task)", file=sys.stderr)
         return 2
-    init: ITTModel | None = None
+    loaded = None
     if a.init is not None:
         try:
-            init, tok = load_model(a.init)
-        except ConfigError as e:
-            print(f"itt-train: error: --init: {e}", file=sys.stderr)
+            loaded = load_init(a)
+        except ValueError as e:
+            print(f"itt-train: error: {e}", file=sys.stderr)
             return 2
-        conflicts = init_conflicts(a, init.cfg)
-        if a.tokenizer is not None:
-            conflicts.append(f"--tokenizer {a.tokenizer} (the checkpoint has its own)")
-        if conflicts:
-            print(f"itt-train: error: --init {a.init} fixes the architecture and tokenizer; "
-                  f"drop {'; '.join(conflicts)} (itt-upcycle makes ITT layers)",
-                  file=sys.stderr)
-            return 2
+        init, tok = loaded.model, loaded.tokenizer
+    else:
+        init = None
     work = a.work_dir or a.out.with_name(a.out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
 
     def write(model: ITTModel, dtype: torch.dtype) -> Path:
         if init is not None:
-            return write_checkpoint(model, a.out, dtype, tokenizer_from=a.init)
+            return write_checkpoint(model, a.out, dtype, a.init, loaded)
         return save_model(model, tok_file, a.out, dtype=dtype)
 
     return finish_run(

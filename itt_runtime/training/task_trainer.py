@@ -16,6 +16,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import sentencepiece as spm
 import torch
@@ -25,7 +26,13 @@ from itt_runtime.config import ModelConfig
 from itt_runtime.model.itt import ITTModel, Routing
 from itt_runtime.tokenizers.tokenizer import Tokenizer
 from itt_runtime.training import tasks
-from itt_runtime.training.trainer import Schedule, lr_at, new_model
+from itt_runtime.training.trainer import (
+    Schedule,
+    is_itt_param,
+    lr_at,
+    new_model,
+    optimizer_for,
+)
 
 IGNORE = -100
 
@@ -44,6 +51,12 @@ class TaskTrainConfig(Schedule):
     # Elastic training: each step routes a capacity drawn from these (empty: the model's
     # train_capacity every step), so that every budget of the sweep is one the model knows.
     capacities: tuple[float, ...] = ()
+    # Fine-tuning a checkpoint (``--init``; issue 30's upcycled SmolLM2): only these layers
+    # train (empty: every parameter), the ITT parameters (φ, routers) alone for the first
+    # router_warmup_steps steps, at lr × itt_lr_mult (see trainer.optimizer_for).
+    trainable_layers: tuple[int, ...] = ()
+    router_warmup_steps: int = 0
+    itt_lr_mult: float = 1.0
 
     @property
     def max_digits(self) -> dict[str, int]:
@@ -64,17 +77,42 @@ def train_char_tokenizer(out_prefix: Path) -> Path:
     return out_prefix.with_suffix(".model")
 
 
-def encode_problems(tok: Tokenizer, problems: list[tasks.Problem]):
-    """-> input ids (B, T), targets (B, T) with IGNORE outside answer+EOS, lengths (B,).
+class ProblemFormat(Protocol):
+    """How a problem becomes tokens: the prompt the model is given and the answer it must
+    write (ending with the token that ends a reply). ``PlainFormat`` here; the chat format of
+    an instruct model is ``chat_tasks.ChatFormat``."""
+    name: str
 
-    Sequence: BOS prompt answer EOS, right-padded with EOS. Position i predicts token i+1."""
+    def prompt_ids(self, problem: tasks.Problem) -> list[int]: ...
+
+    def answer_ids(self, problem: tasks.Problem) -> list[int]: ...
+
+
+class PlainFormat:
+    """BOS prompt answer EOS: the ``arith`` model's format ("4821+397=" → "5218")."""
+    name = "plain"
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok = tok
+
+    def prompt_ids(self, problem: tasks.Problem) -> list[int]:
+        return self.tok.encode(problem.prompt, add_bos=True)
+
+    def answer_ids(self, problem: tasks.Problem) -> list[int]:
+        return self.tok.encode(problem.answer, add_bos=False, add_eos=True)
+
+
+def encode_problems(fmt: ProblemFormat, problems: list[tasks.Problem]):
+    """-> input ids (B, T), targets (B, T) with IGNORE outside the answer (its final token
+    included), lengths (B,). Sequence: prompt then answer, right-padded with the answer's
+    final token. Position i predicts token i+1."""
     seqs, n_prompt = [], []
     for p in problems:
-        prompt = tok.encode(p.prompt, add_bos=True)
-        seqs.append(prompt + tok.encode(p.answer, add_bos=False, add_eos=True))
+        prompt = fmt.prompt_ids(p)
+        seqs.append(prompt + fmt.answer_ids(p))
         n_prompt.append(len(prompt))
     T = max(map(len, seqs)) - 1
-    ids = torch.full((len(seqs), T), tok.eos_token_id, dtype=torch.long)
+    ids = torch.full((len(seqs), T), seqs[0][-1], dtype=torch.long)
     tgt = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
     for i, (s, n) in enumerate(zip(seqs, n_prompt)):
         ids[i, : len(s) - 1] = torch.tensor(s[:-1])
@@ -103,7 +141,7 @@ class PaddedTopKRouting(Routing):
 
 
 @torch.no_grad()
-def exact_match(model: ITTModel, tok: Tokenizer, problems: list[tasks.Problem],
+def exact_match(model: ITTModel, fmt: ProblemFormat, problems: list[tasks.Problem],
                 routing_for=None, batch_size: int = 500) -> tuple[float, float, list[float]]:
     """Teacher-forced exact match (= greedy exact match: greedy reproduces the answer iff
     every answer token, EOS included, is the argmax given the correct prefix), the mean
@@ -114,11 +152,13 @@ def exact_match(model: ITTModel, tok: Tokenizer, problems: list[tasks.Problem],
     correct, count = 0, 0
     routed = torch.zeros(model.cfg.max_extra_steps)
     for i in range(0, len(problems), batch_size):
-        ids, tgt, lengths = encode_problems(tok, problems[i: i + batch_size])
+        ids, tgt, lengths = encode_problems(fmt, problems[i: i + batch_size])
         routing = routing_for(lengths, ids.shape[1]) if routing_for else None
-        out = model(ids, routing=routing)
-        pred = out.logits.argmax(-1)
-        ok = ((pred == tgt) | (tgt == IGNORE)).all(1)
+        answer = tgt != IGNORE
+        out = model(ids, routing=routing, logits_at=answer)
+        hit = torch.ones_like(answer)
+        hit[answer] = out.logits.argmax(-1) == tgt[answer]
+        ok = hit.all(1)
         correct += int(ok.sum())
         valid = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
         if out.routed is not None:
@@ -137,10 +177,32 @@ class TaskTrainResult:
     finished: bool                   # False: stopped at --stop-at, resume to finish
 
 
-def train_tasks(cfg: ModelConfig, tc: TaskTrainConfig, tok: Tokenizer, work_dir: Path,
-                log=print) -> TaskTrainResult:
-    """Train (resuming from ``work_dir/state.pt``) on the task stream."""
-    model, opt = new_model(cfg, tc)
+def freeze_except(model: ITTModel, layers: tuple[int, ...]) -> int:
+    """Make only ``layers`` (their block, φ and routers) trainable; () keeps everything
+    trainable. Returns the number of trainable parameters. Frozen layers below the first
+    trainable one then build no autograd graph at all: their forward is inference."""
+    if layers:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for i in layers:
+            for p in model.layers[i].parameters():
+                p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def train_tasks(cfg: ModelConfig, tc: TaskTrainConfig, fmt: ProblemFormat, work_dir: Path,
+                log=print, init: ITTModel | None = None) -> TaskTrainResult:
+    """Train (resuming from ``work_dir/state.pt``) on the task stream, from a fresh model or
+    from ``init`` (fine-tuning: ``tc.trainable_layers``, router warm-up, φ/router LR)."""
+    if init is None:
+        model, opt = new_model(cfg, tc)
+    else:
+        torch.manual_seed(tc.seed)
+        model = init.float()
+    freeze_except(model, tc.trainable_layers)
+    if init is not None:
+        opt = optimizer_for(model, tc)
+    router_warmup = tc.router_warmup_steps if cfg.is_itt else 0
     step, history, elapsed0 = 0, [], 0.0
     elapsed = 0.0
     state_file = work_dir / "state.pt"
@@ -166,16 +228,21 @@ def train_tasks(cfg: ModelConfig, tc: TaskTrainConfig, tok: Tokenizer, work_dir:
         mix = tasks.curriculum_mix(progress, tc.max_digits)
         gen = tasks.stream("train", tc.seed * 1_000_003 + step, mix)
         problems = [next(gen) for _ in range(tc.batch_size)]
-        ids, tgt, lengths = encode_problems(tok, problems)
+        ids, tgt, lengths = encode_problems(fmt, problems)
         capacity = tc.capacities[step % len(tc.capacities)] if tc.capacities \
             else cfg.train_capacity
         routing = PaddedTopKRouting(capacity, lengths, ids.shape[1]) if cfg.is_itt else None
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc)
-        out = model(ids, routing=routing)
-        loss = F.cross_entropy(out.logits.flatten(0, 1), tgt.flatten(), ignore_index=IGNORE)
+            g["lr"] = lr_at(step, tc) * g.get("lr_mult", 1.0)
+        answer = tgt != IGNORE            # the LM head runs on the answer positions only
+        out = model(ids, routing=routing, logits_at=answer)
+        loss = F.cross_entropy(out.logits, tgt[answer])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if step < router_warmup:          # the backbone keeps its weights (trainer.train)
+            for n, p in model.named_parameters():
+                if not is_itt_param(n):
+                    p.grad = None
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         step += 1
@@ -183,7 +250,7 @@ def train_tasks(cfg: ModelConfig, tc: TaskTrainConfig, tok: Tokenizer, work_dir:
             elapsed = elapsed0 + time.perf_counter() - t0
             route = (lambda n, T: PaddedTopKRouting(cfg.train_capacity, n, T)) \
                 if cfg.is_itt else None
-            acc = {f"{t}{d}": exact_match(model, tok, ps, route)[0]
+            acc = {f"{t}{d}": exact_match(model, fmt, ps, route)[0]
                    for (t, d), ps in evalset.items()}
             model.train()
             history.append({"step": step, "train_loss": loss.item(), "elapsed_s": elapsed,

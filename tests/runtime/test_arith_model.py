@@ -14,7 +14,7 @@ from itt_runtime.model.itt import ThresholdRouting
 from itt_runtime.model.loader import load_model
 from itt_runtime.sampling_params import SamplingParams
 from itt_runtime.training import tasks
-from itt_runtime.training.task_trainer import exact_match
+from itt_runtime.training.task_trainer import PlainFormat, exact_match
 
 ARITH = resolve_model_path("arith")
 pytestmark = pytest.mark.skipif(not (ARITH / "model.safetensors").exists(),
@@ -71,7 +71,7 @@ def test_routed_fraction_is_within_005_of_budget_on_held_out_problems(arith, bud
     problems = [next(gen) for _ in range(500)]
     route = lambda lengths, T: ThresholdRouting.for_budgets(model.cfg, [budget] * len(lengths))  # noqa: E731
     with torch.no_grad():
-        _, _, per_step = exact_match(model, tok, problems, route)
+        _, _, per_step = exact_match(model, PlainFormat(tok), problems, route)
     assert max(abs(f - budget) for f in per_step) <= 0.05, per_step
 
 
@@ -81,5 +81,5 @@ def test_full_budget_beats_no_budget_on_3_digit_sums(arith):
     acc = {}
     for b in (0.0, 1.0):
         route = lambda lengths, T, b=b: ThresholdRouting.for_budgets(model.cfg, [b] * len(lengths))  # noqa: E731
-        acc[b] = exact_match(model, tok, problems, route)[0]
+        acc[b] = exact_match(model, PlainFormat(tok), problems, route)[0]
     assert acc[1.0] > acc[0.0], acc

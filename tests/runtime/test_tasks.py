@@ -14,6 +14,7 @@ from itt_runtime.training.cli import main as itt_train
 from itt_runtime.training.task_trainer import (
     IGNORE,
     PaddedTopKRouting,
+    PlainFormat,
     encode_problems,
     train_char_tokenizer,
 )
@@ -84,7 +85,7 @@ def test_char_tokenizer_and_answer_only_targets(tmp_path):
     assert tok.decode(tok.encode("4821+397=5218")) == "4821+397=5218"
     assert len(tok.encode("4821+397=", add_bos=False)) == 9        # one piece per character
     probs = [tasks.Problem("add", 1, "2+3=", "5"), tasks.Problem("add", 3, "999+1=", "1000")]
-    ids, tgt, lengths = encode_problems(tok, probs)
+    ids, tgt, lengths = encode_problems(PlainFormat(tok), probs)
     assert lengths.tolist() == [6, 11]                              # BOS 2 + 3 = 5 (EOS)
     assert tok.decode([t for t in tgt[0].tolist() if t != IGNORE],
                       skip_special_tokens=False).startswith("5")
