@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue 30: does thinking pay on a real pretrained model? SmolLM2-135M-Instruct (the GGUF of
+# scripts/fetch_smollm2.sh) upcycled into ITT x4 on layers 14, 16, 18 and 20, fine-tuned on
+# sums of up to 4-digit numbers asked in its own chat format, beside the dense control: the
+# same model fine-tuned the same way (the same four layers trainable, the same problems in the
+# same order, the same steps and learning rate). Two runs side by side, one thread each, each
+# resumable from its checkpoint (run the script again) and stopped after MAX_WALL_S seconds at
+# most. The exact recipe of docs/MODEL_CARD_SMOLLM2_ARITH.md.
+#
+#     scripts/train_smollm2_arith.sh            # RUNS=/tmp/smollm2_arith by default
+#
+# Pause both runs while anything is being timed on the machine (kill -STOP / -CONT their
+# pids): on 2 cores a training run corrupts every timing taken beside it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-/tmp/smollm2_arith}
+GGUF=$(scripts/fetch_smollm2.sh)
+mkdir -p "$RUNS"
+if [ ! -f "$RUNS/itt_init/config.json" ]; then
+  itt-upcycle "$GGUF" "$RUNS/itt_init" --itt-layers 14,16,18,20 --think-steps 4 \
+    --train-capacity 0.75
+fi
+common=(--task arith --task-format chat --trainable-layers 14,16,18,20 --batch-size 16
+        --max-steps "${STEPS:-400}" --lr 3e-4 --warmup-steps 30 --eval-every 100
+        --eval-problems 100 --checkpoint-every 25 --max-add-digits 4 --no-curriculum
+        --ship-dtype float32 --max-wall-s "${MAX_WALL_S:-0}")
+export OMP_NUM_THREADS=1
+itt-train --init "$RUNS/itt_init" --out "$RUNS/itt" "${common[@]}" --itt-lr-mult 10 \
+  > "$RUNS/itt.log" 2>&1 &
+itt-train --init "$GGUF" --out "$RUNS/dense" "${common[@]}" > "$RUNS/dense.log" 2>&1 &
+wait
