@@ -21,7 +21,7 @@ if [ ! -f "$RUNS/itt_init/config.json" ]; then
     --train-capacity 0.75
 fi
 common=(--task arith --task-format chat --trainable-layers 14,16,18,20 --batch-size 16
-        --max-steps "${STEPS:-400}" --lr 3e-4 --warmup-steps 30 --eval-every 100
+        --max-steps "${STEPS:-300}" --lr 3e-4 --warmup-steps 30 --eval-every 100
         --eval-problems 100 --checkpoint-every 25 --max-add-digits 4 --no-curriculum
         --ship-dtype float32 --max-wall-s "${MAX_WALL_S:-0}")
 export OMP_NUM_THREADS=1

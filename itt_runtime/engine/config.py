@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from itt_runtime.config import ConfigError, ModelConfig, option
+from itt_runtime.model.quantization import MODES as QUANTIZATION_MODES
 from itt_runtime.sampling_params import SamplingParams
 
 # How routed steps compute (runner/model_runner.py): "gather" runs only the routed tokens,
@@ -94,6 +95,11 @@ class EngineConfig:
     device: str = option("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
     dtype: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or "
                         "float16 (bf16 on a CPU without AVX-512 is slower than fp32)")
+    quantization: str = option(
+        "none", "keep the weights quantized: int8 (CPU: every matmul weight int8 per output "
+        "channel, multiplied by fbgemm's int8 kernels with each token's activations "
+        "quantized on its own; the embedding int8 per row); none: the weights in --dtype",
+        choices=QUANTIZATION_MODES)
     max_model_len: int | None = option(None, "context length (prompt + generated)",
                                        "positive_int", default_text="the model's max positions")
     max_num_seqs: int = option(64, "sequences in the running batch", "positive_int")

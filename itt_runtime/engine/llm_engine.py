@@ -25,6 +25,7 @@ from itt_runtime.engine.step import RunnerOutput, ScheduledSeq, SchedulerOutput
 from itt_runtime.engine.stopping import drop_last_tokens
 from itt_runtime.kv_cache.block_pool import BlockPool
 from itt_runtime.kv_cache.manager import KVCacheManager, cdiv
+from itt_runtime.model import quantization
 from itt_runtime.model.hf import GENERATION_FILE, read_generation_config
 from itt_runtime.model.loader import load_checkpoint
 from itt_runtime.outputs import RequestMetrics, RequestOutput
@@ -53,9 +54,15 @@ class LLMEngine:
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
         self.model_path = resolve_model_path(config.model)
+        try:
+            quantization.check_supported(config.quantization, self.device,
+                                         compiled=config.compile_mode != "off")
+        except quantization.QuantizationError as e:
+            raise ConfigError(str(e)) from None
         loaded = load_checkpoint(self.model_path, self.device, self.dtype, fuse=True,
                                  tokenizer=config.tokenizer)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        quantization.quantize_model(self.model, config.quantization)
         mc = self.model_config = self.model.cfg
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if not 1 <= self.max_model_len <= mc.max_position_embeddings:

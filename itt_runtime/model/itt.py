@@ -130,6 +130,8 @@ class ITTModel(nn.Module):
                                                                  bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                              cfg.rope_scaling)
+        # The LM head as a module, when --quantization replaced the weight (quantization.py).
+        self.head: nn.Module | None = None
         self.history: list[dict] = []       # training log, set by the trainer
         self.finished = True                # False: a training run stopped early
 
@@ -140,6 +142,8 @@ class ITTModel(nn.Module):
 
     def output_logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)
+        if self.head is not None:
+            return self.head(h).float()
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return (h @ w.t()).float()
 

@@ -8,6 +8,7 @@ every operation except how attention gathers its keys and values.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +125,8 @@ class Block(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn_dim, d, bias=False)
         self.fused: tuple[torch.Tensor, torch.Tensor] | None = None
         self.fused_qkv_bias: torch.Tensor | None = None
+        # --quantization (model/quantization.py): the q|k|v and gate|up matmuls as modules.
+        self.quantized: nn.ModuleList | None = None
 
     @torch.no_grad()
     def fuse_projections(self, input_major: bool = False) -> None:
@@ -157,13 +160,29 @@ class Block(nn.Module):
             self.fused_qkv_bias = bias
         self.fused = (qkv, gate_up)
 
+    @torch.no_grad()
+    def quantize(self, make: Callable[[torch.Tensor, torch.Tensor | None], nn.Module]) -> None:
+        """For serving with ``--quantization`` (model/quantization.py), after
+        ``fuse_projections``: q|k|v, gate|up, o and down become ``make(weight, bias)``
+        modules, and the fp32 projections are released."""
+        if self.fused is None:
+            raise RuntimeError("quantize() needs fuse_projections() first")
+        qkv, gate_up = self.fused
+        self.quantized = nn.ModuleList([make(qkv, self.fused_qkv_bias), make(gate_up, None)])
+        self.o_proj = make(self.o_proj.weight, self.o_proj.bias)
+        self.down_proj = make(self.down_proj.weight, None)
+        for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            delattr(self, name)
+        self.fused, self.fused_qkv_bias = None, None
+
     def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x (..., d) -> q (..., H, D), k (..., KV, D), v (..., KV, D); RoPE applied to q, k."""
         h = self.attn_norm(x)
         shape = x.shape[:-1]
-        if self.fused is not None:
-            nq = self.n_heads * self.head_dim
-            nkv = self.n_kv_heads * self.head_dim
+        nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        if self.quantized is not None:
+            q, k, v = self.quantized[0](h).split([nq, nkv, nkv], dim=-1)
+        elif self.fused is not None:
             q, k, v = F.linear(h, self.fused[0], self.fused_qkv_bias).split([nq, nkv, nkv],
                                                                            dim=-1)
         else:
@@ -178,7 +197,9 @@ class Block(nn.Module):
         a = self.o_proj(attn)
         h = x + a
         m = self.mlp_norm(h)
-        if self.fused is not None:
+        if self.quantized is not None:
+            gate, up = self.quantized[1](m).chunk(2, dim=-1)
+        elif self.fused is not None:
             gate, up = F.linear(m, self.fused[1]).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(m), self.up_proj(m)
