@@ -62,7 +62,10 @@ class LLMEngine:
         loaded = load_checkpoint(self.model_path, self.device, self.dtype, fuse=True,
                                  tokenizer=config.tokenizer)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
-        quantization.quantize_model(self.model, config.quantization)
+        if config.quantization != "none":
+            quantization.quantize_model(self.model, config.quantization,
+                                        quantization.calibration_ids(self.tokenizer)
+                                        .to(self.device))
         mc = self.model_config = self.model.cfg
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if not 1 <= self.max_model_len <= mc.max_position_embeddings:

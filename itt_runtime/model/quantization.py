@@ -28,10 +28,15 @@ so loading needs the fp32 model's memory once.
 
 from __future__ import annotations
 
+import ctypes
 import warnings
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from itt_runtime.model.itt import ThresholdRouting
 
 MODES = ("none", "int8")
 
@@ -67,11 +72,25 @@ def _per_row_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Int8Linear(nn.Module):
     """``x @ Wᵀ + b`` with W int8 per output channel (fbgemm's packed layout) and each row of
-    x quantized to 8 bits on its own (see the module docstring). fp32 in, fp32 out."""
+    x quantized to 8 bits on its own (see the module docstring). fp32 in, fp32 out.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    ``act_amax`` (in_features,): the largest |x| seen per input channel on calibration text.
+    With it, each channel c is scaled by s_c = sqrt(act_amax_c / w_amax_c) — x_c / s_c in,
+    W[:, c] · s_c in the weight (SmoothQuant's migration, α = 0.5) — which moves the outlier
+    channels' range from the activations, quantized per token, into the weights, quantized
+    per channel, where it costs less precision."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 act_amax: torch.Tensor | None = None) -> None:
         super().__init__()
         out_features, self.in_features = weight.shape
+        weight = weight.detach().float()
+        smooth = None
+        if act_amax is not None:
+            w_amax = weight.abs().amax(0).clamp(min=1e-5)
+            smooth = (act_amax.float().clamp(min=1e-5) / w_amax).sqrt().clamp(1e-2, 1e2)
+            weight = weight * smooth
+        self.register_buffer("inv_smooth", None if smooth is None else 1.0 / smooth)
         q, scale = _per_row_int8(weight)
         # Two zero input columns: the inputs +1 and −1 that fix the quantization range.
         q = torch.cat([q, torch.zeros(out_features, 2, dtype=torch.int8)], dim=1)
@@ -86,6 +105,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x = x.reshape(-1, self.in_features).float()
+        if self.inv_smooth is not None:
+            x = x * self.inv_smooth
         s = x.abs().amax(-1, keepdim=True).clamp(min=1e-30)
         xn = torch.cat([x / s, self._ends.expand(x.shape[0], 2)], dim=-1)
         y = torch.ops.quantized.linear_dynamic(xn, self._packed, True) * s
@@ -94,31 +115,88 @@ class Int8Linear(nn.Module):
         return y.reshape(*shape, -1)
 
 
-class Int8Embedding(nn.Module):
-    """An embedding table held as int8 rows with one fp32 scale per row."""
+class _Observed(nn.Module):
+    """An fp32 linear that records the largest |x| per input channel (calibration)."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        q, scale = _per_row_int8(weight)
-        self.register_buffer("values", q)
-        self.register_buffer("scale", scale)
+        self.weight, self.bias = weight, bias
+        self.amax = torch.zeros(weight.shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0]:
+            self.amax = torch.maximum(self.amax, flat.abs().amax(0).float())
+        return F.linear(x, self.weight, self.bias)
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table held as int8 with one fp32 scale per ``group`` consecutive values
+    of a row (llama.cpp's Q8_0 layout: a row's outlier dimension costs only its group
+    precision), dequantized on lookup."""
+
+    def __init__(self, weight: torch.Tensor, group: int = 32) -> None:
+        super().__init__()
+        V, d = weight.shape
+        self.group = group if d % group == 0 else d
+        q, scale = _per_row_int8(weight.detach().reshape(-1, self.group))
+        self.register_buffer("values", q.reshape(V, d))
+        self.register_buffer("scale", scale.reshape(V, d // self.group))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.values[ids].float() * self.scale[ids].unsqueeze(-1)
+        q = self.values[ids].float().unflatten(-1, (-1, self.group))
+        return (q * self.scale[ids].unsqueeze(-1)).flatten(-2)
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, mode: str) -> None:
+def quantize_model(model: nn.Module, mode: str, calibration_ids: torch.Tensor) -> None:
     """Replace ``model``'s (an ITTModel, fused for serving) matmul weights and embedding by
-    their ``mode`` form in place, block by block, releasing each fp32 weight as it goes."""
+    their ``mode`` form in place. ``calibration_ids`` (B, T): text the model reads once, in
+    fp32 at full think budget (every routed step runs), to measure each projection's input
+    range per channel (``Int8Linear``'s smoothing); then each block's fp32 weights are
+    replaced and released."""
     if mode == "none":
         return
     for layer in model.layers:
-        layer.block.quantize(Int8Linear)
+        layer.block.quantize(_Observed)
     head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-    model.head = Int8Linear(head)
+    model.head = _Observed(head)
+    routing = ThresholdRouting.for_budgets(model.cfg, [1.0] * len(calibration_ids)) \
+        if model.cfg.is_itt else None
+    model(calibration_ids, routing=routing)
+
+    def swap(obs: _Observed) -> Int8Linear:
+        return Int8Linear(obs.weight, obs.bias, obs.amax)
+
+    for layer in model.layers:
+        block = layer.block
+        block.quantized = nn.ModuleList(swap(m) for m in block.quantized)
+        block.o_proj, block.down_proj = swap(block.o_proj), swap(block.down_proj)
+    model.head = swap(model.head)
     model.lm_head = None
     model.embed_tokens = Int8Embedding(model.embed_tokens.weight)
+    release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand the freed fp32 weights' pages back to the OS. glibc keeps freed blocks below its
+    (adaptive, up to 32 MB) mmap threshold in the heap, so without this the process's
+    resident memory would stay near the fp32 model's."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):       # not glibc: nothing to do
+        pass
+
+
+CALIBRATION_TEXT = Path(__file__).with_name("calibration.txt")
+
+
+def calibration_ids(tok, max_tokens: int = 512) -> torch.Tensor:
+    """(1, T) token ids of the packaged calibration text (``calibration.txt``: general English
+    prose, not the held-out text any evaluation reads), BOS first where the tokenizer adds
+    one, at most ``max_tokens``."""
+    ids = tok.encode(CALIBRATION_TEXT.read_text(encoding="utf-8"))[:max_tokens]
+    return torch.tensor([ids])
 
 
 def weight_bytes(model: nn.Module) -> int:
