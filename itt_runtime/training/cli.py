@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task-format", choices=["plain", "chat"], default="plain",
                    help="--task: 'plain' (4821+397=5218, the arith model) or 'chat' (one user "
                         "turn in the --init model's chat template, the bare answer as reply)")
+    p.add_argument("--calib-problems", type=int, default=2000,
+                   help="--task: held-out problems the routing thresholds are calibrated on")
     p.add_argument("--trainable-layers", default="",
                    help="--task: only these layers train ('odd', 'all', 'itt' = the ITT "
                         "layers, or e.g. 14,16); default every parameter")

@@ -101,7 +101,7 @@ def run_task(a: argparse.Namespace) -> int:
                          init=loaded.model if loaded is not None else None)
 
     def calibration_data() -> CalibrationData:
-        return calibration_batch(fmt, tc)
+        return calibration_batch(fmt, tc, a.calib_problems)
 
     def write(model: ITTModel, dtype: torch.dtype) -> Path:
         if a.init is not None:

@@ -6,11 +6,14 @@ evaluated in the format it was trained on. Tiny random Hugging Face models on CP
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from hf_models import build_hf_chat_model
 from hf_tokenizers import LLAMA3, hf_reference
+from itt_testing import REPO
 
 from itt_runtime.model.loader import load_model
 from itt_runtime.training import tasks
@@ -76,10 +79,18 @@ def changed_layers(before, after) -> set[str]:
     return {k for k in a if not torch.equal(a[k], b[k])}
 
 
-def test_fine_tune_itt_layers_only_then_evaluate_in_chat_format(itt_chat_dir, tmp_path):
-    out = tmp_path / "trained"
+@pytest.fixture(scope="module")
+def trained_itt(itt_chat_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "itt"
     assert itt_train(["--init", str(itt_chat_dir), "--out", str(out), *TASK,
-                      "--trainable-layers", "itt", "--itt-lr-mult", "10"]) == 0
+                      "--trainable-layers", "itt", "--itt-lr-mult", "10",
+                      "--calib-problems", "300"]) == 0
+    return out
+
+
+def test_fine_tune_itt_layers_only_then_evaluate_in_chat_format(itt_chat_dir, trained_itt,
+                                                                 tmp_path):
+    out = trained_itt
     before, _ = load_model(itt_chat_dir)
     after, _ = load_model(out)
     changed = changed_layers(before, after)
@@ -124,3 +135,24 @@ def test_chat_format_needs_a_chat_template(tmp_path, capsys):
     no_template = build_hf_chat_model(tmp_path / "plain", chat_template=None)
     assert itt_train(["--init", str(no_template), "--out", str(tmp_path / "x"), *TASK]) == 2
     assert "chat template" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_shipped_delta_rebuilds_the_trained_model(trained_itt, chat_dir, tmp_path):
+    """scripts/smollm2_arith_delta.py: extract the trained layers (bf16), rebuild from the
+    base checkpoint; everything else is the base's, bit for bit, and the delta is the
+    trained weights to bf16 precision, recalibrated."""
+    script = [sys.executable, str(REPO / "scripts" / "smollm2_arith_delta.py")]
+    subprocess.run([*script, "extract", str(trained_itt), str(tmp_path / "delta")], check=True)
+    subprocess.run([*script, "build", str(tmp_path / "delta"), str(tmp_path / "built"),
+                    "--gguf", str(chat_dir)], check=True)
+    trained, _ = load_model(trained_itt)
+    built, _ = load_model(tmp_path / "built")
+    a, b = trained.state_dict(), built.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.startswith("layers.1."):
+            torch.testing.assert_close(b[k], a[k], rtol=2 ** -7, atol=1e-6)
+        else:
+            assert torch.equal(a[k], b[k]), k
+    assert built.cfg.calibration is not None and built.cfg.itt_layers == (1,)
+    assert built.cfg.extra["_training"]["format"] == "chat"
