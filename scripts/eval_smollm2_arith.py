@@ -145,9 +145,9 @@ def chat_answers(llm: LLM, fmt: ChatFormat, questions: list[str]) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--itt", required=True)
-    p.add_argument("--dense", required=True)
-    p.add_argument("--base", required=True, help="the model both were fine-tuned from")
+    p.add_argument("--itt", help="the ITT model (parts that need it are skipped without)")
+    p.add_argument("--dense", help="the dense control (skipped without)")
+    p.add_argument("--base", help="the model both were fine-tuned from (ppl and chat)")
     p.add_argument("--settings", default="add2,add3,add4")
     p.add_argument("--budgets", default="0,0.25,0.5,0.75,1")
     p.add_argument("--n", type=int, default=1000)
@@ -171,11 +171,15 @@ def main(argv=None) -> int:
                              enable_prefix_caching=True, max_num_seqs=64)
         return llms[path]
 
-    itt_model, tok = load_model(a.itt)
+    itt_model, tok = load_model(a.itt or a.dense)
     fmt = ChatFormat(tok)
+    if not a.itt:
+        parts -= {"routing", "agreement"}
+    given = [(name, path) for name, path in (("dense control", a.dense), ("ITT", a.itt)) if path]
     if "accuracy" in parts:
         rows = []
-        for name, path, bs in (("dense control", a.dense, [None]), ("ITT", a.itt, budgets)):
+        for name, path in given:
+            bs = budgets if name == "ITT" else [None]
             for b in bs:
                 row = {"model": name, "budget": b}
                 for s, ps in problems.items():
@@ -224,7 +228,7 @@ def main(argv=None) -> int:
     if "ppl" in parts:
         rows = []
         text = (ROOT / "data" / "heldout.txt").read_text()
-        for name, path in (("base", a.base), ("dense control", a.dense), ("ITT", a.itt)):
+        for name, path in ([("base", a.base)] if a.base else []) + given:
             model, mtok = load_model(path)
             windows = text_windows(mtok, text, 256)[:48]
             cfg = model.cfg
@@ -237,12 +241,12 @@ def main(argv=None) -> int:
         for r in rows:
             b = "-" if r["budget"] is None else f"{r['budget']:g}"
             print(f"| {r['model']} | {b} | {r['ppl']:.3f} |")
-    if "chat" in parts:
+    if "chat" in parts and a.base:
         questions = [q for q, _ in FACTS]
         base = chat_answers(llm(a.base), fmt, questions)
         known = [i for i, (ans, (_, want)) in enumerate(zip(base, FACTS)) if want in ans.lower()]
         rows = {"base": len(known)}
-        for name, path in (("dense control", a.dense), ("ITT", a.itt)):
+        for name, path in given:
             answers = chat_answers(llm(path), fmt, questions)
             rows[name] = sum(FACTS[i][1] in answers[i].lower() for i in known)
             rows[name + " answers"] = [answers[i] for i in known]
@@ -250,8 +254,7 @@ def main(argv=None) -> int:
         rows["questions"] = [questions[i] for i in known]
         result["chat"] = rows
         print(f"\nChat sanity: the base model answers {len(known)}/{len(FACTS)} factual questions "
-              f"correctly; of those, the dense control answers {rows['dense control']} and the "
-              f"ITT model {rows['ITT']}.")
+              "correctly; of those, " + ", ".join(f"the {n} answers {rows[n]}" for n, _ in given))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
