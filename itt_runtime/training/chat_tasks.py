@@ -14,16 +14,7 @@ from typing import Any
 
 from itt_runtime.tokenizers.chat_template import ChatTemplate, ChatTemplateError
 from itt_runtime.tokenizers.tokenizer import Tokenizer
-from itt_runtime.training.tasks import Problem
-
-OPERATORS = {"add": "+", "mul": "*"}
-
-
-def question(problem: Problem) -> str:
-    """"4821+397=" → "What is 4821 + 397?"."""
-    op = OPERATORS[problem.task]
-    a, b = problem.prompt.removesuffix("=").split(op)
-    return f"What is {a} {op} {b}?"
+from itt_runtime.training.tasks import Problem, question
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,16 @@ class Problem:
         return self.prompt + self.answer
 
 
+OPERATORS = {"add": "+", "mul": "*"}
+
+
+def question(problem: Problem) -> str:
+    """The problem as a chat question: "4821+397=" → "What is 4821 + 397?"."""
+    op = OPERATORS[problem.task]
+    a, b = problem.prompt.removesuffix("=").split(op)
+    return f"What is {a} {op} {b}?"
+
+
 def split_of(prompt: str) -> str:
     bucket = zlib.crc32(prompt.encode()) % _BUCKETS
     return "eval" if bucket == 0 else "calib" if bucket == 1 else "train"
@@ -131,11 +141,12 @@ def main(argv=None) -> int:
     p.add_argument("--digits", type=int, default=4)
     p.add_argument("-n", type=int, default=10)
     p.add_argument("--jsonl", action="store_true",
-                   help='one {"prompt", "answer", "task", "digits"} object per line')
+                   help='one {"prompt", "question", "answer", "task", "digits"} object per line')
     a = p.parse_args(argv)
     for prob in take(a.split, a.seed, a.task, a.digits, a.n):
         if a.jsonl:
-            print(json.dumps({"prompt": prob.prompt, "answer": prob.answer, "task": prob.task,
+            print(json.dumps({"prompt": prob.prompt, "question": question(prob),
+                              "answer": prob.answer, "task": prob.task,
                               "digits": prob.digits}))
         else:
             print(prob.prompt, prob.answer)
