@@ -34,7 +34,7 @@ from itt_runtime.training.task_trainer import TaskTrainConfig
 from itt_runtime.training.upcycle import upcycle, write_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-CALIB_PROBLEMS = 500
+CALIB_PROBLEMS = 300
 
 
 def delta_names(model, layers) -> list[str]:
