@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -37,8 +36,8 @@ from itt_runtime.model.itt import ThresholdRouting
 from itt_runtime.model.loader import load_model
 from itt_runtime.sampling_params import SamplingParams
 from itt_runtime.training import tasks
-from itt_runtime.training.arith_eval import threshold_routing
-from itt_runtime.training.chat_tasks import ChatFormat, _Turn
+from itt_runtime.training.arith_eval import standard_error, threshold_routing
+from itt_runtime.training.chat_tasks import ChatFormat
 from itt_runtime.training.evaluate import evaluate_budget, text_windows
 from itt_runtime.training.task_trainer import exact_match
 
@@ -89,10 +88,6 @@ def engine_accuracy(llm: LLM, fmt: ChatFormat, problems, budget: float | None) -
     return sum(o.outputs[0].text == p.answer for p, o in zip(problems, outs)) / len(problems)
 
 
-def stderr(acc: float, n: int) -> float:
-    return math.sqrt(acc * (1 - acc) / n)
-
-
 @torch.no_grad()
 def reference_greedy(model, fmt: ChatFormat, problems, budget: float,
                      max_new: int = 10) -> list[list[int]]:
@@ -136,8 +131,7 @@ def engine_greedy(llm: LLM, fmt: ChatFormat, problems, budget: float,
 
 
 def chat_answers(llm: LLM, fmt: ChatFormat, questions: list[str]) -> list[str]:
-    prompts = [fmt.tok.encode_prompt(fmt.template.render([_Turn("user", q)]), False)
-               for q in questions]
+    prompts = [fmt.question_ids(q) for q in questions]
     outs = llm.generate(prompts, SamplingParams(max_tokens=40, temperature=0.0))
     return [o.outputs[0].text for o in outs]
 
@@ -185,7 +179,7 @@ def main(argv=None) -> int:
                 for s, ps in problems.items():
                     t0 = time.perf_counter()
                     acc = engine_accuracy(llm(path), fmt, ps, b)
-                    row[s] = (acc, stderr(acc, len(ps)))
+                    row[s] = (acc, standard_error(acc, len(ps)))
                     log(f"{name} budget {b} {s}: {100 * acc:.1f} % "
                         f"({time.perf_counter() - t0:.0f} s)")
                 rows.append(row)

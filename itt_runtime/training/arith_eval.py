@@ -45,6 +45,11 @@ def parse_setting(s: str) -> tuple[str, int]:
     return task, int(digits)
 
 
+def standard_error(accuracy: float, n: int) -> float:
+    """The standard error of an accuracy measured on ``n`` independent problems."""
+    return (accuracy * (1 - accuracy) / n) ** 0.5
+
+
 def threshold_routing(cfg, budget: float):
     """routing_for(lengths, T) of exact_match: causal thresholds at ``budget`` for every row."""
     def route(lengths, T):
@@ -86,7 +91,7 @@ def evaluate_model(path: str, settings: list[tuple[str, int]], budgets: Sequence
             route = threshold_routing(cfg, budget) if budget is not None else None
             acc, extra, per_stream = exact_match(model, fmt, problems, route)
             row = {"setting": task if task == "mix" else f"{task}{digits}", "budget": budget,
-                   "accuracy": acc, "stderr": (acc * (1 - acc) / len(problems)) ** 0.5,
+                   "accuracy": acc, "stderr": standard_error(acc, len(problems)),
                    "problems": len(problems),
                    "blocks_per_token": cfg.n_layers + extra,
                    "routed": extra / cfg.max_extra_steps if cfg.is_itt else None,

@@ -45,7 +45,12 @@ class ChatFormat:
         return self.template.render([_Turn("user", question(problem))])
 
     def prompt_ids(self, problem: Problem) -> list[int]:
-        return self.tok.encode_prompt(self.prompt_text(problem), add_special_tokens=False)
+        return self.question_ids(question(problem))
+
+    def question_ids(self, text: str) -> list[int]:
+        """Any question as one user turn, as the server renders and tokenizes it."""
+        return self.tok.encode_prompt(self.template.render([_Turn("user", text)]),
+                                      add_special_tokens=False)
 
     def answer_ids(self, problem: Problem) -> list[int]:
         return self.tok.encode(problem.answer, add_bos=False) + [self.tok.eos_token_id]
