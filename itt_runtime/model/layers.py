@@ -169,11 +169,20 @@ class Block(nn.Module):
             raise RuntimeError("quantize() needs fuse_projections() first")
         qkv, gate_up = self.fused
         self.quantized = nn.ModuleList([make(qkv, self.fused_qkv_bias), make(gate_up, None)])
-        self.o_proj = make(self.o_proj.weight, self.o_proj.bias)
-        self.down_proj = make(self.down_proj.weight, None)
+        # Quantized modules stand where the Linears were (they are called the same way).
+        self.o_proj = make(self.o_proj.weight, self.o_proj.bias)  # type: ignore[assignment]
+        self.down_proj = make(self.down_proj.weight, None)  # type: ignore[assignment]
         for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
             delattr(self, name)
         self.fused, self.fused_qkv_bias = None, None
+
+    def replace_quantized(self, fn: Callable[[nn.Module], nn.Module]) -> None:
+        """After ``quantize``: each of the four matmul modules becomes ``fn(module)``."""
+        if self.quantized is None:
+            raise RuntimeError("replace_quantized() needs quantize() first")
+        self.quantized = nn.ModuleList(fn(m) for m in self.quantized)
+        self.o_proj = fn(self.o_proj)  # type: ignore[assignment]
+        self.down_proj = fn(self.down_proj)  # type: ignore[assignment]
 
     def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x (..., d) -> q (..., H, D), k (..., KV, D), v (..., KV, D); RoPE applied to q, k."""

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from itt_runtime.model.itt import ThresholdRouting
+from itt_runtime.model.itt import ITTModel, ThresholdRouting
 
 MODES = ("none", "int8")
 
@@ -79,6 +79,10 @@ class Int8Linear(nn.Module):
     W[:, c] · s_c in the weight (SmoothQuant's migration, α = 0.5) — which moves the outlier
     channels' range from the activations, quantized per token, into the weights, quantized
     per channel, where it costs less precision."""
+
+    inv_smooth: torch.Tensor | None
+    bias: torch.Tensor | None
+    _ends: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  act_amax: torch.Tensor | None = None) -> None:
@@ -135,6 +139,9 @@ class Int8Embedding(nn.Module):
     of a row (llama.cpp's Q8_0 layout: a row's outlier dimension costs only its group
     precision), dequantized on lookup."""
 
+    values: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, group: int = 32) -> None:
         super().__init__()
         V, d = weight.shape
@@ -149,7 +156,7 @@ class Int8Embedding(nn.Module):
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, mode: str, calibration_ids: torch.Tensor) -> None:
+def quantize_model(model: ITTModel, mode: str, calibration_ids: torch.Tensor) -> None:
     """Replace ``model``'s (an ITTModel, fused for serving) matmul weights and embedding by
     their ``mode`` form in place. ``calibration_ids`` (B, T): text the model reads once, in
     fp32 at full think budget (every routed step runs), to measure each projection's input
@@ -157,7 +164,7 @@ def quantize_model(model: nn.Module, mode: str, calibration_ids: torch.Tensor) -
     replaced and released."""
     if mode == "none":
         return
-    for layer in model.layers:
+    for layer in model.itt_layer_list:
         layer.block.quantize(_Observed)
     head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
     model.head = _Observed(head)
@@ -165,16 +172,16 @@ def quantize_model(model: nn.Module, mode: str, calibration_ids: torch.Tensor) -
         if model.cfg.is_itt else None
     model(calibration_ids, routing=routing)
 
-    def swap(obs: _Observed) -> Int8Linear:
+    def swap(obs: nn.Module) -> Int8Linear:
+        assert isinstance(obs, _Observed)
         return Int8Linear(obs.weight, obs.bias, obs.amax)
 
-    for layer in model.layers:
-        block = layer.block
-        block.quantized = nn.ModuleList(swap(m) for m in block.quantized)
-        block.o_proj, block.down_proj = swap(block.o_proj), swap(block.down_proj)
+    for layer in model.itt_layer_list:
+        layer.block.replace_quantized(swap)
     model.head = swap(model.head)
     model.lm_head = None
-    model.embed_tokens = Int8Embedding(model.embed_tokens.weight)
+    # Looked up the way nn.Embedding is (model(ids), decode steps): the int8 table stands in.
+    model.embed_tokens = Int8Embedding(model.embed_tokens.weight)  # type: ignore[assignment]
     release_freed_memory()
 
 
