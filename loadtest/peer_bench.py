@@ -16,9 +16,10 @@ client keeps c requests in flight until ``--requests-per-stream`` × c have fini
 
 Rounds are interleaved (round r runs every concurrency on every server, in an order rotated
 each round) because the machine is shared; figures are medians over rounds. Each server
-first gets one untimed warm-up pass at every concurrency (an itt-server with compiled decode
-steps compiles there; its log's compile lines are reported). Memory: each server's resident
-set (VmRSS) after warm-up and its peak (VmHWM) at the end.
+first gets one untimed warm-up pass at every concurrency. An itt-server is measured once its
+compiled decode steps are ready (``--compile auto``, the default: the start waits for them;
+``on``: they compile before it listens), and its log's compile lines are reported. Memory:
+each server's resident set (VmRSS) after warm-up and its peak (VmHWM) at the end.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loadtest.client import OpenAIClient, RequestResult
-from loadtest.servers import free_port, stop_process, wait_ready
+from loadtest.servers import free_port, stop_process, wait_compiled, wait_ready
 from loadtest.workload import RequestSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +68,8 @@ class Server:
                                          stderr=subprocess.STDOUT,
                                          env={**os.environ, **self.env})
         wait_ready(f"{self.url}/health", self.proc, self.log_path, timeout_s)
+        if self.name.startswith("itt"):        # measured at its compiled speed
+            wait_compiled(self.url, self.proc, self.log_path, timeout_s)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -136,7 +139,7 @@ def compile_lines(server: Server) -> list[str]:
     if server.log_path is None or not server.log_path.exists():
         return []
     return [ln.strip() for ln in server.log_path.read_text(errors="replace").splitlines()
-            if "compiled a decode step" in ln]
+            if "compiled a decode step" in ln or re.search(r"decode step \(.*\) ready", ln)]
 
 
 def build_servers(a) -> list[Server]:

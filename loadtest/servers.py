@@ -54,3 +54,36 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) ->
         time.sleep(0.2)
     stop_process(proc)
     raise RuntimeError(f"{url} not ready after {timeout_s} s:\n{log_tail(log)}")
+
+
+def compiled_steps(base_url: str) -> dict[str, str]:
+    """An itt-server's compiled decode-step variants and their state ("compiling", "ready",
+    "failed"), from ``itt_compiled_step_state`` on /metrics; empty when it compiles none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    states: dict[str, str] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "itt_compiled_step_state":
+            for sample in family.samples:
+                if sample.value == 1:
+                    states[sample.labels["variant"]] = sample.labels["state"]
+    return states
+
+
+def wait_compiled(base_url: str, proc: subprocess.Popen, log: Path,
+                  timeout_s: float) -> dict[str, str]:
+    """Waits until no compiled decode step of an itt-server is still compiling (the default
+    ``--compile auto`` answers at once but reaches its speed later). Returns the states."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{str(proc.args)[:120]} exited with {proc.returncode}:\n"
+                               f"{log_tail(log)}")
+        states = compiled_steps(base_url)
+        if "compiling" not in states.values():
+            return states
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{base_url}: decode steps still compiling after {timeout_s} s: "
+                               f"{states}")
+        time.sleep(1.0)

@@ -30,7 +30,7 @@ from prometheus_client import disable_created_metrics
 from itt_runtime.config import ConfigError
 from itt_runtime.engine.async_engine import AsyncLLMEngine
 from itt_runtime.engine.llm_engine import EngineConfig
-from itt_runtime.runner.cpu_compile import cache_dir
+from itt_runtime.runner.aot_compile import cache_dir
 from itt_runtime.tokenizers.chat_template import ChatTemplateError, read_template_file
 from server.app import create_app
 from server.config import ServerSettings
@@ -271,8 +271,10 @@ def main(argv: list[str] | None = None) -> int:
                  "%s)", cache_dir())
         runner.warm_up()
     elif runner.compiled is not None:
-        log.info("--compile auto: serving eagerly while the decode steps compile in the "
-                 "background (compile cache: %s)", cache_dir())
+        log.info("--compile auto: serving now, eagerly; the compiled decode steps are loaded "
+                 "from the compile cache or compiled ahead of time by a background process, "
+                 "each used once ready (compile cache: %s; --compile off to disable)",
+                 cache_dir())
         runner.warm_up(background=True)
     info = engine.info
     log.info("serving %s as %s on %s (%s): %d KV blocks of %d tokens, max_model_len %d, "

@@ -36,6 +36,7 @@ BUDGET_BUCKETS = [round(0.1 * i, 1) for i in range(11)]
 N_BUCKETS = [1.0, 2.0, 5.0, 10.0, 20.0]
 HTTP_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 FINISH_REASONS = ("stop", "length", "abort")
+COMPILE_STATES = ("compiling", "ready", "failed")
 
 
 def buckets_1_2_5(max_value: int) -> list[float]:
@@ -291,6 +292,19 @@ class EngineCollector:
         for position, count in enumerate(s.spec_accepted_per_position):
             per_pos.add_metric(name + [str(position)], count)
         yield per_pos
+        state = GaugeMetricFamily("itt_compiled_step_state", "Compiled CPU decode steps: 1 for "
+                                  "each variant's current state (compiling, ready, failed)",
+                                  labels=["model_name", "variant", "state"])
+        ready = GaugeMetricFamily("itt_compiled_step_ready_seconds", "Compiled CPU decode "
+                                  "steps: seconds after start-up each variant became ready",
+                                  labels=["model_name", "variant"])
+        for variant, (now, seconds) in s.compiled_steps.items():
+            for st in COMPILE_STATES:
+                state.add_metric(name + [variant, st], float(st == now))
+            if seconds is not None:
+                ready.add_metric(name + [variant], seconds)
+        yield state
+        yield ready
         routed = CounterMetricFamily("itt_routed_tokens", "Tokens routed per (layer, step)",
                                      labels=["model_name", "layer", "step"])
         for k, count in enumerate(s.routed_tokens):

@@ -69,15 +69,18 @@ def launch(model_dir: Path | str, log_dir: Path, *flags: str, env: dict | None =
            served_name: str | None = MODEL_NAME, ready_timeout: float = 90,
            entry: tuple[str, ...] = ("-m", "server")) -> Server:
     """Start ``python -m server --model DIR --port P FLAGS…`` on 127.0.0.1 and wait for
-    /health. Runs on the CPU with one thread unless FLAGS or ENV say otherwise, so results do
-    not depend on the machine. ``entry`` replaces ``-m server`` (a script that wraps the
-    server's ``main``)."""
+    /health. Runs on the CPU with one thread and without compiled decode steps unless FLAGS
+    or ENV say otherwise, so results do not depend on the machine (and no compile process
+    takes the test machine's cores for minutes). ``entry`` replaces ``-m server`` (a script
+    that wraps the server's ``main``)."""
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     cmd = [sys.executable, *entry, "--model", str(model_dir), "--port", str(port),
            *([] if "--host" in flags else ["--host", "127.0.0.1"]),
            *(["--served-model-name", served_name] if served_name else []),
-           *([] if "--device" in flags else ["--device", "cpu"]), *flags]
+           *([] if "--device" in flags else ["--device", "cpu"]),
+           *([] if {"--compile", "--cpu-compile", "--enforce-eager"} & set(flags)
+             else ["--compile", "off"]), *flags]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1",

@@ -133,25 +133,28 @@ class EngineConfig:
         choices=ROUTED_COMPUTE)
     enforce_eager: bool = option(False, "run every step eagerly: no CUDA graphs (CUDA), no "
                                  "compiled decode steps (CPU, --compile)", "bool")
-    # Off by default: a compile costs 15-160 s per variant on a 2-core CPU, more than short
-    # jobs (tests, itt-eval, offline LLM runs) save, and compiling in the background slows
-    # the steps served meanwhile 10-25x (the compile thread's tracing holds the GIL that each
-    # eager operator needs): docs/perf-notes.md has the measurements.
+    # "auto" by default: a server answers at once, eagerly, while a child process compiles
+    # the variants ahead of time (runner/aot_compile.py; 1-2 min each on a 2-core CPU) or
+    # loads them from the compile cache (seconds). Offline engines (LLM) stay eager unless
+    # asked: a compile costs more than short jobs (tests, itt-eval) save.
     compile: str = option(
-        "off", "CPU: decode steps compiled with torch.compile (inductor), four variants (one "
-        "row or several, routing or at budget 0). 'on': compiled before the server listens "
-        "(6 min on a 2-core CPU, 2 min with a warm compile cache); 'auto': the server "
-        "answers at once while they compile in the background (its steps 10-25x slower "
-        "until then) and uses each once it is ready (servers only; offline engines stay "
-        "eager); 'off': never",
+        "auto", "CPU: decode steps compiled ahead of time (AOTInductor, in a child process at "
+        "the lowest CPU priority) and cached on disk, four variants (one row or several, "
+        "routing or at budget 0). 'auto': the server answers at once, eagerly, and uses each "
+        "variant once it is ready (5 min for all on a 2-core CPU the first time, 2-3 s from "
+        "the compile cache); 'on': the server listens once all are ready; 'off': never. "
+        "Offline engines compile only with 'on'",
         choices=COMPILE_MODES)
     cpu_compile: bool = option(False, "the same as --compile on", "bool")
 
     @property
     def compile_mode(self) -> str:
         """``compile`` as it applies: "on" with ``cpu_compile``, "off" with
-        ``enforce_eager``."""
+        ``enforce_eager``, and "auto" (compile where it can) is "off" for a quantized model
+        (inductor cannot trace fbgemm's packed weights; "on" is refused instead)."""
         if self.enforce_eager:
+            return "off"
+        if self.compile == "auto" and not self.cpu_compile and self.quantization != "none":
             return "off"
         return "on" if self.cpu_compile else self.compile
     elastic_thinking: bool = option(
@@ -273,3 +276,6 @@ class EngineStats:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_position: list[int] = field(default_factory=list)
+    # Compiled CPU decode steps (runner/cpu_compile.py), by variant name: "compiling", "ready"
+    # or "failed", and for a ready one the seconds after start-up it became ready.
+    compiled_steps: dict[str, tuple[str, float | None]] = field(default_factory=dict)

@@ -111,7 +111,8 @@ class LLMEngine:
             use_graphs=self.device.type == "cuda" and not config.enforce_eager,
             max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
             return_routing=config.enable_prefix_caching,
-            cpu_compile=config.compile_mode, speculative_config=speculative)
+            cpu_compile=config.compile_mode, speculative_config=speculative,
+            compile_source=(self.model_path, self.dtype))
         self.requests: dict[str, _Request] = {}
         self.controller = (ElasticController(
             None if config.target_itl_ms is None else config.target_itl_ms / 1e3,
@@ -440,7 +441,8 @@ class LLMEngine:
             spec_num_drafts=self.scheduler.spec_num_drafts,
             spec_num_draft_tokens=self.scheduler.spec_num_draft_tokens,
             spec_num_accepted_tokens=self.scheduler.spec_num_accepted_tokens,
-            spec_accepted_per_position=list(self.scheduler.spec_accepted_per_position))
+            spec_accepted_per_position=list(self.scheduler.spec_accepted_per_position),
+            compiled_steps=(self.runner.compiled.status() if self.runner.compiled else {}))
 
     def kv_bytes_per_token(self, budget: float) -> float:
         """ITT_SPEC formula: (n_layers + b·(S−1)·|itt|) · 2 · kv_heads · head_dim · size."""

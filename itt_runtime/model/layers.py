@@ -123,10 +123,24 @@ class Block(nn.Module):
         self.gate_proj = nn.Linear(d, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(d, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, d, bias=False)
-        self.fused: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.fused_qkv_bias: torch.Tensor | None = None
+        # After fuse_projections: the q|k|v and gate|up weights (and q|k|v biases). Buffers
+        # that are not saved, so that every tensor the forward reads has a module name (an
+        # AOT-compiled step, runner/aot_compile.py, is handed the model's tensors by name).
+        self.fused_qkv: torch.Tensor | None
+        self.fused_gate_up: torch.Tensor | None
+        self.fused_qkv_bias: torch.Tensor | None
+        for name in ("fused_qkv", "fused_gate_up", "fused_qkv_bias"):
+            self.register_buffer(name, None, persistent=False)
         # --quantization (model/quantization.py): the q|k|v and gate|up matmuls as modules.
         self.quantized: nn.ModuleList | None = None
+
+    @property
+    def fused(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The fused (q|k|v, gate|up) weights; None before ``fuse_projections`` (and after
+        ``quantize``)."""
+        if self.fused_qkv is None or self.fused_gate_up is None:
+            return None
+        return self.fused_qkv, self.fused_gate_up
 
     @torch.no_grad()
     def fuse_projections(self, input_major: bool = False) -> None:
@@ -158,7 +172,7 @@ class Block(nn.Module):
                                bias.split([nq, nkv, nkv])):
                 proj.bias = nn.Parameter(b, requires_grad=False)
             self.fused_qkv_bias = bias
-        self.fused = (qkv, gate_up)
+        self.fused_qkv, self.fused_gate_up = qkv, gate_up
 
     @torch.no_grad()
     def quantize(self, make: Callable[[torch.Tensor, torch.Tensor | None], nn.Module]) -> None:
@@ -174,7 +188,7 @@ class Block(nn.Module):
         self.down_proj = make(self.down_proj.weight, None)  # type: ignore[assignment]
         for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
             delattr(self, name)
-        self.fused, self.fused_qkv_bias = None, None
+        self.fused_qkv = self.fused_gate_up = self.fused_qkv_bias = None
 
     def replace_quantized(self, fn: Callable[[nn.Module], nn.Module]) -> None:
         """After ``quantize``: each of the four matmul modules becomes ``fn(module)``."""
@@ -191,8 +205,8 @@ class Block(nn.Module):
         nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         if self.quantized is not None:
             q, k, v = self.quantized[0](h).split([nq, nkv, nkv], dim=-1)
-        elif self.fused is not None:
-            q, k, v = F.linear(h, self.fused[0], self.fused_qkv_bias).split([nq, nkv, nkv],
+        elif self.fused_qkv is not None:
+            q, k, v = F.linear(h, self.fused_qkv, self.fused_qkv_bias).split([nq, nkv, nkv],
                                                                            dim=-1)
         else:
             q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
@@ -208,8 +222,8 @@ class Block(nn.Module):
         m = self.mlp_norm(h)
         if self.quantized is not None:
             gate, up = self.quantized[1](m).chunk(2, dim=-1)
-        elif self.fused is not None:
-            gate, up = F.linear(m, self.fused[1]).chunk(2, dim=-1)
+        elif self.fused_gate_up is not None:
+            gate, up = F.linear(m, self.fused_gate_up).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(m), self.up_proj(m)
         return a + self.down_proj(F.silu(gate) * up)

@@ -208,8 +208,11 @@ def calibration_ids(tok, max_tokens: int = 512) -> torch.Tensor:
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes the model's weights hold: parameters, buffers and fbgemm's packed weights."""
-    total = sum(t.numel() * t.element_size() for t in model.parameters())
-    total += sum(t.numel() * t.element_size() for t in model.buffers())
+    # Views share storage (fused weights and the projections' views of them): count each
+    # storage once.
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in (*model.parameters(), *model.buffers())}
+    total = sum(storages.values())
     for m in model.modules():
         if isinstance(m, Int8Linear):
             w, _ = torch.ops.quantized.linear_unpack(m._packed)

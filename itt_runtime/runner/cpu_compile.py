@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 import types
@@ -40,6 +39,8 @@ import torch
 
 from itt_runtime.engine.step import ScheduledSeq
 from itt_runtime.kv_cache.manager import SequenceKV
+from itt_runtime.runner import aot_compile
+from itt_runtime.runner.aot_compile import cache_dir
 from itt_runtime.runner.decode_step import decode_step, write_new_kv
 from itt_runtime.runner.forward import PagedForward, StepOutput, any_routable, join_outputs
 
@@ -78,18 +79,6 @@ SPLIT_MIN_ROWS = 4
 # Every variant, in the order a background compile makes them: one row and several that can
 # route first (requests at the default budget), then budget 0.
 VARIANTS: tuple[Variant, ...] = ((True, True), (False, True), (True, False), (False, False))
-
-
-def cache_dir() -> Path:
-    """Where inductor keeps its compiled artefacts across restarts (its FX graph and AOT
-    caches, keyed by the graph, the options and torch's version, so a code or torch change
-    misses): ``$TORCHINDUCTOR_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/itt-server/inductor``
-    (``~/.cache/itt-server/inductor``). Deleting the folder clears it."""
-    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if given:
-        return Path(given)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "itt-server" / "inductor"
 
 
 def variant_of(key: Key) -> Variant:
@@ -137,6 +126,7 @@ class CompiledDecode:
         self.failed: set[Variant] = set()       # background compiles that failed: eager
         cfg = self.model.cfg
         self.n_layers, self.num_routed = cfg.n_layers, cfg.max_extra_steps
+        cache_dir()                             # pinned before anything compiles
 
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.max_batch
@@ -182,6 +172,80 @@ class CompiledDecode:
         for variant in VARIANTS:
             if variant not in self.variants:
                 self.compile_variant(variant)
+
+    def status(self) -> dict[str, tuple[str, float | None]]:
+        """Each needed variant by name (aot_compile.variant_name): "ready" (with the seconds
+        after start-up it became ready), "failed" (runs eagerly) or "compiling" (eager until
+        ready; also before any compile was asked for)."""
+        out: dict[str, tuple[str, float | None]] = {}
+        for v in self.needed_variants():
+            state = ("ready" if v in self.variants
+                     else "failed" if v in self.failed or v in self.eager_keys else "compiling")
+            out[aot_compile.variant_name(v)] = (state, self.ready_seconds.get(v))
+        return out
+
+    def needed_variants(self) -> list[Variant]:
+        """The variants steps can ask for: a dense model never routes."""
+        return [v for v in VARIANTS if v[1] is False or self.num_routed > 0]
+
+    def compile_ahead(self, source: tuple[Path, torch.dtype], wait: bool = False,
+                      variants: list[Variant] | None = None) -> threading.Thread | None:
+        """Ahead-of-time compiled variants (aot_compile.py): those in the compile cache are
+        loaded now (a second each); the others are compiled by a child process at the lowest
+        CPU priority, on a thread of its own that loads each as it is finished, used from
+        the next step on (``ready_for``). ``source``: the checkpoint path and dtype, which
+        the child loads as the engine did. ``wait``: return when all are ready (``--compile
+        on``). A variant that fails to compile or load runs eagerly, logged. ``variants``:
+        only these (tests)."""
+        self.lazy = False
+        start = time.perf_counter()
+        jobs: list[tuple[Variant, Path]] = []
+        for variant in self.needed_variants() if variants is None else variants:
+            if variant in self.variants:
+                continue
+            path = aot_compile.package_path(self.model, self.cache.k, variant)
+            if path.exists() and self._use_package(variant, path, start, "loaded from the "
+                                                   "compile cache"):
+                continue
+            jobs.append((variant, path))
+        if not jobs:
+            return None
+        command = aot_compile.child_command(source[0], source[1], self.cache.block_size, jobs)
+        paths = dict(jobs)
+
+        def compile_all() -> None:
+            log.info("compiling %d decode-step variants in a background process (%s); steps "
+                     "run eagerly until each is ready", len(jobs),
+                     ", ".join(describe(v) for v, _ in jobs))
+            for status, variant, seconds, error in aot_compile.run_child(command):
+                self.compile_seconds += seconds
+                if status == "ready" and self._use_package(
+                        variant, paths[variant], start, f"compiled in {seconds:.1f} s"):
+                    continue
+                self.failed.add(variant)
+                log.warning("compiling the decode step (%s) failed; those steps run eagerly: "
+                            "%s", describe(variant), error or "its package did not load")
+
+        thread = threading.Thread(target=compile_all, name="itt-compile", daemon=True)
+        thread.start()
+        if wait:
+            thread.join()
+        return thread
+
+    def _use_package(self, variant: Variant, path: Path, start: float, how: str) -> bool:
+        """Load one variant's package and use it from the next step; False if it fails."""
+        try:
+            fn = aot_compile.load_package(self.model, path)
+        except Exception:
+            log.warning("the compiled decode step %s did not load; compiling it again",
+                        path, exc_info=True)
+            path.unlink(missing_ok=True)
+            return False
+        self.variants[variant] = fn
+        self.ready_seconds[variant] = time.perf_counter() - start
+        log.info("decode step (%s) ready %.1f s after start-up (%s)", describe(variant),
+                 self.ready_seconds[variant], how)
+        return True
 
     def compile_in_background(self) -> threading.Thread:
         """Compile every variant on a thread of its own while steps run (``--compile auto``):
@@ -276,16 +340,15 @@ class CompiledDecode:
 
     def _eager(self, key: Key, args: tuple):
         k, v, ids, pos, tables, lengths, thresholds = args
-        return decode_step(self.model, k, v, ids, pos, tables, lengths, thresholds, key[2],
-                           self.cache.scratch_slot)
+        return decode_step(self.model, k, v, ids, pos, tables, lengths, thresholds, key[2])
 
     def _compile_and_call(self, key: Key, args: tuple):
         """torch.compile is lazy: the first call compiles. Timed and logged."""
-        routable, scratch_slot = key[2], self.cache.scratch_slot
+        routable = key[2]
         model = self.model
 
         def step(*a):
-            return decode_step(model, *a, routable, scratch_slot)
+            return decode_step(model, *a, routable)
 
         step = own_code(step)
         start = time.perf_counter()
@@ -300,7 +363,6 @@ class CompiledDecode:
             options = None
             if self.backend == "inductor":
                 options = {**self.options, **(ONE_ROW_OPTIONS if key[0] == 1 else {})}
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
             fn = torch.compile(step, fullgraph=True, backend=self.backend, options=options)
             out = fn(*args)
         except Exception as e:

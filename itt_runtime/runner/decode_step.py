@@ -61,13 +61,14 @@ def attend_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
 
 def decode_step(model: ITTModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 ids: torch.Tensor, pos: torch.Tensor, tables: torch.Tensor,
-                lengths: torch.Tensor, thresholds: torch.Tensor, routable: bool,
-                scratch_slot: int):
+                lengths: torch.Tensor, thresholds: torch.Tensor, routable: bool):
     """One decode token per row.
 
     ids, pos (B,); tables (B, streams, W); lengths (B, streams) tokens stored before this
     step; thresholds (B, routed streams) router-logit thresholds (+inf: never routed).
-    ``routable`` False skips the routed steps (every row at budget 0).
+    ``routable`` False skips the routed steps (every row at budget 0). The cache's last block
+    is scratch (runner/attention.KVCache), taken from its shape so that no pool size is baked
+    into a compiled step.
 
     Returns logits (B, vocab) fp32, extra_steps (B,), routed_counts (B, routed streams),
     new_k, new_v (streams written × B, KV, D) and their flat cache slots (streams written ×
@@ -75,6 +76,7 @@ def decode_step(model: ITTModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """
     cfg = model.cfg
     bs = k_cache.shape[1]
+    scratch_slot = (k_cache.shape[0] - 1) * bs
     B = ids.shape[0]
     x = model.embed_tokens(ids)                                       # (B, d)
     cos, sin = model.rotary(pos, x.dtype)                             # (B, 1, D)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,7 +40,8 @@ class ModelRunner:
                  routed_compute: str = "auto", use_graphs: bool = False,
                  max_num_seqs: int = 64, max_model_len: int = 1024,
                  return_routing: bool = False, cpu_compile: str = "off",
-                 speculative_config: SpeculativeConfig | None = None) -> None:
+                 speculative_config: SpeculativeConfig | None = None,
+                 compile_source: tuple[Path, torch.dtype] | None = None) -> None:
         self.forward = PagedForward(model, cache)
         self.speculative = speculative_config
         self.cache = cache
@@ -55,9 +57,12 @@ class ModelRunner:
         if use_graphs and routed_compute != "gather":
             self.graphs = DecodeGraphs(self.forward, max_num_seqs,
                                        cdiv(max_model_len, cache.block_size))
-        # CPU: decode-only steps through a step compiled with torch.compile (cpu_compile.py):
-        # "on" compiles a variant when a step first needs it (or at warm_up); "auto" only in
-        # the background (warm_up(background=True)), each used once ready.
+        # CPU: decode-only steps through compiled steps (cpu_compile.py): with
+        # ``compile_source`` (the checkpoint path and dtype) compiled ahead of time by a child
+        # process and cached on disk (aot_compile.py), at warm_up; without, by torch.compile
+        # in this process: "on" when a step first needs a variant (or at warm_up), "auto"
+        # only in the background (warm_up(background=True)), each used once ready.
+        self.compile_source = compile_source
         self.compiled: CompiledDecode | None = None
         if cpu_compile in ("on", "auto") and self.device.type == "cpu":
             self.compiled = CompiledDecode(self.forward, max_num_seqs,
@@ -68,6 +73,9 @@ class ModelRunner:
         compile runs every step eagerly from then on, as one while serving does), or on a
         thread of their own while steps run eagerly (``compile_in_background``)."""
         if self.compiled is None:
+            return
+        if self.compile_source is not None:
+            self.compiled.compile_ahead(self.compile_source, wait=not background)
             return
         if background:
             self.compiled.compile_in_background()

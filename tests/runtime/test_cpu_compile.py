@@ -54,6 +54,8 @@ def llm_with(model_dir, engine: dict | None = None, **kw) -> tuple[LLM, Compiled
     eng = llm.engine
     compiled = CompiledDecode(eng.runner.forward, 8, **kw)
     eng.runner.compiled = compiled
+    eng.runner.compile_source = None      # torch.compile in this process (test_aot_compile.py
+                                          # has the ahead-of-time child)
     return llm, compiled
 
 
@@ -276,7 +278,7 @@ def test_compile_budget_spent_runs_eagerly(tiny_model_dir, prompts, caplog):
 
 def test_engine_flag_builds_the_compiled_runner(tiny_model_dir):
     on = LLM(str(tiny_model_dir), cpu_compile=True).engine.runner
-    off = LLM(str(tiny_model_dir)).engine.runner
+    off = LLM(str(tiny_model_dir), compile="off").engine.runner
     assert isinstance(on.compiled, CompiledDecode) and on.compiled.lazy
     assert off.compiled is None
     eager = LLM(str(tiny_model_dir), cpu_compile=True, enforce_eager=True).engine.runner

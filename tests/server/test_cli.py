@@ -30,12 +30,14 @@ def test_engine_flags_reach_the_engine_config():
     assert (engine.enforce_eager, engine.routed_compute) == (True, "gather")
 
 
-@pytest.mark.parametrize("flags, mode", [([], "off"), (["--compile", "auto"], "auto"),
+@pytest.mark.parametrize("flags, mode", [([], "auto"), (["--compile", "off"], "off"),
                                          (["--compile", "on"], "on"), (["--cpu-compile"], "on"),
-                                         (["--compile", "auto", "--enforce-eager"], "off")])
+                                         (["--compile", "auto", "--enforce-eager"], "off"),
+                                         (["--quantization", "int8"], "off")])
 def test_compile_modes(flags, mode):
-    """Compiled CPU decode steps are off by default; --cpu-compile is --compile on, and
-    --enforce-eager turns compiling off."""
+    """Compiled CPU decode steps are "auto" by default; --cpu-compile is --compile on,
+    --enforce-eager turns compiling off, and so does a quantized model under "auto" (its
+    packed weights cannot be compiled; an explicit "on" is refused instead)."""
     engine, _ = configs(build_parser().parse_args(flags))
     assert engine.compile_mode == mode
 

@@ -1,0 +1,296 @@
+"""Decode steps compiled ahead of time (AOTInductor) in a process of their own, and kept on
+disk, so that a server is fast by default without waiting (``--compile auto``).
+
+``torch.compile`` in the server's own process (cpu_compile.py) has two costs a server cannot
+hide: its tracing holds the GIL that every eager operator needs, so the steps served while a
+variant compiles ran 10-25x slower; and a restart traces every variant again (2 min on a
+2-core CPU with a warm inductor cache). Here instead:
+
+  * a child process (``python -m itt_runtime.runner.aot_compile``, at the lowest CPU
+    priority) loads the same checkpoint, exports each decode-step variant with
+    ``torch.export`` and compiles it with AOTInductor into a package (``.pt2``: a shared
+    library and its metadata);
+  * the server loads each package as the child finishes it and uses it from the next step:
+    a plain C++ call, no tracing, no Python wrapper;
+  * packages stay in the compile cache (``cache_dir()/aot``), named by a
+    signature of everything the compiled code depends on: the model's configuration and its
+    tensors' shapes, strides and dtypes, the KV block layout, the variant, the inductor
+    options, torch's version and the source of the modules the step runs. A second start of
+    the same model (or of another checkpoint of the same architecture) loads them in a
+    second; any change misses and compiles again.
+
+The weights are not in the packages: each loaded step is handed the model's own tensors by
+name (``load_constants``, user-managed), so the four variants and the eager path share one
+copy of the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from itt_runtime.model.itt import ITTModel
+from itt_runtime.runner.decode_step import decode_step
+
+log = logging.getLogger("itt_runtime")
+
+Variant = tuple[bool, bool]          # (one row, any row routable), as in cpu_compile.py
+
+# Inductor options of the packages. No ``freezing``: the weights stay inputs of the compiled
+# code (handed over at load), not constants folded into it. ``cpp.threads`` and
+# ``cpp.weight_prepack`` as for the in-process compile (cpu_compile.INDUCTOR_OPTIONS).
+PACKAGE_OPTIONS: dict[str, Any] = {"cpp.threads": 1, "cpp.weight_prepack": False,
+                                   "aot_inductor.package_constants_in_so": False}
+# Modules whose source the compiled step runs: a change to any misses the cache.
+SOURCES = ("itt_runtime/runner/decode_step.py", "itt_runtime/runner/aot_compile.py",
+           "itt_runtime/model/itt.py", "itt_runtime/model/layers.py")
+MAX_ROWS = 4096                      # the symbolic batch size's bound (a step of several rows)
+
+
+def variant_name(variant: Variant) -> str:
+    return ("one-row" if variant[0] else "rows") + ("-routed" if variant[1] else "-budget0")
+
+
+class StepModule(nn.Module):
+    """``decode_step`` of one variant as a module: what ``torch.export`` takes. Its state is
+    the model's, under ``model.``; the KV cache and the step's integers are inputs."""
+
+    def __init__(self, model: ITTModel, routable: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.routable = routable
+
+    def forward(self, k_cache, v_cache, ids, pos, tables, lengths, thresholds):
+        return decode_step(self.model, k_cache, v_cache, ids, pos, tables, lengths,
+                           thresholds, self.routable)
+
+
+def model_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name, shared ones under each of their names (a compiled
+    step asks for its constants by the name it saw)."""
+    named = module.named_parameters(remove_duplicate=False)
+    return {**dict(named), **dict(module.named_buffers(remove_duplicate=False))}
+
+
+def signature(model: ITTModel, cache_k: torch.Tensor, variant: Variant) -> str:
+    """The compile-cache key of one variant for this model and KV layout (hex sha256)."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+
+    def add(*parts: object) -> None:
+        h.update(repr(parts).encode())
+
+    add("itt-aot-decode/1", torch.__version__, variant, sorted(PACKAGE_OPTIONS.items()),
+        MAX_ROWS)
+    add(dataclasses.asdict(model.cfg) if dataclasses.is_dataclass(model.cfg) else model.cfg)
+    add(tuple(cache_k.shape[1:]), cache_k.dtype)
+    for name, t in sorted(model_tensors(model).items()):
+        add(name, tuple(t.shape), t.stride(), t.dtype)
+    for rel in SOURCES:
+        h.update((root / rel).read_bytes())
+    return h.hexdigest()
+
+
+def package_path(model: ITTModel, cache_k: torch.Tensor, variant: Variant) -> Path:
+    """Where the package of one variant for this model and KV layout lives."""
+    return (cache_dir() / "aot"
+            / f"{variant_name(variant)}-{signature(model, cache_k, variant)[:32]}.pt2")
+
+
+def example_args(model: ITTModel, cache_k: torch.Tensor, variant: Variant) -> tuple:
+    """Inputs of the shapes a variant is exported at: two rows (one for the one-row variant),
+    tables two blocks wide, a cache of three blocks of ``cache_k``'s layout; every row a
+    padding row on the scratch block (its outputs are never used)."""
+    one_row, routable = variant
+    cfg = model.cfg
+    B, W, blocks = (1 if one_row else 2), 2, 3
+    streams = cfg.num_kv_streams if routable else cfg.n_layers
+    k = torch.zeros(blocks, *cache_k.shape[1:], dtype=cache_k.dtype)
+    return (k, torch.zeros_like(k), torch.zeros(B, dtype=torch.long),
+            torch.zeros(B, dtype=torch.long),
+            torch.full((B, streams, W), blocks - 1, dtype=torch.long),
+            torch.zeros(B, streams, dtype=torch.long),
+            torch.full((B, cfg.max_extra_steps), float("inf")))
+
+
+def compile_package(model: ITTModel, cache_k: torch.Tensor, variant: Variant,
+                    path: Path) -> None:
+    """Export and compile one variant into the package ``path`` (written whole or not at all:
+    a temporary name, then a rename)."""
+    from torch.export import Dim, export
+
+    one_row, routable = variant
+    blocks, width = Dim("blocks", min=2), Dim("width", min=2)
+    rows = None if one_row else Dim("rows", min=2, max=MAX_ROWS)
+    dynamic: Any = (
+        {0: blocks}, {0: blocks},
+        {0: rows} if rows else None, {0: rows} if rows else None,
+        {0: rows, 2: width} if rows else {2: width},
+        {0: rows} if rows else None, {0: rows} if rows else None)
+    step = StepModule(model, routable).eval()
+    with torch.inference_mode():
+        exported = export(step, example_args(model, cache_k, variant), dynamic_shapes=dynamic,
+                          strict=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
+    try:
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(partial),
+                                                 inductor_configs=dict(PACKAGE_OPTIONS))
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def load_package(model: ITTModel, path: Path) -> Callable:
+    """A compiled variant from its package, its weights the model's own tensors (no copy).
+    Called like ``decode_step`` without the model and ``routable``; returns its outputs as a
+    list."""
+    compiled = torch._inductor.aoti_load_package(str(path))
+    tensors = model_tensors(StepModule(model, True))
+    wanted = compiled.get_constant_fqns()
+    missing = [n for n in wanted if n not in tensors]
+    if missing:
+        raise RuntimeError(f"{path}: the compiled step needs tensors the model does not have: "
+                           f"{missing[:5]}")
+    compiled.load_constants({n: tensors[n] for n in wanted}, check_full_update=True,
+                            user_managed=True)
+    return compiled
+
+
+@functools.cache
+def cache_dir() -> Path:
+    """Where inductor keeps its compiled artefacts across restarts (its FX graph and AOT
+    caches, keyed by the graph, the options and torch's version, so a code or torch change
+    misses) and the ahead-of-time compiled steps (``aot/``, aot_compile.py):
+    ``$TORCHINDUCTOR_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/itt-server/inductor``
+    (``~/.cache/itt-server/inductor``). Deleting the folder clears it.
+
+    Resolved once, on the first call (CompiledDecode calls it before any compile), and
+    pinned in ``TORCHINDUCTOR_CACHE_DIR``: inductor sets that variable to its own default
+    (under /tmp) the first time it looks, which would move the cache in mid-run."""
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if given:
+        path = Path(given)
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        path = Path(base) / "itt-server" / "inductor"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
+
+
+# --- the child process -------------------------------------------------------------------
+
+def child_command(model_path: Path, dtype: torch.dtype, block_size: int,
+                  jobs: list[tuple[Variant, Path]]) -> list[str]:
+    """The command line of a child that compiles ``jobs`` (variant, package path)."""
+    spec = [{"one_row": v[0], "routable": v[1], "path": str(p)} for v, p in jobs]
+    return [sys.executable, "-m", "itt_runtime.runner.aot_compile", "--model", str(model_path),
+            "--dtype", str(dtype).replace("torch.", ""), "--block-size", str(block_size),
+            "--jobs", json.dumps(spec)]
+
+
+def _child_setup() -> None:
+    """In the compile child before it starts: the lowest CPU priority, so that the server's
+    steps come first on a small machine; and (Linux) killed when the server exits, so that
+    no compile outlives it."""
+    os.nice(19)
+    if sys.platform == "linux":
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def run_child(command: list[str]) -> Iterator[tuple[str, Variant, float, str]]:
+    """Run a compile child (at the lowest CPU priority) and yield its reports, one per
+    variant: ("ready", variant, seconds, "") or ("failed", variant, seconds, reason). A child
+    that dies without reporting a variant yields "failed" for it."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir()), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, preexec_fn=_child_setup)
+    stderr_tail: list[str] = []
+
+    def drain() -> None:                       # keep the child's stderr pipe from filling
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            stderr_tail.append(line)
+            del stderr_tail[:-20]
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    reported: set[Variant] = set()
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        try:
+            msg = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        variant = (bool(msg["one_row"]), bool(msg["routable"]))
+        reported.add(variant)
+        yield msg["status"], variant, float(msg["seconds"]), msg.get("error", "")
+    proc.wait()
+    reader.join(timeout=5)
+    spec = json.loads(command[command.index("--jobs") + 1])
+    for job in spec:
+        variant = (job["one_row"], job["routable"])
+        if variant not in reported:
+            yield ("failed", variant, 0.0, f"the compile process exited with {proc.returncode}: "
+                   + "".join(stderr_tail[-5:]).strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child process: load the checkpoint as the engine does, compile each job's variant and
+    report each on stdout as one JSON line when its package is in place."""
+    from itt_runtime.model.loader import load_checkpoint
+    from itt_runtime.runner.attention import KVCache
+
+    p = argparse.ArgumentParser(prog="python -m itt_runtime.runner.aot_compile")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--block-size", type=int, required=True)
+    p.add_argument("--jobs", required=True, help="JSON list of {one_row, routable, path}")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    dtype = getattr(torch, args.dtype)
+    model = load_checkpoint(args.model, "cpu", dtype, fuse=True).model.eval()
+    cfg = model.cfg
+    cache_k = KVCache(1, args.block_size, cfg.n_kv_heads, cfg.head_dim, dtype,
+                      torch.device("cpu")).k
+    for job in json.loads(args.jobs):
+        variant = (bool(job["one_row"]), bool(job["routable"]))
+        path = Path(job["path"])
+        report: dict[str, Any] = {"one_row": variant[0], "routable": variant[1]}
+        start = time.perf_counter()
+        try:
+            if package_path(model, cache_k, variant).name != path.name:
+                raise RuntimeError("the model loaded by the compile process differs from the "
+                                   "server's (its signature does not match)")
+            if not path.exists():
+                compile_package(model, cache_k, variant, path)
+            report["status"] = "ready"
+        except Exception as e:                  # reported; the server keeps it eager
+            logging.getLogger(__name__).exception("compiling %s failed", variant_name(variant))
+            report.update(status="failed", error=f"{type(e).__name__}: {e}")
+        report["seconds"] = round(time.perf_counter() - start, 2)
+        print(json.dumps(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
