@@ -11,7 +11,8 @@ Every server gets the same requests: streaming ``/v1/completions``, prompts of e
 ``--prompt-tokens`` token ids (random ids, new ones every round so that no prefix cache
 hits), ``--output-tokens`` tokens each with ``ignore_eos`` (both servers honour it), greedy.
 itt-server runs at think budget 0 (``think_budget: 0``), which computes what the exported
-LLaMA computes up to the φ_0 fold (loadtest/export_llama.py). At each concurrency c the
+LLaMA computes up to the φ_0 fold (loadtest/export_llama.py); ``--think-budget`` sets another
+(itt-server only: its thinking costs compute llama-server does not do). At each concurrency c the
 client keeps c requests in flight until ``--requests-per-stream`` × c have finished.
 
 Rounds are interleaved (round r runs every concurrency on every server, in an order rotated
@@ -153,7 +154,7 @@ def build_servers(a) -> list[Server]:
                str(max(64, max(a.concurrency))), *args.split()]
         servers.append(Server(f"itt-{name}" if name else "itt", cmd,
                               {"OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"},
-                              {"think_budget": 0.0}, cwd=Path(src) if src else REPO))
+                              {"think_budget": a.think_budget}, cwd=Path(src) if src else REPO))
     if a.gguf:
         slots = max(a.concurrency)
         ctx = slots * (a.prompt_tokens + a.output_tokens + 16)
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                         "for the code before a change); repeatable; default: one server "
                         "with no extra flags")
     p.add_argument("--gguf", help="the exported weights as GGUF, for llama-server")
+    p.add_argument("--think-budget", type=float, default=0.0,
+                   help="itt-server requests' think budget (0: what the exported LLaMA "
+                        "computes; llama-server is always that)")
     p.add_argument("--llama-server", default="llama-server", help="llama-server binary")
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--rounds", type=int, default=3)

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from itt_runtime.model.itt import ITTModel
-from itt_runtime.runner.decode_step import decode_step
+from itt_runtime.runner.decode_step import rows_step
 
 log = logging.getLogger("itt_runtime")
 
@@ -68,7 +68,7 @@ def variant_name(variant: Variant) -> str:
 
 
 class StepModule(nn.Module):
-    """``decode_step`` of one variant as a module: what ``torch.export`` takes. Its state is
+    """``rows_step`` of one variant as a module: what ``torch.export`` takes. Its state is
     the model's, under ``model.``; the KV cache and the step's integers are inputs."""
 
     def __init__(self, model: ITTModel, routable: bool) -> None:
@@ -76,9 +76,10 @@ class StepModule(nn.Module):
         self.model = model
         self.routable = routable
 
-    def forward(self, k_cache, v_cache, ids, pos, tables, lengths, thresholds):
-        return decode_step(self.model, k_cache, v_cache, ids, pos, tables, lengths,
-                           thresholds, self.routable)
+    def forward(self, k_cache, v_cache, ids, pos, seq, first, tables, lengths, thresholds,
+                logit_rows):
+        return rows_step(self.model, k_cache, v_cache, ids, pos, seq, first, tables, lengths,
+                         thresholds, logit_rows, self.routable)
 
 
 def model_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -114,19 +115,22 @@ def package_path(model: ITTModel, cache_k: torch.Tensor, variant: Variant) -> Pa
 
 
 def example_args(model: ITTModel, cache_k: torch.Tensor, variant: Variant) -> tuple:
-    """Inputs of the shapes a variant is exported at: two rows (one for the one-row variant),
-    tables two blocks wide, a cache of three blocks of ``cache_k``'s layout; every row a
-    padding row on the scratch block (its outputs are never used)."""
+    """Inputs of the shapes a variant is exported at: two rows of two sequences with two
+    logit rows (one of each for the one-row variant), tables two blocks wide, a cache of
+    three blocks of ``cache_k``'s layout; every row a padding row on the scratch block (its
+    outputs are never used)."""
     one_row, routable = variant
     cfg = model.cfg
     B, W, blocks = (1 if one_row else 2), 2, 3
     streams = cfg.num_kv_streams if routable else cfg.n_layers
     k = torch.zeros(blocks, *cache_k.shape[1:], dtype=cache_k.dtype)
+    # Every input a tensor of its own: export traces two arguments given the same tensor as
+    # one input, and the compiled step would then read one where the other was meant.
     return (k, torch.zeros_like(k), torch.zeros(B, dtype=torch.long),
-            torch.zeros(B, dtype=torch.long),
+            torch.zeros(B, dtype=torch.long), torch.arange(B), torch.arange(B),
             torch.full((B, streams, W), blocks - 1, dtype=torch.long),
             torch.zeros(B, streams, dtype=torch.long),
-            torch.full((B, cfg.max_extra_steps), float("inf")))
+            torch.full((B, cfg.max_extra_steps), float("inf")), torch.arange(B))
 
 
 def compile_package(model: ITTModel, cache_k: torch.Tensor, variant: Variant,
@@ -137,12 +141,15 @@ def compile_package(model: ITTModel, cache_k: torch.Tensor, variant: Variant,
 
     one_row, routable = variant
     blocks, width = Dim("blocks", min=2), Dim("width", min=2)
-    rows = None if one_row else Dim("rows", min=2, max=MAX_ROWS)
-    dynamic: Any = (
-        {0: blocks}, {0: blocks},
-        {0: rows} if rows else None, {0: rows} if rows else None,
-        {0: rows, 2: width} if rows else {2: width},
-        {0: rows} if rows else None, {0: rows} if rows else None)
+    if one_row:
+        dynamic: Any = ({0: blocks}, {0: blocks}, None, None, None, None, {2: width}, None,
+                        None, None)
+    else:
+        rows = Dim("rows", min=2, max=MAX_ROWS)
+        seqs = Dim("seqs", min=2, max=MAX_ROWS)
+        logits = Dim("logits", min=2, max=MAX_ROWS)
+        dynamic = ({0: blocks}, {0: blocks}, {0: rows}, {0: rows}, {0: rows}, {0: rows},
+                   {0: seqs, 2: width}, {0: seqs}, {0: rows}, {0: logits})
     step = StepModule(model, routable).eval()
     with torch.inference_mode():
         exported = export(step, example_args(model, cache_k, variant), dynamic_shapes=dynamic,
@@ -159,7 +166,7 @@ def compile_package(model: ITTModel, cache_k: torch.Tensor, variant: Variant,
 
 def load_package(model: ITTModel, path: Path) -> Callable:
     """A compiled variant from its package, its weights the model's own tensors (no copy).
-    Called like ``decode_step`` without the model and ``routable``; returns its outputs as a
+    Called like ``rows_step`` without the model and ``routable``; returns its outputs as a
     list."""
     compiled = torch._inductor.aoti_load_package(str(path))
     tensors = model_tensors(StepModule(model, True))

@@ -41,7 +41,7 @@ from itt_runtime.engine.step import ScheduledSeq
 from itt_runtime.kv_cache.manager import SequenceKV
 from itt_runtime.runner import aot_compile
 from itt_runtime.runner.aot_compile import cache_dir
-from itt_runtime.runner.decode_step import decode_step, write_new_kv
+from itt_runtime.runner.decode_step import rows_step, write_new_kv
 from itt_runtime.runner.forward import PagedForward, StepOutput, any_routable, join_outputs
 
 log = logging.getLogger("itt_runtime")
@@ -68,9 +68,14 @@ class CompileError(RuntimeError):
     safe: it writes every K/V slot the failed step may have written."""
 
 
-Key = tuple[int, int, bool]          # (padded batch, padded width, any row routable)
+# (padded rows, sequences, padded width, logit rows, any row routable)
+Key = tuple[int, int, int, int, bool]
 Variant = tuple[bool, bool]          # (one row, any row routable): one compile each
 MIN_SIZE = 2                         # pad batches of several rows and widths to this
+# Steps of more token rows run eagerly: the step's own keys are a rows × rows block per head
+# (a decode step's diagonal, a chunk's causal triangle), which past a few hundred rows costs
+# more than the eager path's per-chunk attention.
+MAX_STEP_ROWS = 256
 # Rows at budget 0 run as a step of their own once there are this many: a routed row at
 # batch 32 costs about 0.6 ms more than one at budget 0, a second call about 2 ms.
 SPLIT_MIN_ROWS = 4
@@ -82,7 +87,7 @@ VARIANTS: tuple[Variant, ...] = ((True, True), (False, True), (True, False), (Fa
 
 
 def variant_of(key: Key) -> Variant:
-    return key[0] == 1, key[2]
+    return key[0] == 1, key[4]
 
 
 def describe(variant: Variant) -> str:
@@ -128,8 +133,12 @@ class CompiledDecode:
         self.n_layers, self.num_routed = cfg.n_layers, cfg.max_extra_steps
         cache_dir()                             # pinned before anything compiles
 
-    def can_run(self, num_seqs: int) -> bool:
-        return num_seqs <= self.max_batch
+    def can_run(self, scheduled: list[ScheduledSeq]) -> bool:
+        """Whether a step of these rows fits a compiled step: at most ``max_batch``
+        sequences and ``MAX_STEP_ROWS`` tokens (the step's own keys are a rows × rows block
+        per head, which past a few hundred rows costs more than the eager chunked path)."""
+        return len(scheduled) <= self.max_batch \
+            and sum(s.num_new_tokens for s in scheduled) <= MAX_STEP_ROWS
 
     def ready_for(self, scheduled: list[ScheduledSeq]) -> bool:
         """Whether ``run`` would use only compiled variants (always, when lazy: it compiles
@@ -138,7 +147,9 @@ class CompiledDecode:
 
     def _split(self, scheduled: list[ScheduledSeq]) -> int:
         """How many leading rows (those that route) run as a step of their own, apart from
-        the budget-0 rows after them; 0 for one step."""
+        the budget-0 rows after them; 0 for one step. Decode-only steps only."""
+        if any(s.num_new_tokens != 1 for s in scheduled):
+            return 0
         flags = [s.seq.routable for s in scheduled]
         n = sum(flags)
         return n if n and len(scheduled) - n >= SPLIT_MIN_ROWS and all(flags[:n]) else 0
@@ -146,17 +157,23 @@ class CompiledDecode:
     def _variants(self, scheduled: list[ScheduledSeq]) -> list[Variant]:
         n = self._split(scheduled)
         parts = [scheduled[:n], scheduled[n:]] if n else [scheduled]
-        return [(len(p) == 1, any_routable(p)) for p in parts]
+        return [(self._one_row(p), any_routable(p)) for p in parts]
+
+    @staticmethod
+    def _one_row(scheduled: list[ScheduledSeq]) -> bool:
+        return len(scheduled) == 1 and scheduled[0].num_new_tokens == 1 \
+            and scheduled[0].logit_positions == [0]
 
     def run(self, scheduled: list[ScheduledSeq], kvs: list[SequenceKV]) -> StepOutput:
-        """One decode step: every scheduled sequence computes one token. Raises
-        CompileError if a compiled step fails; the step can then be rerun eagerly (what
-        was written, the K/V of rows before a split, the rerun writes again).
+        """One step of token rows: decode rows (one token each) and prompt or verify chunks,
+        single-token rows first. Raises CompileError if a compiled step fails; the step can
+        then be rerun eagerly (what was written, the K/V of rows before a split, the rerun
+        writes again).
 
         Rows that can route come first (ModelRunner orders them so). When at least
-        ``SPLIT_MIN_ROWS`` rows cannot route (budget 0: under elastic thinking, the rows
-        floored beside a prompt, or requests that ask for 0), they run as a step of their
-        own through the budget-0 variant: the masked routed steps of the other variant
+        ``SPLIT_MIN_ROWS`` decode rows cannot route (budget 0: under elastic thinking, the
+        rows floored beside a prompt, or requests that ask for 0), they run as a step of
+        their own through the budget-0 variant: the masked routed steps of the other variant
         would otherwise cost them as much as a row at budget 1."""
         n = self._split(scheduled)
         if n:
@@ -273,52 +290,115 @@ class CompiledDecode:
     def compile_variant(self, variant: Variant) -> None:
         """Compile one variant by running it once on a step of padding rows over the scratch
         block; its outputs are dropped, so the cache is untouched."""
-        one_row, routable = variant
-        streams_all = self.model.cfg.num_kv_streams
-        B, W = (1 if one_row else MIN_SIZE), MIN_SIZE
-        streams = streams_all if routable else self.n_layers
-        thresholds = torch.full((B, self.num_routed), 0.0 if routable else math.inf)
-        args = self._pack([0] * B, [1] * B, [self.cache.scratch_block] * (B * streams * W),
-                          [1] * (B * streams), B, streams, W, thresholds)
         start = time.perf_counter()
+        key, args = self.example(variant)
         with torch.inference_mode():
-            self._compile_and_call((B, W, routable), args)
+            self._compile_and_call(key, args)
         log.info("decode step (%s) compiled and ready in %.1f s", describe(variant),
                  time.perf_counter() - start)
 
-    def _pack(self, ids: list[int], pos: list[int], tables: list[int], lengths: list[int],
-              B: int, streams: int, W: int, thresholds: torch.Tensor) -> tuple:
+    def example(self, variant: Variant) -> tuple[Key, tuple]:
+        """A step of padding rows only (one, or two of two sequences) for ``variant``."""
+        one_row, routable = variant
+        streams = self.model.cfg.num_kv_streams if routable else self.n_layers
+        if one_row:
+            return (1, 1, MIN_SIZE, 1, routable), self._pack(
+                [0], [0], [0], [0], [[self.cache.scratch_block] * MIN_SIZE] * streams,
+                [0] * streams, [0], torch.full((1, self.num_routed), math.inf), 1, streams,
+                MIN_SIZE)
+        return self._inputs([], [], routable)
+
+    def _pack(self, ids: list[int], pos: list[int], seq: list[int], first: list[int],
+              tables: list[list[int]], lengths: list[int], logit_rows: list[int],
+              thresholds: torch.Tensor, G: int, streams: int, W: int) -> tuple:
         """The compiled step's arguments, its integer inputs as views of one tensor."""
-        flat = torch.tensor(ids + pos + tables + lengths, dtype=torch.long)
-        ids_t, pos_t, tables_t, lengths_t = flat.split([B, B, B * streams * W, B * streams])
-        return (self.cache.k, self.cache.v, ids_t, pos_t, tables_t.view(B, streams, W),
-                lengths_t.view(B, streams), thresholds)
+        B, S = len(ids), len(logit_rows)
+        flat = torch.tensor(ids + pos + seq + first + [b for t in tables for b in t]
+                            + lengths + logit_rows, dtype=torch.long)
+        ids_t, pos_t, seq_t, first_t, tables_t, lengths_t, logit_t = flat.split(
+            [B, B, B, B, G * streams * W, G * streams, S])
+        return (self.cache.k, self.cache.v, ids_t, pos_t, seq_t, first_t,
+                tables_t.view(G, streams, W), lengths_t.view(G, streams), thresholds, logit_t)
+
+    def _inputs(self, scheduled: list[ScheduledSeq], kvs: list[SequenceKV],
+                routable: bool) -> tuple[Key, tuple]:
+        """The key and arguments of a step of several rows: every scheduled sequence's new
+        tokens as rows, padded to at least two rows, two sequences (a padding sequence of
+        its own, always) and two logit rows (the last one repeated)."""
+        streams = len(kvs[0].block_tables) if kvs and routable else \
+            (self.model.cfg.num_kv_streams if routable else self.n_layers)
+        scratch = self.cache.scratch_block
+        ids: list[int] = []
+        pos: list[int] = []
+        seq: list[int] = []
+        first: list[int] = []
+        logit_rows: list[int] = []
+        for g, s in enumerate(scheduled):
+            c, n, start = s.seq.num_computed_tokens, s.num_new_tokens, len(ids)
+            ids += s.input_ids
+            pos += range(c, c + n)
+            seq += [g] * n
+            first += [start] * n
+            logit_rows += [start + i for i in s.logit_positions]
+        G = max(len(scheduled) + 1, MIN_SIZE)                   # + padding sequences
+        for _ in range(MIN_SIZE - len(ids)):                    # padding rows
+            first.append(len(ids))
+            ids.append(0)
+            pos.append(0)
+            seq.append(G - 1)
+        logit_rows += logit_rows[-1:] * (MIN_SIZE - len(logit_rows)) if logit_rows \
+            else [0] * MIN_SIZE
+        width = max([len(t) for kv in kvs for t in kv.block_tables[:streams]] + [MIN_SIZE])
+        padding = G - len(scheduled)
+        tables = [t + [scratch] * (width - len(t)) for kv in kvs
+                  for t in kv.block_tables[:streams]] + [[scratch] * width] * (streams * padding)
+        lengths = [n for kv in kvs for n in kv.lengths[:streams]] + [0] * (streams * padding)
+        thresholds = self._thresholds(scheduled, routable, len(ids))
+        B, S = len(ids), len(logit_rows)
+        return (B, G, width, S, routable), self._pack(ids, pos, seq, first, tables, lengths,
+                                                      logit_rows, thresholds, G, streams, width)
+
+    def _thresholds(self, scheduled: list[ScheduledSeq], routable: bool,
+                    rows: int) -> torch.Tensor:
+        """(rows, routed streams): each row's sequence's thresholds (per position where a
+        recomputed position routes at the budget it was first computed at), +inf for
+        padding rows and when no row routes."""
+        if not routable:
+            return torch.full((rows, self.num_routed), math.inf)
+        per_token = self.forward._token_thresholds(scheduled)
+        if per_token is None:
+            per_token = torch.tensor([t for s in scheduled for _ in range(s.num_new_tokens)
+                                      for t in s.seq.thresholds],
+                                     dtype=torch.float32).view(-1, self.num_routed)
+        pad = torch.full((rows - per_token.shape[0], self.num_routed), math.inf)
+        return torch.cat([per_token, pad])
 
     def _run(self, scheduled: list[ScheduledSeq], kvs: list[SequenceKV]) -> StepOutput:
-        B = len(scheduled)
-        routable = any_routable(scheduled)
-        # At budget 0 only the base streams are read or written: pass only their tables.
-        streams = len(kvs[0].block_tables) if routable else self.n_layers
-        width = max(len(t) for kv in kvs for t in kv.block_tables[:streams])
-        key = (B if B == 1 else max(B, MIN_SIZE), max(width, MIN_SIZE), routable)
-        Bp, W = key[0], key[1]
-        pad = Bp - B
-        scratch = self.cache.scratch_block
-        ids = [s.seq.all_token_ids[s.seq.num_computed_tokens] for s in scheduled] + [0] * pad
-        pos = [s.seq.num_computed_tokens for s in scheduled] + [0] * pad
-        tables = [b for kv in kvs for t in kv.block_tables[:streams]
-                  for b in t + [scratch] * (W - len(t))] + [scratch] * (pad * streams * W)
-        lengths = [n for kv in kvs for n in kv.lengths[:streams]] + [0] * (pad * streams)
-        if routable:
-            thresholds = torch.tensor([t for s in scheduled for t in s.seq.thresholds]
-                                      + [math.inf] * (pad * self.num_routed)).view(Bp, -1)
+        routable = any_routable(scheduled) or self.forward._token_thresholds(scheduled) \
+            is not None
+        if self._one_row(scheduled):
+            kv, s = kvs[0], scheduled[0]
+            streams = len(kv.block_tables) if routable else self.n_layers
+            width = max([len(t) for t in kv.block_tables[:streams]] + [MIN_SIZE])
+            tables = [t + [self.cache.scratch_block] * (width - len(t))
+                      for t in kv.block_tables[:streams]]
+            c = s.seq.num_computed_tokens
+            key: Key = (1, 1, width, 1, routable)
+            args = self._pack([s.seq.all_token_ids[c]], [c], [0], [0], tables,
+                              list(kv.lengths[:streams]), [0],
+                              self._thresholds(scheduled, routable, 1), 1, streams, width)
         else:
-            thresholds = torch.full((Bp, self.num_routed), math.inf)
-        args = self._pack(ids, pos, tables, lengths, Bp, streams, W, thresholds)
+            key, args = self._inputs(scheduled, kvs, routable)
+        n_rows = sum(s.num_new_tokens for s in scheduled)
+        n_logits = sum(len(s.logit_positions) for s in scheduled)
         with torch.inference_mode():
-            logits, extra, counts, new_k, new_v, slots = self._call(key, args)
+            logits, routed, new_k, new_v, slots = self._call(key, args)
             write_new_kv(self.cache.k, self.cache.v, new_k, new_v, slots)
-        return StepOutput(logits[:B], counts[:B], extra[:B])
+            routed = routed[:n_rows]
+            seq_t, logit_t = args[4][:n_rows], args[9][:n_logits]
+            counts = torch.zeros(len(scheduled), self.num_routed,
+                                 dtype=torch.long).index_add_(0, seq_t, routed)
+            return StepOutput(logits[:n_logits], counts, routed[logit_t].sum(1), routed.bool())
 
     def _call(self, key: Key, args: tuple):
         variant = variant_of(key)
@@ -335,29 +415,30 @@ class CompiledDecode:
         try:
             return fn(*args)
         except Exception as e:                  # a recompile on a guard failure can fail too
-            raise CompileError(f"compiled decode step of {key[0]} rows, {key[1]} blocks wide "
+            raise CompileError(f"compiled step of {key[0]} rows, {key[2]} blocks wide "
                                f"failed: {e}") from e
 
     def _eager(self, key: Key, args: tuple):
-        k, v, ids, pos, tables, lengths, thresholds = args
-        return decode_step(self.model, k, v, ids, pos, tables, lengths, thresholds, key[2])
+        k, v, ids, pos, seq, first, tables, lengths, thresholds, logit_rows = args
+        return rows_step(self.model, k, v, ids, pos, seq, first, tables, lengths, thresholds,
+                         logit_rows, key[4])
 
     def _compile_and_call(self, key: Key, args: tuple):
         """torch.compile is lazy: the first call compiles. Timed and logged."""
-        routable = key[2]
+        routable = key[4]
         model = self.model
 
         def step(*a):
-            return decode_step(model, *a, routable)
+            return rows_step(model, *a, routable)
 
         step = own_code(step)
         start = time.perf_counter()
         try:
             # Only the batch and the table width are symbols: head, block and model sizes
             # stay constants, which inductor's C++ kernels vectorise best.
-            _, _, ids, pos, tables, lengths, thresholds = args
+            _, _, ids, pos, seq, first, tables, lengths, thresholds, logit_rows = args
             if key[0] > 1:
-                for t in (ids, pos, tables, lengths, thresholds):
+                for t in (ids, pos, seq, first, tables, lengths, thresholds, logit_rows):
                     torch._dynamo.mark_dynamic(t, 0)
             torch._dynamo.mark_dynamic(tables, 2)
             options = None
@@ -366,7 +447,7 @@ class CompiledDecode:
             fn = torch.compile(step, fullgraph=True, backend=self.backend, options=options)
             out = fn(*args)
         except Exception as e:
-            raise CompileError(f"compiling a decode step ({key[0]} rows, {key[1]} blocks "
+            raise CompileError(f"compiling a step ({key[0]} rows, {key[2]} blocks "
                                f"wide) failed: {e}") from e
         finally:
             self.compile_seconds += time.perf_counter() - start

@@ -1,23 +1,24 @@
-"""A decode step as one pure function of tensors: the shape that ``torch.compile`` compiles on
-CPU (cpu_compile.py).
+"""An engine step as one pure function of tensors: the shape that CPU compiles (cpu_compile.py,
+aot_compile.py). Decode rows and prompt (or verify) chunks are all token rows.
 
-Every row of a decode step computes exactly one new token. The step is the padded, sync-free
-masked step of cuda_graphs.py, with two differences that make it a pure function (no
-in-place write inside it), which is what lets inductor compile it without copying the KV
-cache (functionalisation copies a mutated input whole):
+The step is a padded, sync-free masked step (as cuda_graphs.py's), with two differences that
+make it a pure function (no in-place write inside it), which is what lets inductor compile it
+without copying the KV cache (functionalisation copies a mutated input whole):
 
-  * the new token's own key and value are not written before attention: attention takes the
-    cached keys (stream positions 0 … length−1) plus the token's own key as one extra score
-    column. So a decode row needs no mask tensor built from positions and block tables per
-    step: the valid cached keys are ``arange(L) < length``, a broadcast compare that fuses
-    into the softmax;
+  * the step's own keys and values are not written before attention: each row attends to
+    its sequence's cached keys (stream positions 0 … length−1, stored before the step) plus
+    a (rows × rows) block of the step's new keys, masked to the row itself and the earlier
+    rows of the same sequence (for a routed stream, those that were routed). So no mask is
+    built from positions and block tables per step: the valid cached keys are
+    ``arange(L) < length``, a broadcast compare that fuses into the softmax;
   * the step returns every stream's new K/V with their cache slots, and the caller writes
     them all with one ``index_copy_`` per cache tensor after the step (``write_new_kv``).
 
 Routed steps run masked (every row computes the block, routed rows keep it; the K/V of an
-unrouted row goes to the scratch slot), so no shape depends on the routing. A padding row has
-length 0, the scratch block as its block table and +inf thresholds: it attends to itself
-only, is never routed, and writes to scratch.
+unrouted row goes to the scratch slot), so no shape depends on the routing; a routed row's
+stream position is its sequence's stored length plus the routed rows before it in the step.
+A padding row is a sequence of its own with length 0, the scratch block as its block table
+and +inf thresholds: it attends to itself only, is never routed, and writes to scratch.
 """
 
 from __future__ import annotations
@@ -29,18 +30,21 @@ import torch
 from itt_runtime.model.itt import ITTModel
 
 
-def attend_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
-                  length: torch.Tensor) -> torch.Tensor:
-    """One query per row over that row's cached stream plus its own new key.
+def attend_rows(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+                length: torch.Tensor, sees: torch.Tensor) -> torch.Tensor:
+    """Each row's query over its sequence's cached stream plus the step's own new keys.
 
     q (B, H, D); k_new, v_new (B, KV, D); k_cache, v_cache (blocks, bs, KV, D); table (B, W)
-    block ids; length (B,) keys stored before this step. Returns (B, H·D).
+    block ids; length (B,) keys stored before this step; sees (B, B) bool: row i attends to
+    row j's new key (its own, and earlier tokens of the same sequence in this step). Returns
+    (B, H·D).
 
-    Written as broadcast products and sums rather than matmuls: compiled, inductor turns
-    each into one loop that reads the cached keys and values through the block table in
-    place, where ``einsum`` would first gather every row's blocks into a new tensor (the
-    largest cost of a 32-row compiled step) and then call ``bmm``."""
+    The cached part is written as broadcast products and sums rather than matmuls:
+    compiled, inductor turns each into one loop that reads the cached keys and values through
+    the block table in place, where ``einsum`` would first gather every row's blocks into a
+    new tensor (the largest cost of a 32-row compiled decode step). The new keys are a
+    (B, B) block: a diagonal for decode rows, causal within a prompt chunk."""
     B, H, D = q.shape
     KV = k_new.shape[1]
     rep = H // KV
@@ -51,26 +55,32 @@ def attend_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     s_cache = (qg[:, None] * k[:, :, :, None, :]).sum(-1)           # (B, L, KV, rep)
     valid = torch.arange(L, device=q.device)[None, :] < length[:, None]   # (B, L)
     s_cache = s_cache.masked_fill(~valid[:, :, None, None], float("-inf"))
-    s_self = (qg * k_new[:, :, None, :]).sum(-1)                    # (B, KV, rep)
-    top = torch.maximum(s_cache.amax(1), s_self)                    # softmax over L + 1 keys
+    s_new = torch.einsum("ikrd,jkd->ijkr", qg, k_new)               # (B, B, KV, rep)
+    s_new = s_new.masked_fill(~sees[:, :, None, None], float("-inf"))
+    top = torch.maximum(s_cache.amax(1), s_new.amax(1))             # softmax over both parts
     p_cache = torch.exp(s_cache - top[:, None])
-    p_self = torch.exp(s_self - top)
-    o = (p_cache[..., None] * v[:, :, :, None, :]).sum(1) + p_self[..., None] * v_new[:, :, None]
-    return (o / (p_cache.sum(1) + p_self)[..., None]).reshape(B, H * D)
+    p_new = torch.exp(s_new - top[:, None])
+    o = (p_cache[..., None] * v[:, :, :, None, :]).sum(1) \
+        + torch.einsum("ijkr,jkd->ikrd", p_new, v_new)
+    return (o / (p_cache.sum(1) + p_new.sum(1))[..., None]).reshape(B, H * D)
 
 
-def decode_step(model: ITTModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                ids: torch.Tensor, pos: torch.Tensor, tables: torch.Tensor,
-                lengths: torch.Tensor, thresholds: torch.Tensor, routable: bool):
-    """One decode token per row.
+def rows_step(model: ITTModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              ids: torch.Tensor, pos: torch.Tensor, seq: torch.Tensor, first: torch.Tensor,
+              tables: torch.Tensor, lengths: torch.Tensor, thresholds: torch.Tensor,
+              logit_rows: torch.Tensor, routable: bool):
+    """One step over token rows: decode rows (one token of a sequence each) and prompt or
+    verify chunks (consecutive rows of one sequence, in position order), in any mix.
 
-    ids, pos (B,); tables (B, streams, W); lengths (B, streams) tokens stored before this
-    step; thresholds (B, routed streams) router-logit thresholds (+inf: never routed).
-    ``routable`` False skips the routed steps (every row at budget 0). The cache's last block
-    is scratch (runner/attention.KVCache), taken from its shape so that no pool size is baked
-    into a compiled step.
+    ids, pos (B,) token and position of each row; seq (B,) its sequence (index into tables
+    and lengths); first (B,) the row index of its sequence's first row in this step; tables
+    (G, streams, W) block ids; lengths (G, streams) tokens each stream stored before this
+    step; thresholds (B, routed streams) router-logit thresholds (+inf: never routed);
+    logit_rows (S,) rows whose logits are returned. ``routable`` False skips the routed steps
+    (every row at budget 0). The cache's last block is scratch (runner/attention.KVCache),
+    taken from its shape so that no pool size is baked into a compiled step.
 
-    Returns logits (B, vocab) fp32, extra_steps (B,), routed_counts (B, routed streams),
+    Returns logits (S, vocab) fp32, routed (B, routed streams) long 0/1 per row and step,
     new_k, new_v (streams written × B, KV, D) and their flat cache slots (streams written ×
     B,): the base streams, then (if routable) every routed stream.
     """
@@ -84,22 +94,30 @@ def decode_step(model: ITTModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
     new_v: list[torch.Tensor] = []
     slots: list[torch.Tensor] = []
     routed_all: list[torch.Tensor] = []
-    # Base stream of every layer: the token's own position.
+    row_tables = tables[seq]                                          # (B, streams, W)
+    row = torch.arange(B, device=ids.device)
+    same = first[:, None] == first[None, :]                           # same sequence
+    causal = same & (row[None, :] <= row[:, None])                    # (B, B): j <= i
+    # Base stream of every layer: the token's own position; the cache holds the positions
+    # before its sequence's first row.
+    base_len = pos[first]
     base_slot_in_block = pos % bs
     base_blk = torch.div(pos, bs, rounding_mode="floor")
 
-    def block_delta(block, x, stream: int, spos: torch.Tensor, slot: torch.Tensor):
+    def block_delta(block, x, stream: int, cached: torch.Tensor, slot: torch.Tensor,
+                    sees: torch.Tensor):
         q, k, v = block.project_qkv(x, cos, sin)                      # (B, H|KV, D)
         new_k.append(k)
         new_v.append(v)
         slots.append(slot)
-        attn = attend_decode(q, k, v, k_cache, v_cache, tables[:, stream], spos)
+        attn = attend_rows(q, k, v, k_cache, v_cache, row_tables[:, stream], cached, sees)
         return block.finish(x, attn)
 
     itt_index = 0
     for layer_idx, layer in enumerate(model.itt_layer_list):
-        slot = tables[:, layer_idx].gather(1, base_blk[:, None])[:, 0] * bs + base_slot_in_block
-        x = layer.base_update(x, block_delta(layer.block, x, layer_idx, pos, slot))
+        slot = row_tables[:, layer_idx].gather(1, base_blk[:, None])[:, 0] * bs \
+            + base_slot_in_block
+        x = layer.base_update(x, block_delta(layer.block, x, layer_idx, base_len, slot, causal))
         if layer.think_steps == 1:
             continue
         if not routable:             # budget 0 everywhere: no routed step, no routed K/V
@@ -110,24 +128,28 @@ def decode_step(model: ITTModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
             stream = cfg.n_layers + k_idx
             logits_r = layer.router_logits(t, x)                      # (B,)
             routed = logits_r.float() > thresholds[:, k_idx]          # (B,) bool
-            spos = lengths[:, stream]                                 # next free position
-            own = tables[:, stream].gather(1, torch.div(spos, bs, rounding_mode="floor")
-                                           [:, None])[:, 0] * bs + spos % bs
+            r = routed.long()
+            before = torch.cumsum(r, 0) - r                           # routed rows before i
+            cached = lengths[seq, stream]
+            spos = cached + before - before[first]                    # next free positions
+            own = row_tables[:, stream].gather(
+                1, torch.div(spos, bs, rounding_mode="floor")[:, None])[:, 0] * bs + spos % bs
             slot = torch.where(routed, own, torch.full_like(own, scratch_slot))
-            delta = block_delta(layer.block, x, stream, spos, slot)
+            # A routed row sees the routed rows before it in its sequence, and itself.
+            sees = (causal & routed[None, :]) | (row[None, :] == row[:, None])
+            delta = block_delta(layer.block, x, stream, cached, slot, sees)
             stepped = x + layer.routed_increment(t, torch.sigmoid(logits_r), delta)
             x = torch.where(routed[:, None], stepped, x)
             routed_all.append(routed)
         itt_index += 1
-    logits = model.output_logits(x)                                   # (B, vocab) fp32
+    logits = model.output_logits(x[logit_rows])                      # (S, vocab) fp32
     K = cfg.max_extra_steps
     if routed_all:
         routed_t = torch.stack(routed_all, 1).long()                  # (B, K)
     else:
         routed_t = torch.zeros(B, K, dtype=torch.long, device=x.device)
     # new_k, new_v and slots were appended together, one entry per block application.
-    return (logits, routed_t.sum(1), routed_t, torch.cat(new_k), torch.cat(new_v),
-            torch.cat(slots))
+    return logits, routed_t, torch.cat(new_k), torch.cat(new_v), torch.cat(slots)
 
 
 def write_new_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, new_k: torch.Tensor,

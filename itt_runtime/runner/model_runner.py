@@ -206,27 +206,34 @@ class ModelRunner:
         kvs = [s.kv for s in scheduled if s.kv is not None]
         assert len(kvs) == len(scheduled), "every scheduled sequence has its KV streams"
         compiled = self.compiled
-        # The leading rows that compute one token and sample it (single-token rows come
-        # first): a compiled step can run them, also when prompt rows follow.
+        # On CPU, the whole step through a compiled step when it fits and its variants are
+        # ready: decode rows and prompt or verify chunks alike (decode_step.rows_step).
+        # Otherwise its leading rows that compute one token and sample it (single-token rows
+        # come first) still can, with the rest eager after them.
         n_decode = next((i for i, s in enumerate(scheduled)
                          if s.num_new_tokens != 1 or s.logit_positions != [0]), len(scheduled))
-        if compiled is not None and n_decode and compiled.can_run(n_decode) \
-                and compiled.ready_for(scheduled[:n_decode]):
+        n_compiled = 0
+        if compiled is not None:
+            if compiled.can_run(scheduled) and compiled.ready_for(scheduled):
+                n_compiled = len(scheduled)
+            elif n_decode and compiled.can_run(scheduled[:n_decode]) \
+                    and compiled.ready_for(scheduled[:n_decode]):
+                n_compiled = n_decode
+        if compiled is not None and n_compiled:
             try:
-                head = compiled.run(scheduled[:n_decode], kvs[:n_decode])
+                head = compiled.run(scheduled[:n_compiled], kvs[:n_compiled])
             except CompileError:
                 # Serve it and all later steps eagerly (rewriting any K/V it wrote).
-                log.warning("compiled decode step failed; running every step eagerly",
-                            exc_info=True)
+                log.warning("compiled step failed; running every step eagerly", exc_info=True)
                 self.compiled = None
             else:
-                if n_decode == len(scheduled):
+                if n_compiled == len(scheduled):
                     return head
                 # A mixed step: the prompt rows run eagerly after the compiled decode rows
                 # (on CPU two matmuls of m and n rows cost about one of m + n; running the
                 # decode rows eagerly costs their per-operator overhead again).
-                rest = scheduled[n_decode:]
-                batch = self.forward.prepare(rest, kvs[n_decode:],
+                rest = scheduled[n_compiled:]
+                batch = self.forward.prepare(rest, kvs[n_compiled:],
                                              [s.logit_positions for s in rest],
                                              masked_routing=self._masked_routing(False))
                 return join_outputs(head, self.forward.execute(batch))

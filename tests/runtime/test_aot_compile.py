@@ -70,10 +70,16 @@ def greedy(budget: float) -> SamplingParams:
 
 
 def counting(compiled: CompiledDecode) -> list[int]:
-    """Counts the decode steps ``compiled`` runs (the real run, counted on the way)."""
+    """The steps ``compiled`` runs (the real run, recorded on the way): for each, the most
+    tokens one sequence computed in it (1: decode rows only; more: a prompt chunk)."""
     calls: list[int] = []
     run = compiled.run
-    compiled.run = lambda *a: calls.append(1) or run(*a)          # type: ignore[method-assign]
+
+    def spy(scheduled, kvs):
+        calls.append(max(s.num_new_tokens for s in scheduled))
+        return run(scheduled, kvs)
+
+    compiled.run = spy                                            # type: ignore[method-assign]
     return calls
 
 
@@ -103,7 +109,8 @@ def test_compiled_ahead_in_a_child_then_loaded_from_the_cache(small_model_dir, a
     assert len(packages) == 2 and all(".partial" not in p for p in packages)
     calls = counting(compiled)
     check_against_reference(llm, small_model_dir, prompts, [0.5, 1.0])
-    assert calls, "no decode step ran compiled"
+    assert 1 in calls, "no decode step ran compiled"
+    assert max(calls) > 1, "no prompt chunk ran compiled"
 
     # A second engine of the same model: both variants from the cache, no compile process.
     again = LLM(str(small_model_dir), max_num_seqs=8, compile="auto")

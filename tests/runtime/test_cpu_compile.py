@@ -19,6 +19,7 @@ from itt_testing import (
 
 from itt_runtime.llm import LLM
 from itt_runtime.model.loader import load_model
+from itt_runtime.runner import cpu_compile
 from itt_runtime.runner.cpu_compile import SPLIT_MIN_ROWS, VARIANTS, CompiledDecode, own_code
 from itt_runtime.sampling_params import SamplingParams
 
@@ -97,19 +98,16 @@ def test_decode_step_writes_only_its_own_slots(tiny_model_dir, prompts):
     assert slots_written(eng, before) == expected
 
 
-def test_mixed_steps_run_their_decode_rows_through_the_compiled_step(tiny_model_dir, prompts):
-    """A step that computes prompt chunks beside decoding rows runs the decode rows through
-    the compiled step and only the prompt rows eagerly; generation still equals the
-    reference's (small chunks and a small pool: chunked prefill, preemption, prefix-cache
-    hits)."""
-    llm, compiled = llm_with(tiny_model_dir, compile=False,
-                             engine=dict(max_num_batched_tokens=16, kv_cache_memory=31 * 4096))
+def run_and_trace(llm: LLM, compiled: CompiledDecode, model_dir, prompts) -> list[list]:
+    """Generation equal to the reference's (small chunks and a small pool: chunked prefill,
+    preemption, prefix-cache hits); returns, per engine step, the paths it ran: "eager", or
+    the largest row count of a sequence in a compiled call (1: decode rows only)."""
     runner = llm.engine.runner
-    calls: list[str] = []                         # "step", then the paths it ran
+    calls: list = []                              # "step", then the paths it ran
     run, execute, step = compiled.run, runner.forward.execute, runner.execute_model
 
     def spy_run(scheduled, kvs):
-        calls.append("compiled")
+        calls.append(max(s.num_new_tokens for s in scheduled))
         return run(scheduled, kvs)
 
     def spy_execute(batch):
@@ -121,20 +119,39 @@ def test_mixed_steps_run_their_decode_rows_through_the_compiled_step(tiny_model_
         return step(plan)
 
     compiled.run, runner.forward.execute, runner.execute_model = spy_run, spy_execute, spy_step
-    check_against_reference(llm, tiny_model_dir, prompts, BUDGETS,
+    check_against_reference(llm, model_dir, prompts, BUDGETS,
                             [2 + k % 4 for k in range(len(prompts) * len(BUDGETS))])
-    steps: list[list[str]] = []
-    current: list[str] = []
+    assert llm.engine.scheduler.num_preemptions > 0
+    steps: list[list] = []
     for kind in calls:
         if kind == "step":
-            current = []
-            steps.append(current)
+            steps.append([])
         else:
-            current.append(kind)
-    assert ["compiled", "eager"] in steps, "no step ran decode rows compiled beside a prompt"
-    assert ["compiled"] in steps and ["eager"] in steps
-    assert all(s in (["compiled"], ["eager"], ["compiled", "eager"]) for s in steps), steps
-    assert llm.engine.scheduler.num_preemptions > 0
+            steps[-1].append(kind)
+    return steps
+
+
+def test_prompt_chunks_run_through_the_compiled_step(tiny_model_dir, prompts):
+    """Prompt chunks, alone or beside decoding rows, run through the compiled step as token
+    rows (rows_step) with the reference's output: nothing runs eagerly."""
+    llm, compiled = llm_with(tiny_model_dir, compile=False,
+                             engine=dict(max_num_batched_tokens=16, kv_cache_memory=31 * 4096))
+    steps = run_and_trace(llm, compiled, tiny_model_dir, prompts)
+    assert all(len(s) == 1 and s[0] != "eager" for s in steps), steps
+    assert any(s[0] > 1 for s in steps), "no prompt chunk ran compiled"
+
+
+def test_steps_too_large_run_their_prompt_rows_eagerly(tiny_model_dir, prompts, monkeypatch):
+    """A step of more rows than a compiled step takes runs its decode rows compiled and its
+    prompt rows eagerly after them, with the reference's output."""
+    monkeypatch.setattr(cpu_compile, "MAX_STEP_ROWS", 4)
+    llm, compiled = llm_with(tiny_model_dir, compile=False,
+                             engine=dict(max_num_batched_tokens=16, kv_cache_memory=31 * 4096))
+    steps = run_and_trace(llm, compiled, tiny_model_dir, prompts)
+    assert [1, "eager"] in steps, "no step ran decode rows compiled beside a prompt"
+    assert ["eager"] in steps
+    assert all(s in ([1], ["eager"], [1, "eager"]) or (len(s) == 1 and s[0] <= 4)
+               for s in steps), steps
 
 
 def test_rows_at_budget_0_run_apart_from_rows_that_route(tiny_model_dir, prompts):
@@ -146,7 +163,8 @@ def test_rows_at_budget_0_run_apart_from_rows_that_route(tiny_model_dir, prompts
     run = compiled._run
 
     def spy(scheduled, kvs):
-        parts.append([s.seq.routable for s in scheduled])
+        if all(s.num_new_tokens == 1 for s in scheduled):      # decode steps split
+            parts.append([s.seq.routable for s in scheduled])
         return run(scheduled, kvs)
 
     compiled._run = spy
@@ -263,7 +281,7 @@ def test_failed_compile_falls_back_to_eager(tiny_model_dir, prompts, caplog):
     llm, compiled = llm_with(tiny_model_dir, options={"no_such_inductor_option": True})
     check_against_reference(llm, tiny_model_dir, prompts[:3], [0.0, 0.5])
     assert llm.engine.runner.compiled is None and not compiled.variants
-    assert "compiled decode step failed; running every step eagerly" in caplog.text
+    assert "compiled step failed; running every step eagerly" in caplog.text
     assert "no_such_inductor_option" in caplog.text
 
 
