@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from loadtest.run import LoadConfig, run
-from loadtest.servers import free_port, stop_process, wait_ready
+from loadtest.servers import free_port, stop_process, wait_compiled, wait_ready
 
 
 def start(flags: list[str], log: Path) -> tuple[subprocess.Popen, str]:
@@ -33,14 +33,15 @@ def start(flags: list[str], log: Path) -> tuple[subprocess.Popen, str]:
                             env={**os.environ, "OMP_NUM_THREADS": os.environ.get(
                                 "OMP_NUM_THREADS", "1")})
     url = f"http://127.0.0.1:{port}"
-    wait_ready(f"{url}/health", proc, log, timeout_s=900)     # compiles first
+    wait_ready(f"{url}/health", proc, log, timeout_s=900)
+    wait_compiled(url, proc, log, timeout_s=900)      # measured at its compiled speed
     return proc, url
 
 
 def warm_up(url: str) -> None:
     """Requests that run every kind of step (one row or several, routable or at budget 0)
-    once before the measured rates. A ``--cpu-compile`` server compiles its decode steps
-    before it listens; this also covers a server that would compile one lazily."""
+    once before the measured rates (the compiled steps are ready by then: ``start`` waits
+    for them)."""
     model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
 
     def generate(budget: float) -> None:
@@ -67,7 +68,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("bench_elastic.json"))
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="one more itt-server argument for both servers (repeatable), e.g. "
-                        "--server-arg=--cpu-compile")
+                        "--server-arg=--compile=off")
     a = p.parse_args()
     rates = [float(x) for x in a.rates.split(",")]
     logs = a.out.with_suffix("")

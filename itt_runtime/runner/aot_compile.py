@@ -76,9 +76,9 @@ class StepModule(nn.Module):
         self.model = model
         self.routable = routable
 
-    def forward(self, k_cache, v_cache, ids, pos, seq, first, tables, lengths, thresholds,
+    def forward(self, k_cache, v_cache, ids, pos, first, tables, lengths, thresholds,
                 logit_rows):
-        return rows_step(self.model, k_cache, v_cache, ids, pos, seq, first, tables, lengths,
+        return rows_step(self.model, k_cache, v_cache, ids, pos, first, tables, lengths,
                          thresholds, logit_rows, self.routable)
 
 
@@ -115,8 +115,8 @@ def package_path(model: ITTModel, cache_k: torch.Tensor, variant: Variant) -> Pa
 
 
 def example_args(model: ITTModel, cache_k: torch.Tensor, variant: Variant) -> tuple:
-    """Inputs of the shapes a variant is exported at: two rows of two sequences with two
-    logit rows (one of each for the one-row variant), tables two blocks wide, a cache of
+    """Inputs of the shapes a variant is exported at: two rows with two logit rows (one of
+    each for the one-row variant), tables two blocks wide, a cache of
     three blocks of ``cache_k``'s layout; every row a padding row on the scratch block (its
     outputs are never used)."""
     one_row, routable = variant
@@ -127,7 +127,7 @@ def example_args(model: ITTModel, cache_k: torch.Tensor, variant: Variant) -> tu
     # Every input a tensor of its own: export traces two arguments given the same tensor as
     # one input, and the compiled step would then read one where the other was meant.
     return (k, torch.zeros_like(k), torch.zeros(B, dtype=torch.long),
-            torch.zeros(B, dtype=torch.long), torch.arange(B), torch.arange(B),
+            torch.zeros(B, dtype=torch.long), torch.arange(B),
             torch.full((B, streams, W), blocks - 1, dtype=torch.long),
             torch.zeros(B, streams, dtype=torch.long),
             torch.full((B, cfg.max_extra_steps), float("inf")), torch.arange(B))
@@ -142,14 +142,13 @@ def compile_package(model: ITTModel, cache_k: torch.Tensor, variant: Variant,
     one_row, routable = variant
     blocks, width = Dim("blocks", min=2), Dim("width", min=2)
     if one_row:
-        dynamic: Any = ({0: blocks}, {0: blocks}, None, None, None, None, {2: width}, None,
-                        None, None)
+        dynamic: Any = ({0: blocks}, {0: blocks}, None, None, None, {2: width}, None, None,
+                        None)
     else:
         rows = Dim("rows", min=2, max=MAX_ROWS)
-        seqs = Dim("seqs", min=2, max=MAX_ROWS)
         logits = Dim("logits", min=2, max=MAX_ROWS)
-        dynamic = ({0: blocks}, {0: blocks}, {0: rows}, {0: rows}, {0: rows}, {0: rows},
-                   {0: seqs, 2: width}, {0: seqs}, {0: rows}, {0: logits})
+        dynamic = ({0: blocks}, {0: blocks}, {0: rows}, {0: rows}, {0: rows},
+                   {0: rows, 2: width}, {0: rows}, {0: rows}, {0: logits})
     step = StepModule(model, routable).eval()
     with torch.inference_mode():
         exported = export(step, example_args(model, cache_k, variant), dynamic_shapes=dynamic,

@@ -305,26 +305,32 @@ class CompiledDecode:
             return (1, 1, MIN_SIZE, 1, routable), self._pack(
                 [0], [0], [0], [0], [[self.cache.scratch_block] * MIN_SIZE] * streams,
                 [0] * streams, [0], torch.full((1, self.num_routed), math.inf), 1, streams,
-                MIN_SIZE)
-        return self._inputs([], [], routable)
+                MIN_SIZE)[0]
+        key, args, _ = self._inputs([], [], routable)
+        return key, args
 
     def _pack(self, ids: list[int], pos: list[int], seq: list[int], first: list[int],
               tables: list[list[int]], lengths: list[int], logit_rows: list[int],
               thresholds: torch.Tensor, G: int, streams: int, W: int) -> tuple:
-        """The compiled step's arguments, its integer inputs as views of one tensor."""
+        """The compiled step's arguments and each row's sequence. ``tables`` and
+        ``lengths`` are per sequence; each row gets its sequence's (rows_step reads them per
+        row)."""
         B, S = len(ids), len(logit_rows)
         flat = torch.tensor(ids + pos + seq + first + [b for t in tables for b in t]
                             + lengths + logit_rows, dtype=torch.long)
         ids_t, pos_t, seq_t, first_t, tables_t, lengths_t, logit_t = flat.split(
             [B, B, B, B, G * streams * W, G * streams, S])
-        return (self.cache.k, self.cache.v, ids_t, pos_t, seq_t, first_t,
-                tables_t.view(G, streams, W), lengths_t.view(G, streams), thresholds, logit_t)
+        tables_t, lengths_t = tables_t.view(G, streams, W), lengths_t.view(G, streams)
+        if G != B or seq != list(range(B)):                 # rows of a chunk share a table
+            tables_t, lengths_t = tables_t[seq_t], lengths_t[seq_t]
+        return (self.cache.k, self.cache.v, ids_t, pos_t, first_t, tables_t, lengths_t,
+                thresholds, logit_t), seq_t
 
     def _inputs(self, scheduled: list[ScheduledSeq], kvs: list[SequenceKV],
-                routable: bool) -> tuple[Key, tuple]:
-        """The key and arguments of a step of several rows: every scheduled sequence's new
-        tokens as rows, padded to at least two rows, two sequences (a padding sequence of
-        its own, always) and two logit rows (the last one repeated)."""
+                routable: bool) -> tuple[Key, tuple, torch.Tensor]:
+        """The key, arguments and rows' sequences of a step of several rows: every scheduled
+        sequence's new tokens as rows, padded to at least two rows (of a padding sequence
+        of their own) and two logit rows (the last one repeated)."""
         streams = len(kvs[0].block_tables) if kvs and routable else \
             (self.model.cfg.num_kv_streams if routable else self.n_layers)
         scratch = self.cache.scratch_block
@@ -340,7 +346,7 @@ class CompiledDecode:
             seq += [g] * n
             first += [start] * n
             logit_rows += [start + i for i in s.logit_positions]
-        G = max(len(scheduled) + 1, MIN_SIZE)                   # + padding sequences
+        G = len(scheduled) + (len(ids) < MIN_SIZE)              # + a padding sequence
         for _ in range(MIN_SIZE - len(ids)):                    # padding rows
             first.append(len(ids))
             ids.append(0)
@@ -355,8 +361,9 @@ class CompiledDecode:
         lengths = [n for kv in kvs for n in kv.lengths[:streams]] + [0] * (streams * padding)
         thresholds = self._thresholds(scheduled, routable, len(ids))
         B, S = len(ids), len(logit_rows)
-        return (B, G, width, S, routable), self._pack(ids, pos, seq, first, tables, lengths,
-                                                      logit_rows, thresholds, G, streams, width)
+        args, seq_t = self._pack(ids, pos, seq, first, tables, lengths, logit_rows, thresholds,
+                                 G, streams, width)
+        return (B, G, width, S, routable), args, seq_t
 
     def _thresholds(self, scheduled: list[ScheduledSeq], routable: bool,
                     rows: int) -> torch.Tensor:
@@ -384,18 +391,19 @@ class CompiledDecode:
                       for t in kv.block_tables[:streams]]
             c = s.seq.num_computed_tokens
             key: Key = (1, 1, width, 1, routable)
-            args = self._pack([s.seq.all_token_ids[c]], [c], [0], [0], tables,
-                              list(kv.lengths[:streams]), [0],
-                              self._thresholds(scheduled, routable, 1), 1, streams, width)
+            args, seq_t = self._pack([s.seq.all_token_ids[c]], [c], [0], [0], tables,
+                                     list(kv.lengths[:streams]), [0],
+                                     self._thresholds(scheduled, routable, 1), 1, streams,
+                                     width)
         else:
-            key, args = self._inputs(scheduled, kvs, routable)
+            key, args, seq_t = self._inputs(scheduled, kvs, routable)
         n_rows = sum(s.num_new_tokens for s in scheduled)
         n_logits = sum(len(s.logit_positions) for s in scheduled)
         with torch.inference_mode():
             logits, routed, new_k, new_v, slots = self._call(key, args)
             write_new_kv(self.cache.k, self.cache.v, new_k, new_v, slots)
             routed = routed[:n_rows]
-            seq_t, logit_t = args[4][:n_rows], args[9][:n_logits]
+            seq_t, logit_t = seq_t[:n_rows], args[8][:n_logits]
             counts = torch.zeros(len(scheduled), self.num_routed,
                                  dtype=torch.long).index_add_(0, seq_t, routed)
             return StepOutput(logits[:n_logits], counts, routed[logit_t].sum(1), routed.bool())
@@ -419,8 +427,8 @@ class CompiledDecode:
                                f"failed: {e}") from e
 
     def _eager(self, key: Key, args: tuple):
-        k, v, ids, pos, seq, first, tables, lengths, thresholds, logit_rows = args
-        return rows_step(self.model, k, v, ids, pos, seq, first, tables, lengths, thresholds,
+        k, v, ids, pos, first, tables, lengths, thresholds, logit_rows = args
+        return rows_step(self.model, k, v, ids, pos, first, tables, lengths, thresholds,
                          logit_rows, key[4])
 
     def _compile_and_call(self, key: Key, args: tuple):
@@ -436,9 +444,9 @@ class CompiledDecode:
         try:
             # Only the batch and the table width are symbols: head, block and model sizes
             # stay constants, which inductor's C++ kernels vectorise best.
-            _, _, ids, pos, seq, first, tables, lengths, thresholds, logit_rows = args
+            _, _, ids, pos, first, tables, lengths, thresholds, logit_rows = args
             if key[0] > 1:
-                for t in (ids, pos, seq, first, tables, lengths, thresholds, logit_rows):
+                for t in (ids, pos, first, tables, lengths, thresholds, logit_rows):
                     torch._dynamo.mark_dynamic(t, 0)
             torch._dynamo.mark_dynamic(tables, 2)
             options = None

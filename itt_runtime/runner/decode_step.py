@@ -66,16 +66,17 @@ def attend_rows(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
 
 
 def rows_step(model: ITTModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              ids: torch.Tensor, pos: torch.Tensor, seq: torch.Tensor, first: torch.Tensor,
+              ids: torch.Tensor, pos: torch.Tensor, first: torch.Tensor,
               tables: torch.Tensor, lengths: torch.Tensor, thresholds: torch.Tensor,
               logit_rows: torch.Tensor, routable: bool):
     """One step over token rows: decode rows (one token of a sequence each) and prompt or
     verify chunks (consecutive rows of one sequence, in position order), in any mix.
 
-    ids, pos (B,) token and position of each row; seq (B,) its sequence (index into tables
-    and lengths); first (B,) the row index of its sequence's first row in this step; tables
-    (G, streams, W) block ids; lengths (G, streams) tokens each stream stored before this
-    step; thresholds (B, routed streams) router-logit thresholds (+inf: never routed);
+    ids, pos (B,) token and position of each row; first (B,) the row index of its sequence's
+    first row in this step; tables (B, streams, W) block ids and lengths (B, streams) tokens
+    each stream stored before this step, of the row's sequence (the same for every row of a
+    chunk: one indirection, so that inductor reads the cache through the table in place);
+    thresholds (B, routed streams) router-logit thresholds (+inf: never routed);
     logit_rows (S,) rows whose logits are returned. ``routable`` False skips the routed steps
     (every row at budget 0). The cache's last block is scratch (runner/attention.KVCache),
     taken from its shape so that no pool size is baked into a compiled step.
@@ -94,7 +95,6 @@ def rows_step(model: ITTModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
     new_v: list[torch.Tensor] = []
     slots: list[torch.Tensor] = []
     routed_all: list[torch.Tensor] = []
-    row_tables = tables[seq]                                          # (B, streams, W)
     row = torch.arange(B, device=ids.device)
     same = first[:, None] == first[None, :]                           # same sequence
     causal = same & (row[None, :] <= row[:, None])                    # (B, B): j <= i
@@ -110,12 +110,12 @@ def rows_step(model: ITTModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
         new_k.append(k)
         new_v.append(v)
         slots.append(slot)
-        attn = attend_rows(q, k, v, k_cache, v_cache, row_tables[:, stream], cached, sees)
+        attn = attend_rows(q, k, v, k_cache, v_cache, tables[:, stream], cached, sees)
         return block.finish(x, attn)
 
     itt_index = 0
     for layer_idx, layer in enumerate(model.itt_layer_list):
-        slot = row_tables[:, layer_idx].gather(1, base_blk[:, None])[:, 0] * bs \
+        slot = tables[:, layer_idx].gather(1, base_blk[:, None])[:, 0] * bs \
             + base_slot_in_block
         x = layer.base_update(x, block_delta(layer.block, x, layer_idx, base_len, slot, causal))
         if layer.think_steps == 1:
@@ -130,9 +130,9 @@ def rows_step(model: ITTModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
             routed = logits_r.float() > thresholds[:, k_idx]          # (B,) bool
             r = routed.long()
             before = torch.cumsum(r, 0) - r                           # routed rows before i
-            cached = lengths[seq, stream]
+            cached = lengths[:, stream]
             spos = cached + before - before[first]                    # next free positions
-            own = row_tables[:, stream].gather(
+            own = tables[:, stream].gather(
                 1, torch.div(spos, bs, rounding_mode="floor")[:, None])[:, 0] * bs + spos % bs
             slot = torch.where(routed, own, torch.full_like(own, scratch_slot))
             # A routed row sees the routed rows before it in its sequence, and itself.
