@@ -1,27 +1,31 @@
-"""Decode steps compiled with ``torch.compile`` (inductor) on CPU.
+"""Compiled steps on CPU: the variants, which steps use them, and torch.compile in-process.
 
 On CPU a small model's decode step is a few hundred small operators, and running them one by
 one from Python costs more than their arithmetic (docs/perf-notes.md). As CUDA graphs do on a
-GPU (cuda_graphs.py), a decode-only step is compiled once per padded shape and then run as one
-call; inductor fuses the elementwise work (norms, RoPE, softmax, SiLU, residuals) into a few
-C++ loops around the matmuls.
+GPU (cuda_graphs.py), a step is compiled once per variant and then run as one call; inductor
+fuses the elementwise work (norms, RoPE, softmax, SiLU, residuals) into a few C++ loops
+around the matmuls. A server compiles the variants ahead of time in a child process and keeps
+them on disk (aot_compile.py, ``compile_ahead``); an offline engine with ``compile="on"``
+compiles them here with ``torch.compile`` when a step first needs one.
 
-What is compiled is ``decode_step`` (decode_step.py), a pure function: the new K/V come back
-as outputs and are written to the cache here, after the call, with one ``index_copy_`` per
-cache tensor. So a failure inside the compiled call (a compile error, an unsupported
-operator) leaves the cache untouched, and the step can be rerun eagerly.
+What is compiled is ``rows_step`` (decode_step.py), a pure function of token rows (decode
+rows and prompt or verify chunks alike): the new K/V come back as outputs and are written to
+the cache here, after the call, with one ``index_copy_`` per cache tensor. So a failure
+inside the compiled call (a compile error, an unsupported operator) leaves the cache
+untouched, and the step can be rerun eagerly.
 
 Shapes: one compiled variant per "any row routable" (a batch at budget 0 skips the routed
-steps, so it is a different graph) and per "one row or several", compiled with dynamic
-shapes: the batch size (of several rows) and the block-table width are symbols, so a server
-compiles at most four times, whatever its load (a variant per padded shape, as the CUDA
-graphs have, cost 40-130 s of compilation each on a busy 2-core machine, and a growing
-context would keep hitting new widths). A symbolic size is never 0 or 1 (the compiler
-specialises those), so tables are padded to a width of at least 2, and a step of one row has
-its own variant with the batch fixed at 1 rather than a padding row: on CPU a matmul of two
-rows costs about twice one row's (this machine's sgemm is compute-bound even there), which
-made a padded single-stream step 1.4x slower. The compile time is logged, and bounded: once
-compiles have taken ``compile_budget_s`` in all, variants not compiled yet run eagerly.
+steps, so it is a different graph) and per "one decode row or several rows", compiled with
+dynamic shapes: the rows, logit rows and block-table width of a step of several rows are
+symbols, so a server compiles at most four times, whatever its load (a variant per padded
+shape, as the CUDA graphs have, cost 40-130 s of compilation each on a busy 2-core machine,
+and a growing context would keep hitting new widths). A symbolic size is never 0 or 1 (the
+compiler specialises those), so tables are padded to a width of at least 2, and a single
+decode row has its own variant with everything fixed at 1 rather than a padding row: on CPU
+a matmul of two rows costs about twice one row's (this machine's sgemm is compute-bound even
+there), which made a padded single-stream step 1.4x slower. The in-process compile time is
+logged, and bounded: once compiles have taken ``compile_budget_s`` in all, variants not
+compiled yet run eagerly.
 """
 
 from __future__ import annotations
@@ -104,7 +108,7 @@ def own_code(fn: Callable) -> Callable:
 
 
 class CompiledDecode:
-    """Runs decode-only steps through compiled ``decode_step`` variants.
+    """Runs steps through compiled ``rows_step`` variants.
 
     ``compile=False`` runs the same padded pure step eagerly (the tests compare both);
     ``backend`` another torch.compile backend (the fast tests trace with ``aot_eager``).
