@@ -39,6 +39,13 @@ def tiny_model_dir(tokenizer_file, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_model_dir(tokenizer_file, tmp_path_factory) -> Path:
+    """Two layers, one ITT ×2: the smallest graph with a routed step (compiles fastest)."""
+    return build_tiny_model(tokenizer_file, tmp_path_factory.mktemp("tiny_2l"), n_layers=2,
+                            itt_layers=(1,), think_steps=2)
+
+
+@pytest.fixture(scope="session")
 def tiny_dense_dir(tokenizer_file, tmp_path_factory) -> Path:
     return build_tiny_model(tokenizer_file, tmp_path_factory.mktemp("tiny_dense"),
                             itt_layers=(), think_steps=1)

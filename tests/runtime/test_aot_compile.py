@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from itt_testing import HELDOUT, build_tiny_model, reference_greedy
+from itt_testing import HELDOUT, reference_greedy
 from live_server import MODEL_NAME, launch
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -49,12 +49,6 @@ def aot_cache(tmp_path_factory):
     else:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
     cache_dir.cache_clear()
-
-
-@pytest.fixture(scope="module")
-def small_model_dir(tokenizer_file, tmp_path_factory):
-    return build_tiny_model(tokenizer_file, tmp_path_factory.mktemp("tiny_2l"), n_layers=2,
-                            itt_layers=(1,), think_steps=2)
 
 
 @pytest.fixture(scope="module")

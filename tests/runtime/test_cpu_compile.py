@@ -11,7 +11,6 @@ import pytest
 import torch
 from itt_testing import (
     HELDOUT,
-    build_tiny_model,
     next_token_slots,
     reference_greedy,
     slots_written,
@@ -25,13 +24,6 @@ from itt_runtime.sampling_params import SamplingParams
 
 MAX_NEW = 5
 BUDGETS = [0.0, 0.5, 1.0]
-
-
-@pytest.fixture(scope="module")
-def small_model_dir(tokenizer_file, tmp_path_factory):
-    """Two layers, one ITT ×2: the smallest graph with a routed step (compiles fastest)."""
-    return build_tiny_model(tokenizer_file, tmp_path_factory.mktemp("tiny_2l"), n_layers=2,
-                            itt_layers=(1,), think_steps=2)
 
 
 @pytest.fixture(scope="module")
