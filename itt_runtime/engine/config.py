@@ -134,16 +134,17 @@ class EngineConfig:
     enforce_eager: bool = option(False, "run every step eagerly: no CUDA graphs (CUDA), no "
                                  "compiled decode steps (CPU, --compile)", "bool")
     # "auto" by default: a server answers at once, eagerly, while a child process compiles
-    # the variants ahead of time (runner/aot_compile.py; 1-2 min each on a 2-core CPU) or
+    # the variants ahead of time (runner/aot_compile.py; 0.5-3.5 min each on a 2-core CPU) or
     # loads them from the compile cache (seconds). Offline engines (LLM) stay eager unless
     # asked: a compile costs more than short jobs (tests, itt-eval) save.
     compile: str = option(
-        "auto", "CPU: decode steps compiled ahead of time (AOTInductor, in a child process at "
-        "the lowest CPU priority) and cached on disk, four variants (one row or several, "
-        "routing or at budget 0). 'auto': the server answers at once, eagerly, and uses each "
-        "variant once it is ready (5 min for all on a 2-core CPU the first time, 2-3 s from "
-        "the compile cache); 'on': the server listens once all are ready; 'off': never. "
-        "Offline engines compile only with 'on'",
+        "auto", "CPU: steps (decode rows and prompt chunks) compiled ahead of time "
+        "(AOTInductor, in a child process at the lowest CPU priority) and cached on disk, four "
+        "variants (one decode row or several rows, routing or at budget 0). 'auto': the "
+        "server answers at once, eagerly, and uses each variant once it is ready (about 7 min "
+        "for all on a 2-core CPU the first time, seconds from the compile cache); 'on': the "
+        "server listens once all are ready; 'off': never. Offline engines compile only with "
+        "'on'",
         choices=COMPILE_MODES)
     cpu_compile: bool = option(False, "the same as --compile on", "bool")
 

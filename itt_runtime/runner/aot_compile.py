@@ -223,10 +223,11 @@ def _child_setup() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def run_child(command: list[str]) -> Iterator[tuple[str, Variant, float, str]]:
-    """Run a compile child (at the lowest CPU priority) and yield its reports, one per
-    variant: ("ready", variant, seconds, "") or ("failed", variant, seconds, reason). A child
-    that dies without reporting a variant yields "failed" for it."""
+def run_child(command: list[str], variants: list[Variant]
+              ) -> Iterator[tuple[str, Variant, float, str]]:
+    """Run a compile child (at the lowest CPU priority) for ``variants`` and yield its
+    reports, one per variant: ("ready", variant, seconds, "") or ("failed", variant,
+    seconds, reason). A child that dies without reporting a variant yields "failed" for it."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir()), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, preexec_fn=_child_setup)
@@ -252,9 +253,7 @@ def run_child(command: list[str]) -> Iterator[tuple[str, Variant, float, str]]:
         yield msg["status"], variant, float(msg["seconds"]), msg.get("error", "")
     proc.wait()
     reader.join(timeout=5)
-    spec = json.loads(command[command.index("--jobs") + 1])
-    for job in spec:
-        variant = (job["one_row"], job["routable"])
+    for variant in variants:
         if variant not in reported:
             yield ("failed", variant, 0.0, f"the compile process exited with {proc.returncode}: "
                    + "".join(stderr_tail[-5:]).strip())

@@ -72,8 +72,7 @@ class CompileError(RuntimeError):
     safe: it writes every K/V slot the failed step may have written."""
 
 
-# (padded rows, sequences, padded width, logit rows, any row routable)
-Key = tuple[int, int, int, int, bool]
+Key = tuple[int, int, bool]          # (padded rows, padded width, any row routable)
 Variant = tuple[bool, bool]          # (one row, any row routable): one compile each
 MIN_SIZE = 2                         # pad batches of several rows and widths to this
 # Steps of more token rows run eagerly: the step's own keys are a rows × rows block per head
@@ -91,7 +90,7 @@ VARIANTS: tuple[Variant, ...] = ((True, True), (False, True), (True, False), (Fa
 
 
 def variant_of(key: Key) -> Variant:
-    return key[0] == 1, key[4]
+    return key[0] == 1, key[2]
 
 
 def describe(variant: Variant) -> str:
@@ -238,7 +237,7 @@ class CompiledDecode:
             log.info("compiling %d decode-step variants in a background process (%s); steps "
                      "run eagerly until each is ready", len(jobs),
                      ", ".join(describe(v) for v, _ in jobs))
-            for status, variant, seconds, error in aot_compile.run_child(command):
+            for status, variant, seconds, error in aot_compile.run_child(command, list(paths)):
                 self.compile_seconds += seconds
                 if status == "ready" and self._use_package(
                         variant, paths[variant], start, f"compiled in {seconds:.1f} s"):
@@ -258,8 +257,8 @@ class CompiledDecode:
         try:
             fn = aot_compile.load_package(self.model, path)
         except Exception:
-            log.warning("the compiled decode step %s did not load; compiling it again",
-                        path, exc_info=True)
+            log.warning("the compiled decode step %s did not load (deleted)", path,
+                        exc_info=True)
             path.unlink(missing_ok=True)
             return False
         self.variants[variant] = fn
@@ -302,39 +301,19 @@ class CompiledDecode:
                  time.perf_counter() - start)
 
     def example(self, variant: Variant) -> tuple[Key, tuple]:
-        """A step of padding rows only (one, or two of two sequences) for ``variant``."""
+        """A step of padding rows only (one, or two) for ``variant``."""
         one_row, routable = variant
-        streams = self.model.cfg.num_kv_streams if routable else self.n_layers
-        if one_row:
-            return (1, 1, MIN_SIZE, 1, routable), self._pack(
-                [0], [0], [0], [0], [[self.cache.scratch_block] * MIN_SIZE] * streams,
-                [0] * streams, [0], torch.full((1, self.num_routed), math.inf), 1, streams,
-                MIN_SIZE)[0]
-        key, args, _ = self._inputs([], [], routable)
+        key, args, _ = self._inputs([], [], routable, None, 1 if one_row else MIN_SIZE)
         return key, args
 
-    def _pack(self, ids: list[int], pos: list[int], seq: list[int], first: list[int],
-              tables: list[list[int]], lengths: list[int], logit_rows: list[int],
-              thresholds: torch.Tensor, G: int, streams: int, W: int) -> tuple:
-        """The compiled step's arguments and each row's sequence. ``tables`` and
-        ``lengths`` are per sequence; each row gets its sequence's (rows_step reads them per
-        row)."""
-        B, S = len(ids), len(logit_rows)
-        flat = torch.tensor(ids + pos + seq + first + [b for t in tables for b in t]
-                            + lengths + logit_rows, dtype=torch.long)
-        ids_t, pos_t, seq_t, first_t, tables_t, lengths_t, logit_t = flat.split(
-            [B, B, B, B, G * streams * W, G * streams, S])
-        tables_t, lengths_t = tables_t.view(G, streams, W), lengths_t.view(G, streams)
-        if G != B or seq != list(range(B)):                 # rows of a chunk share a table
-            tables_t, lengths_t = tables_t[seq_t], lengths_t[seq_t]
-        return (self.cache.k, self.cache.v, ids_t, pos_t, first_t, tables_t, lengths_t,
-                thresholds, logit_t), seq_t
-
-    def _inputs(self, scheduled: list[ScheduledSeq], kvs: list[SequenceKV],
-                routable: bool) -> tuple[Key, tuple, torch.Tensor]:
-        """The key, arguments and rows' sequences of a step of several rows: every scheduled
-        sequence's new tokens as rows, padded to at least two rows (of a padding sequence
-        of their own) and two logit rows (the last one repeated)."""
+    def _inputs(self, scheduled: list[ScheduledSeq], kvs: list[SequenceKV], routable: bool,
+                per_token: torch.Tensor | None, min_rows: int
+                ) -> tuple[Key, tuple, torch.Tensor]:
+        """The key, the compiled step's arguments and each row's sequence: every scheduled
+        sequence's new tokens as rows, padded to at least ``min_rows`` rows (of a padding
+        sequence of their own) and logit rows (the last one repeated); 1 for the one-row
+        variant. Each row carries its sequence's block tables and stream lengths (rows_step
+        reads them per row). ``per_token``: ``PagedForward._token_thresholds``."""
         streams = len(kvs[0].block_tables) if kvs and routable else \
             (self.model.cfg.num_kv_streams if routable else self.n_layers)
         scratch = self.cache.scratch_block
@@ -350,33 +329,37 @@ class CompiledDecode:
             seq += [g] * n
             first += [start] * n
             logit_rows += [start + i for i in s.logit_positions]
-        G = len(scheduled) + (len(ids) < MIN_SIZE)              # + a padding sequence
-        for _ in range(MIN_SIZE - len(ids)):                    # padding rows
+        G = len(scheduled) + (len(ids) < min_rows)              # + a padding sequence
+        for _ in range(min_rows - len(ids)):                    # padding rows
             first.append(len(ids))
             ids.append(0)
             pos.append(0)
             seq.append(G - 1)
-        logit_rows += logit_rows[-1:] * (MIN_SIZE - len(logit_rows)) if logit_rows \
-            else [0] * MIN_SIZE
-        width = max([len(t) for kv in kvs for t in kv.block_tables[:streams]] + [MIN_SIZE])
+        logit_rows += logit_rows[-1:] * (min_rows - len(logit_rows)) if logit_rows \
+            else [0] * min_rows
+        W = max([len(t) for kv in kvs for t in kv.block_tables[:streams]] + [MIN_SIZE])
         padding = G - len(scheduled)
-        tables = [t + [scratch] * (width - len(t)) for kv in kvs
-                  for t in kv.block_tables[:streams]] + [[scratch] * width] * (streams * padding)
+        tables = [b for kv in kvs for t in kv.block_tables[:streams]
+                  for b in t + [scratch] * (W - len(t))] + [scratch] * (streams * W * padding)
         lengths = [n for kv in kvs for n in kv.lengths[:streams]] + [0] * (streams * padding)
-        thresholds = self._thresholds(scheduled, routable, len(ids))
         B, S = len(ids), len(logit_rows)
-        args, seq_t = self._pack(ids, pos, seq, first, tables, lengths, logit_rows, thresholds,
-                                 G, streams, width)
-        return (B, G, width, S, routable), args, seq_t
+        flat = torch.tensor(ids + pos + seq + first + tables + lengths + logit_rows,
+                            dtype=torch.long)
+        ids_t, pos_t, seq_t, first_t, tables_t, lengths_t, logit_t = flat.split(
+            [B, B, B, B, G * streams * W, G * streams, S])
+        thresholds = self._thresholds(scheduled, routable, per_token, B)
+        args = (self.cache.k, self.cache.v, ids_t, pos_t, first_t,
+                tables_t.view(G, streams, W)[seq_t], lengths_t.view(G, streams)[seq_t],
+                thresholds, logit_t)
+        return (B, W, routable), args, seq_t
 
     def _thresholds(self, scheduled: list[ScheduledSeq], routable: bool,
-                    rows: int) -> torch.Tensor:
+                    per_token: torch.Tensor | None, rows: int) -> torch.Tensor:
         """(rows, routed streams): each row's sequence's thresholds (per position where a
         recomputed position routes at the budget it was first computed at), +inf for
         padding rows and when no row routes."""
         if not routable:
             return torch.full((rows, self.num_routed), math.inf)
-        per_token = self.forward._token_thresholds(scheduled)
         if per_token is None:
             per_token = torch.tensor([t for s in scheduled for _ in range(s.num_new_tokens)
                                       for t in s.seq.thresholds],
@@ -385,22 +368,10 @@ class CompiledDecode:
         return torch.cat([per_token, pad])
 
     def _run(self, scheduled: list[ScheduledSeq], kvs: list[SequenceKV]) -> StepOutput:
-        routable = any_routable(scheduled) or self.forward._token_thresholds(scheduled) \
-            is not None
-        if self._one_row(scheduled):
-            kv, s = kvs[0], scheduled[0]
-            streams = len(kv.block_tables) if routable else self.n_layers
-            width = max([len(t) for t in kv.block_tables[:streams]] + [MIN_SIZE])
-            tables = [t + [self.cache.scratch_block] * (width - len(t))
-                      for t in kv.block_tables[:streams]]
-            c = s.seq.num_computed_tokens
-            key: Key = (1, 1, width, 1, routable)
-            args, seq_t = self._pack([s.seq.all_token_ids[c]], [c], [0], [0], tables,
-                                     list(kv.lengths[:streams]), [0],
-                                     self._thresholds(scheduled, routable, 1), 1, streams,
-                                     width)
-        else:
-            key, args, seq_t = self._inputs(scheduled, kvs, routable)
+        per_token = self.forward._token_thresholds(scheduled)
+        routable = any_routable(scheduled) or per_token is not None
+        key, args, seq_t = self._inputs(scheduled, kvs, routable, per_token,
+                                        1 if self._one_row(scheduled) else MIN_SIZE)
         n_rows = sum(s.num_new_tokens for s in scheduled)
         n_logits = sum(len(s.logit_positions) for s in scheduled)
         with torch.inference_mode():
@@ -427,17 +398,17 @@ class CompiledDecode:
         try:
             return fn(*args)
         except Exception as e:                  # a recompile on a guard failure can fail too
-            raise CompileError(f"compiled step of {key[0]} rows, {key[2]} blocks wide "
+            raise CompileError(f"compiled step of {key[0]} rows, {key[1]} blocks wide "
                                f"failed: {e}") from e
 
     def _eager(self, key: Key, args: tuple):
         k, v, ids, pos, first, tables, lengths, thresholds, logit_rows = args
         return rows_step(self.model, k, v, ids, pos, first, tables, lengths, thresholds,
-                         logit_rows, key[4])
+                         logit_rows, key[2])
 
     def _compile_and_call(self, key: Key, args: tuple):
         """torch.compile is lazy: the first call compiles. Timed and logged."""
-        routable = key[4]
+        routable = key[2]
         model = self.model
 
         def step(*a):
@@ -459,7 +430,7 @@ class CompiledDecode:
             fn = torch.compile(step, fullgraph=True, backend=self.backend, options=options)
             out = fn(*args)
         except Exception as e:
-            raise CompileError(f"compiling a step ({key[0]} rows, {key[2]} blocks "
+            raise CompileError(f"compiling a step ({key[0]} rows, {key[1]} blocks "
                                f"wide) failed: {e}") from e
         finally:
             self.compile_seconds += time.perf_counter() - start

@@ -57,8 +57,8 @@ class ModelRunner:
         if use_graphs and routed_compute != "gather":
             self.graphs = DecodeGraphs(self.forward, max_num_seqs,
                                        cdiv(max_model_len, cache.block_size))
-        # CPU: decode-only steps through compiled steps (cpu_compile.py): with
-        # ``compile_source`` (the checkpoint path and dtype) compiled ahead of time by a child
+        # CPU: steps (decode rows and prompt chunks) through compiled steps (cpu_compile.py):
+        # with ``compile_source`` (the checkpoint path and dtype) compiled ahead of time by a child
         # process and cached on disk (aot_compile.py), at warm_up; without, by torch.compile
         # in this process: "on" when a step first needs a variant (or at warm_up), "auto"
         # only in the background (warm_up(background=True)), each used once ready.

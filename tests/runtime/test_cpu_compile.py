@@ -311,8 +311,8 @@ def test_auto_mode_never_waits_for_a_compile(tiny_model_dir, prompts):
 
 @pytest.mark.slow
 def test_background_compile_swaps_each_variant_in_when_ready(small_model_dir, prompts):
-    """``compile_in_background`` (what the server starts by default) while generation runs:
-    outputs equal the reference throughout; once the thread ends every variant is ready,
+    """``compile_in_background`` (in-process, without a checkpoint source) while generation
+    runs: outputs equal the reference throughout; once the thread ends every variant is ready,
     and decode steps then run compiled. Traced without code generation (backend "eager")."""
     llm, compiled = llm_with(small_model_dir, backend="eager", lazy=False)
     thread = compiled.compile_in_background()
