@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from itt_runtime.config import ModelConfig
+from itt_runtime.model import packed_linear
 from itt_runtime.model.layers import Block, RMSNorm, Rotary
 
 
@@ -140,11 +141,21 @@ class ITTModel(nn.Module):
         """``layers`` with their type (nn.ModuleList yields plain Modules to a type checker)."""
         return cast(list[ITTLayer], list(self.layers))
 
-    def output_logits(self, h: torch.Tensor) -> torch.Tensor:
+    def head_weight(self) -> torch.Tensor | None:
+        """The LM head's weight (vocab, d): the embedding's when tied; None when the head is
+        a quantized module."""
+        if self.head is not None:
+            return None
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def output_logits(self, h: torch.Tensor, packed: bool = False) -> torch.Tensor:
+        """``packed``: the head's matmul through packed_linear (several rows on CPU)."""
         h = self.norm(h)
         if self.head is not None:
             return self.head(h).float()
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if packed:
+            return packed_linear.linear(h, w).float()
         return (h @ w.t()).float()
 
     def forward(self, input_ids: torch.Tensor, routing: Routing | None = None,

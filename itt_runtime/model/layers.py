@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from itt_runtime.config import ModelConfig, RopeScaling
+from itt_runtime.model import packed_linear
 
 
 class RMSNorm(nn.Module):
@@ -215,17 +216,23 @@ class Block(nn.Module):
         v = v.reshape(*shape, self.n_kv_heads, self.head_dim)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Given the attention output (..., H*D) for x, return Δ(x) = Block(x) - x."""
+    def finish(self, x: torch.Tensor, attn: torch.Tensor, packed: bool = False) -> torch.Tensor:
+        """Given the attention output (..., H*D) for x, return Δ(x) = Block(x) - x.
+        ``packed``: the gate|up and down matmuls through packed_linear (several rows on CPU;
+        fused weights only)."""
         a = self.o_proj(attn)
         h = x + a
         m = self.mlp_norm(h)
         if self.quantized is not None:
             gate, up = self.quantized[1](m).chunk(2, dim=-1)
         elif self.fused_gate_up is not None:
-            gate, up = F.linear(m, self.fused_gate_up).chunk(2, dim=-1)
+            gate_up = (packed_linear.linear(m, self.fused_gate_up) if packed
+                       else F.linear(m, self.fused_gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(m), self.up_proj(m)
+        if packed and self.fused_gate_up is not None:
+            return a + packed_linear.linear(F.silu(gate) * up, self.down_proj.weight)
         return a + self.down_proj(F.silu(gate) * up)
 
     def delta(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

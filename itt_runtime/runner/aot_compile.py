@@ -59,7 +59,8 @@ PACKAGE_OPTIONS: dict[str, Any] = {"cpp.threads": 1, "cpp.weight_prepack": False
                                    "aot_inductor.package_constants_in_so": False}
 # Modules whose source the compiled step runs: a change to any misses the cache.
 SOURCES = ("itt_runtime/runner/decode_step.py", "itt_runtime/runner/aot_compile.py",
-           "itt_runtime/model/itt.py", "itt_runtime/model/layers.py")
+           "itt_runtime/model/itt.py", "itt_runtime/model/layers.py",
+           "itt_runtime/model/packed_linear.py")
 MAX_ROWS = 4096                      # the symbolic batch size's bound (a step of several rows)
 
 
@@ -71,15 +72,16 @@ class StepModule(nn.Module):
     """``rows_step`` of one variant as a module: what ``torch.export`` takes. Its state is
     the model's, under ``model.``; the KV cache and the step's integers are inputs."""
 
-    def __init__(self, model: ITTModel, routable: bool) -> None:
+    def __init__(self, model: ITTModel, routable: bool, packed: bool = False) -> None:
         super().__init__()
         self.model = model
         self.routable = routable
+        self.packed = packed
 
     def forward(self, k_cache, v_cache, ids, pos, first, tables, lengths, thresholds,
                 logit_rows):
         return rows_step(self.model, k_cache, v_cache, ids, pos, first, tables, lengths,
-                         thresholds, logit_rows, self.routable)
+                         thresholds, logit_rows, self.routable, self.packed)
 
 
 def model_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -149,7 +151,10 @@ def compile_package(model: ITTModel, cache_k: torch.Tensor, variant: Variant,
         logits = Dim("logits", min=2, max=MAX_ROWS)
         dynamic = ({0: blocks}, {0: blocks}, {0: rows}, {0: rows}, {0: rows},
                    {0: rows, 2: width}, {0: rows}, {0: rows}, {0: logits})
-    step = StepModule(model, routable).eval()
+    # Steps of several rows call packed_linear for their large matmuls (model/packed_linear.py:
+    # oneDNN on packed weights, which the server registers; the child needs none, it only
+    # traces).
+    step = StepModule(model, routable, packed=not one_row).eval()
     with torch.inference_mode():
         exported = export(step, example_args(model, cache_k, variant), dynamic_shapes=dynamic,
                           strict=False)

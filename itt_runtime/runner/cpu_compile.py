@@ -43,6 +43,7 @@ import torch
 
 from itt_runtime.engine.step import ScheduledSeq
 from itt_runtime.kv_cache.manager import SequenceKV
+from itt_runtime.model import packed_linear
 from itt_runtime.runner import aot_compile
 from itt_runtime.runner.aot_compile import cache_dir
 from itt_runtime.runner.decode_step import rows_step, write_new_kv
@@ -132,6 +133,7 @@ class CompiledDecode:
         self.eager_keys: set[Variant] = set()   # over the budget: these run eagerly
         self.ready_seconds: dict[Variant, float] = {}    # compile time of each variant made
         self.failed: set[Variant] = set()       # background compiles that failed: eager
+        self.packed_bytes: int | None = None    # weights packed for oneDNN (_pack_weights)
         cfg = self.model.cfg
         self.n_layers, self.num_routed = cfg.n_layers, cfg.max_extra_steps
         cache_dir()                             # pinned before anything compiles
@@ -261,11 +263,25 @@ class CompiledDecode:
                         exc_info=True)
             path.unlink(missing_ok=True)
             return False
+        if not variant[0]:
+            self._pack_weights()
         self.variants[variant] = fn
         self.ready_seconds[variant] = time.perf_counter() - start
         log.info("decode step (%s) ready %.1f s after start-up (%s)", describe(variant),
                  self.ready_seconds[variant], how)
         return True
+
+    def _pack_weights(self) -> None:
+        """Before the first variant of several rows is used: the packed weights its large
+        matmuls run on (model/packed_linear.py; fp32 only), once. Not earlier, so that an
+        engine that never runs such a step holds no second copy."""
+        if self.packed_bytes is not None:
+            return
+        fp32 = self.model.embed_tokens.weight.dtype == torch.float32
+        self.packed_bytes = packed_linear.pack_model(self.model) if fp32 else 0
+        if self.packed_bytes:
+            log.info("packed %.1f MiB of weights for oneDNN (compiled steps of several rows)",
+                     self.packed_bytes / 2**20)
 
     def compile_in_background(self) -> threading.Thread:
         """Compile every variant on a thread of its own while steps run (``--compile auto``):
@@ -404,15 +420,17 @@ class CompiledDecode:
     def _eager(self, key: Key, args: tuple):
         k, v, ids, pos, first, tables, lengths, thresholds, logit_rows = args
         return rows_step(self.model, k, v, ids, pos, first, tables, lengths, thresholds,
-                         logit_rows, key[2])
+                         logit_rows, key[2], packed=key[0] > 1)
 
     def _compile_and_call(self, key: Key, args: tuple):
         """torch.compile is lazy: the first call compiles. Timed and logged."""
         routable = key[2]
         model = self.model
 
+        packed = key[0] > 1                 # as the packages do (aot_compile.compile_package)
+
         def step(*a):
-            return rows_step(model, *a, routable)
+            return rows_step(model, *a, routable, packed)
 
         step = own_code(step)
         start = time.perf_counter()
@@ -434,6 +452,8 @@ class CompiledDecode:
                                f"wide) failed: {e}") from e
         finally:
             self.compile_seconds += time.perf_counter() - start
+        if key[0] > 1:
+            self._pack_weights()
         self.variants[variant_of(key)] = fn          # used from the next step on
         self.ready_seconds[variant_of(key)] = time.perf_counter() - start
         log.info("compiled a decode step (%s) in %.1f s (%.0f s of %.0f s compile budget used)",

@@ -68,7 +68,7 @@ def attend_rows(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
 def rows_step(model: ITTModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
               ids: torch.Tensor, pos: torch.Tensor, first: torch.Tensor,
               tables: torch.Tensor, lengths: torch.Tensor, thresholds: torch.Tensor,
-              logit_rows: torch.Tensor, routable: bool):
+              logit_rows: torch.Tensor, routable: bool, packed: bool = False):
     """One step over token rows: decode rows (one token of a sequence each) and prompt or
     verify chunks (consecutive rows of one sequence, in position order), in any mix.
 
@@ -78,7 +78,9 @@ def rows_step(model: ITTModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
     chunk: one indirection, so that inductor reads the cache through the table in place);
     thresholds (B, routed streams) router-logit thresholds (+inf: never routed);
     logit_rows (S,) rows whose logits are returned. ``routable`` False skips the routed steps
-    (every row at budget 0). The cache's last block is scratch (runner/attention.KVCache),
+    (every row at budget 0). ``packed``: the MLP and LM-head matmuls through
+    model/packed_linear.py (the variants of several rows: faster there, slower for one row).
+    The cache's last block is scratch (runner/attention.KVCache),
     taken from its shape so that no pool size is baked into a compiled step.
 
     Returns logits (S, vocab) fp32, routed (B, routed streams) long 0/1 per row and step,
@@ -111,7 +113,7 @@ def rows_step(model: ITTModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
         new_v.append(v)
         slots.append(slot)
         attn = attend_rows(q, k, v, k_cache, v_cache, tables[:, stream], cached, sees)
-        return block.finish(x, attn)
+        return block.finish(x, attn, packed)
 
     itt_index = 0
     for layer_idx, layer in enumerate(model.itt_layer_list):
@@ -142,7 +144,7 @@ def rows_step(model: ITTModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
             x = torch.where(routed[:, None], stepped, x)
             routed_all.append(routed)
         itt_index += 1
-    logits = model.output_logits(x[logit_rows])                      # (S, vocab) fp32
+    logits = model.output_logits(x[logit_rows], packed)              # (S, vocab) fp32
     K = cfg.max_extra_steps
     if routed_all:
         routed_t = torch.stack(routed_all, 1).long()                  # (B, K)

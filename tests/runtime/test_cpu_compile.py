@@ -17,6 +17,7 @@ from itt_testing import (
 )
 
 from itt_runtime.llm import LLM
+from itt_runtime.model import packed_linear
 from itt_runtime.model.loader import load_model
 from itt_runtime.runner import cpu_compile
 from itt_runtime.runner.cpu_compile import SPLIT_MIN_ROWS, VARIANTS, CompiledDecode, own_code
@@ -144,6 +145,24 @@ def test_steps_too_large_run_their_prompt_rows_eagerly(tiny_model_dir, prompts, 
     assert ["eager"] in steps
     assert all(s in ([1], ["eager"], [1, "eager"]) or (len(s) == 1 and s[0] <= 4)
                for s in steps), steps
+
+
+@pytest.mark.skipif(not packed_linear.available(), reason="torch without oneDNN")
+def test_packed_weights_give_the_reference_output(tiny_model_dir, prompts):
+    """With the weights packed for oneDNN (as once a variant of several rows is ready), the
+    steps of several rows (prompt chunks and decode batches) run their MLP and head matmuls
+    on the packed copies, with the reference's output under chunked prefill, preemption and
+    prefix-cache hits."""
+    llm, compiled = llm_with(tiny_model_dir, compile=False,
+                             engine=dict(max_num_batched_tokens=16, kv_cache_memory=31 * 4096))
+    compiled._pack_weights()
+    model = llm.engine.model
+    assert compiled.packed_bytes and model.head_weight() is not None
+    assert all(packed_linear.is_packed(w) for layer in model.itt_layer_list
+               for w in (layer.block.fused_gate_up, layer.block.down_proj.weight))
+    assert packed_linear.is_packed(model.head_weight())
+    steps = run_and_trace(llm, compiled, tiny_model_dir, prompts)
+    assert any(s[0] > 1 for s in steps), "no prompt chunk ran compiled"
 
 
 def test_rows_at_budget_0_run_apart_from_rows_that_route(tiny_model_dir, prompts):

@@ -1,0 +1,106 @@
+"""Matmuls of several rows on CPU through oneDNN, on weights packed once at load.
+
+torch's CPU matmul (MKL sgemm) is fast for one row but scales poorly for a few: on this
+project's shapes (AVX2, 2 threads) a step's matmuls of 8 rows took 3-4x as long as one
+row's, where the weights are read once either way. oneDNN's linear on a weight reordered
+once into its blocked layout ran them 1.6x faster at 8 rows, 1.3x at 16 to 32, 1.15x at 64
+(scripts in docs/perf-notes.md, 2026-12-07), but slower at one row, and slower for the
+small q|k|v and o matrices at every size (its fixed cost per call is about 60 µs). So:
+
+  * ``pack_model`` (the engine, when it runs compiled steps on CPU in fp32) keeps a packed
+    copy of each block's gate|up and down weights and of the LM head, in a registry keyed
+    by the dense weight's storage address (the dense weights stay: one-row steps use them);
+  * ``linear(x, w)`` is ``torch.ops.itt.packed_linear``: a custom operator, so that a
+    compiled step (torch.compile, or AOTInductor through its proxy executor) calls it as
+    one opaque op; it uses the packed copy when there is one and ``x`` has several rows,
+    and ``F.linear`` otherwise. Results differ from ``F.linear`` only by summation order.
+
+The memory cost is a second copy of those weights (about 80 % of a small model's).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Rows a weight is packed for (oneDNN picks its blocking from it); measured the same as
+# packing for the actual row count at 2 to 64 rows.
+PACK_ROWS = 8
+
+# data_ptr of a dense (out, in) weight -> (its shape, the packed copy). An entry is removed
+# when its weight is freed (weakref.finalize), so no later tensor at the same address can
+# pick it up.
+_packed: dict[int, tuple[torch.Size, torch.Tensor]] = {}
+_lock = threading.Lock()
+
+
+def available() -> bool:
+    return torch.backends.mkldnn.is_available()
+
+
+@torch.library.custom_op("itt::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)``; through the packed copy of ``weight`` when x has several
+    rows and ``pack`` made one. x (..., in), weight (out, in)."""
+    rows = x.numel() // x.shape[-1]
+    entry = _packed.get(weight.data_ptr()) if rows > 1 else None
+    if entry is None or entry[0] != weight.shape:
+        return F.linear(x, weight)
+    flat = x.reshape(rows, x.shape[-1]).contiguous()
+    out = torch.ops.mkldnn._linear_pointwise(flat, entry[1], None, "none", [], "")
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.itt.packed_linear(x, weight)
+
+
+def pack(weight: torch.Tensor) -> int:
+    """Register a packed copy of ``weight`` (out, in), fp32 on CPU. Returns its bytes."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        raise ValueError(f"only fp32 CPU weights are packed, got {weight.dtype} on "
+                         f"{weight.device}")
+    key = weight.data_ptr()
+    with _lock:
+        if key in _packed:
+            return 0
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(),
+                                                         PACK_ROWS)
+        _packed[key] = (weight.shape, packed)
+    weakref.finalize(weight, _forget, key)
+    return weight.numel() * weight.element_size()
+
+
+def _forget(key: int) -> None:
+    with _lock:
+        _packed.pop(key, None)
+
+
+def is_packed(weight: torch.Tensor) -> bool:
+    return weight.data_ptr() in _packed
+
+
+def pack_model(model: nn.Module) -> int:
+    """Pack the weights that gain (module docstring) of a fused fp32 CPU model: each block's
+    gate|up and down, and the LM head. Returns the bytes added; 0 where oneDNN is missing."""
+    if not available():
+        return 0
+    total = 0
+    for layer in model.itt_layer_list:                      # type: ignore[union-attr]
+        block = layer.block
+        if block.fused is None:                               # quantized: nothing to pack
+            continue
+        total += pack(block.fused_gate_up) + pack(block.down_proj.weight)
+    head = model.head_weight()                               # type: ignore[operator]
+    if head is not None:
+        total += pack(head)
+    return total
