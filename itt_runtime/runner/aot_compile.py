@@ -15,7 +15,7 @@ variant compiles ran 10-25x slower; and a restart traces every variant again (2 
   * packages stay in the compile cache (``cache_dir()/aot``), named by a
     signature of everything the compiled code depends on: the model's configuration and its
     tensors' shapes, strides and dtypes, the KV block layout, the variant, the inductor
-    options, torch's version and the source of the modules the step runs. A second start of
+    options (with the server's thread count), torch's version and the source of the modules the step runs. A second start of
     the same model (or of another checkpoint of the same architecture) loads them in a
     second; any change misses and compiles again.
 
@@ -53,9 +53,10 @@ log = logging.getLogger("itt_runtime")
 Variant = tuple[bool, bool]          # (one row, any row routable), as in cpu_compile.py
 
 # Inductor options of the packages. No ``freezing``: the weights stay inputs of the compiled
-# code (handed over at load), not constants folded into it. ``cpp.threads`` and
-# ``cpp.weight_prepack`` as for the in-process compile (cpu_compile.INDUCTOR_OPTIONS).
-PACKAGE_OPTIONS: dict[str, Any] = {"cpp.threads": 1, "cpp.weight_prepack": False,
+# code (handed over at load), not constants folded into it. ``cpp.weight_prepack`` as for
+# the in-process compile (cpu_compile.INDUCTOR_OPTIONS); ``cpp.threads`` per variant
+# (``package_options``).
+PACKAGE_OPTIONS: dict[str, Any] = {"cpp.weight_prepack": False,
                                    "aot_inductor.package_constants_in_so": False}
 # Modules whose source the compiled step runs: a change to any misses the cache.
 SOURCES = ("itt_runtime/runner/decode_step.py", "itt_runtime/runner/aot_compile.py",
@@ -91,16 +92,26 @@ def model_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(named), **dict(module.named_buffers(remove_duplicate=False))}
 
 
-def signature(model: ITTModel, cache_k: torch.Tensor, variant: Variant) -> str:
-    """The compile-cache key of one variant for this model and KV layout (hex sha256)."""
+def package_options(variant: Variant, threads: int) -> dict[str, Any]:
+    """The inductor options of one variant's package, for a server of ``threads`` intra-op
+    threads: the fused loops (attention, norms) of a step of several rows run on all of them
+    (at 32 rows on 2 threads its attention loops took 0.55x the time of one thread's, the
+    step 0.81x); one row's are too small to gain from an OpenMP fork and join. The count is
+    baked into the generated code, so it is part of the signature."""
+    return {**PACKAGE_OPTIONS, "cpp.threads": 1 if variant[0] else max(1, threads)}
+
+
+def signature(model: ITTModel, cache_k: torch.Tensor, variant: Variant, threads: int) -> str:
+    """The compile-cache key of one variant for this model, KV layout and thread count (hex
+    sha256)."""
     root = Path(__file__).resolve().parents[2]
     h = hashlib.sha256()
 
     def add(*parts: object) -> None:
         h.update(repr(parts).encode())
 
-    add("itt-aot-decode/1", torch.__version__, variant, sorted(PACKAGE_OPTIONS.items()),
-        MAX_ROWS)
+    add("itt-aot-decode/1", torch.__version__, variant,
+        sorted(package_options(variant, threads).items()), MAX_ROWS)
     add(dataclasses.asdict(model.cfg) if dataclasses.is_dataclass(model.cfg) else model.cfg)
     add(tuple(cache_k.shape[1:]), cache_k.dtype)
     for name, t in sorted(model_tensors(model).items()):
@@ -110,10 +121,11 @@ def signature(model: ITTModel, cache_k: torch.Tensor, variant: Variant) -> str:
     return h.hexdigest()
 
 
-def package_path(model: ITTModel, cache_k: torch.Tensor, variant: Variant) -> Path:
-    """Where the package of one variant for this model and KV layout lives."""
-    return (cache_dir() / "aot"
-            / f"{variant_name(variant)}-{signature(model, cache_k, variant)[:32]}.pt2")
+def package_path(model: ITTModel, cache_k: torch.Tensor, variant: Variant,
+                 threads: int) -> Path:
+    """Where the package of one variant for this model, KV layout and thread count lives."""
+    key = signature(model, cache_k, variant, threads)[:32]
+    return cache_dir() / "aot" / f"{variant_name(variant)}-{key}.pt2"
 
 
 def example_args(model: ITTModel, cache_k: torch.Tensor, variant: Variant) -> tuple:
@@ -136,7 +148,7 @@ def example_args(model: ITTModel, cache_k: torch.Tensor, variant: Variant) -> tu
 
 
 def compile_package(model: ITTModel, cache_k: torch.Tensor, variant: Variant,
-                    path: Path) -> None:
+                    path: Path, threads: int) -> None:
     """Export and compile one variant into the package ``path`` (written whole or not at all:
     a temporary name, then a rename)."""
     from torch.export import Dim, export
@@ -162,7 +174,7 @@ def compile_package(model: ITTModel, cache_k: torch.Tensor, variant: Variant,
     partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
     try:
         torch._inductor.aoti_compile_and_package(exported, package_path=str(partial),
-                                                 inductor_configs=dict(PACKAGE_OPTIONS))
+                                                 inductor_configs=package_options(variant, threads))
         partial.replace(path)
     finally:
         partial.unlink(missing_ok=True)
@@ -207,13 +219,14 @@ def cache_dir() -> Path:
 
 # --- the child process -------------------------------------------------------------------
 
-def child_command(model_path: Path, dtype: torch.dtype, block_size: int,
+def child_command(model_path: Path, dtype: torch.dtype, block_size: int, threads: int,
                   jobs: list[tuple[Variant, Path]]) -> list[str]:
-    """The command line of a child that compiles ``jobs`` (variant, package path)."""
+    """The command line of a child that compiles ``jobs`` (variant, package path) for a
+    server of ``threads`` intra-op threads."""
     spec = [{"one_row": v[0], "routable": v[1], "path": str(p)} for v, p in jobs]
     return [sys.executable, "-m", "itt_runtime.runner.aot_compile", "--model", str(model_path),
             "--dtype", str(dtype).replace("torch.", ""), "--block-size", str(block_size),
-            "--jobs", json.dumps(spec)]
+            "--threads", str(threads), "--jobs", json.dumps(spec)]
 
 
 def _child_setup() -> None:
@@ -274,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--block-size", type=int, required=True)
+    p.add_argument("--threads", type=int, default=1,
+                   help="the server's intra-op threads (its packages' fused loops use them)")
     p.add_argument("--jobs", required=True, help="JSON list of {one_row, routable, path}")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -288,11 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, Any] = {"one_row": variant[0], "routable": variant[1]}
         start = time.perf_counter()
         try:
-            if package_path(model, cache_k, variant).name != path.name:
+            if package_path(model, cache_k, variant, args.threads).name != path.name:
                 raise RuntimeError("the model loaded by the compile process differs from the "
                                    "server's (its signature does not match)")
             if not path.exists():
-                compile_package(model, cache_k, variant, path)
+                compile_package(model, cache_k, variant, path, args.threads)
             report["status"] = "ready"
         except Exception as e:                  # reported; the server keeps it eager
             logging.getLogger(__name__).exception("compiling %s failed", variant_name(variant))

@@ -53,8 +53,9 @@ log = logging.getLogger("itt_runtime")
 
 # Inductor options (torch._inductor.config names) for the decode step. ``freezing`` makes
 # the weights constants (folded into the graph once). ``cpp.threads`` 1: the fused loops of
-# a decode step are a few thousand elements, less work than an OpenMP fork/join, which on
-# shared cores spin-waits; the matmuls (aten) still use torch's intra-op threads.
+# a one-row step are a few thousand elements, less work than an OpenMP fork/join, which on
+# shared cores spin-waits; the matmuls (aten) still use torch's intra-op threads. Steps of
+# several rows run their loops on every intra-op thread (aot_compile.package_options).
 # ``cpp.weight_prepack`` off: frozen fp32 weights would be repacked for MKL's packed sgemm,
 # which on this project's shapes is slower than a plain matmul on the input-major weights
 # the loader stores on CPU (layers.input_major_view): a one-row step took 1.13x longer.
@@ -221,18 +222,20 @@ class CompiledDecode:
         only these (tests)."""
         self.lazy = False
         start = time.perf_counter()
+        threads = torch.get_num_threads()         # baked into the packages' fused loops
         jobs: list[tuple[Variant, Path]] = []
         for variant in self.needed_variants() if variants is None else variants:
             if variant in self.variants:
                 continue
-            path = aot_compile.package_path(self.model, self.cache.k, variant)
+            path = aot_compile.package_path(self.model, self.cache.k, variant, threads)
             if path.exists() and self._use_package(variant, path, start, "loaded from the "
                                                    "compile cache"):
                 continue
             jobs.append((variant, path))
         if not jobs:
             return None
-        command = aot_compile.child_command(source[0], source[1], self.cache.block_size, jobs)
+        command = aot_compile.child_command(source[0], source[1], self.cache.block_size,
+                                            threads, jobs)
         paths = dict(jobs)
 
         def compile_all() -> None:
@@ -444,7 +447,8 @@ class CompiledDecode:
             torch._dynamo.mark_dynamic(tables, 2)
             options = None
             if self.backend == "inductor":
-                options = {**self.options, **(ONE_ROW_OPTIONS if key[0] == 1 else {})}
+                options = {**self.options, **(ONE_ROW_OPTIONS if key[0] == 1 else
+                                              {"cpp.threads": torch.get_num_threads()})}
             fn = torch.compile(step, fullgraph=True, backend=self.backend, options=options)
             out = fn(*args)
         except Exception as e:

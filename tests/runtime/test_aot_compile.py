@@ -177,7 +177,8 @@ def test_a_failed_compile_leaves_its_variants_eager(small_model_dir, aot_cache, 
     llm = LLM(str(small_model_dir), max_num_seqs=8, compile="auto")
     compiled = llm.engine.runner.compiled
     for v in ROUTED:                          # not from the cache: the child must run
-        aot_compile.package_path(compiled.model, compiled.cache.k, v).unlink(missing_ok=True)
+        aot_compile.package_path(compiled.model, compiled.cache.k, v,
+                                  torch.get_num_threads()).unlink(missing_ok=True)
     compiled.compile_ahead((tmp_path / "gone", torch.float32), wait=True, variants=ROUTED)
     assert set(compiled.failed) == set(ROUTED) and not compiled.variants
     assert compiled.status()["one-row-routed"] == ("failed", None)
@@ -192,7 +193,8 @@ def test_a_broken_package_is_compiled_again(small_model_dir, aot_cache, caplog):
     variant goes to the compile process, not to a crash."""
     llm = LLM(str(small_model_dir), max_num_seqs=8, compile="auto")
     compiled = llm.engine.runner.compiled
-    path = aot_compile.package_path(compiled.model, compiled.cache.k, ROUTED[0])
+    path = aot_compile.package_path(compiled.model, compiled.cache.k, ROUTED[0],
+                                   torch.get_num_threads())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"PK\x03\x04 not a package")
     assert not compiled._use_package(ROUTED[0], path, time.perf_counter(), "test")
@@ -202,19 +204,23 @@ def test_a_broken_package_is_compiled_again(small_model_dir, aot_cache, caplog):
 
 def test_signature_follows_the_model_not_the_process(small_model_dir, tiny_model_dir):
     """The cache key is the same in another process for the same model, and differs for
-    another architecture, another KV layout or another variant."""
+    another architecture, another KV layout, another variant, or (for steps of several
+    rows, whose fused loops run on every thread) another thread count."""
     code = ("import sys; from itt_runtime.llm import LLM; from itt_runtime.runner import "
             "aot_compile as a; c = LLM(sys.argv[1], compile='auto').engine.runner.compiled; "
-            "print(a.signature(c.model, c.cache.k, (True, True)))")
+            "print(a.signature(c.model, c.cache.k, (True, True), 2))")
     other = subprocess.run([sys.executable, "-c", code, str(small_model_dir)],
                            capture_output=True, text=True, check=True).stdout.split()[-1]
     small = LLM(str(small_model_dir), compile="auto").engine.runner.compiled
-    assert aot_compile.signature(small.model, small.cache.k, (True, True)) == other
-    assert aot_compile.signature(small.model, small.cache.k, (False, True)) != other
+    assert aot_compile.signature(small.model, small.cache.k, (True, True), 2) == other
+    assert aot_compile.signature(small.model, small.cache.k, (True, True), 4) == other
+    assert aot_compile.signature(small.model, small.cache.k, (False, True), 2) != other
+    rows = aot_compile.signature(small.model, small.cache.k, (False, True), 2)
+    assert aot_compile.signature(small.model, small.cache.k, (False, True), 1) != rows
     wider = LLM(str(small_model_dir), compile="auto", block_size=32).engine.runner.compiled
-    assert aot_compile.signature(wider.model, wider.cache.k, (True, True)) != other
+    assert aot_compile.signature(wider.model, wider.cache.k, (True, True), 2) != other
     big = LLM(str(tiny_model_dir), compile="auto").engine.runner.compiled
-    assert aot_compile.signature(big.model, big.cache.k, (True, True)) != other
+    assert aot_compile.signature(big.model, big.cache.k, (True, True), 2) != other
 
 
 def test_cache_dir_is_pinned_before_inductor_picks_its_own(monkeypatch, tmp_path):
