@@ -280,12 +280,11 @@ class LLMEngine:
         its elastic requests at their floor (this step only; the next step's scale restores
         them) when the controller's measurements say it would otherwise miss the ITL target
         (``ElasticController.floor_prompt_steps``). Such a step stalls every decoding request
-        for as long as it takes, and it is the slow kind: decode-only steps may run compiled,
-        a step with a prompt runs its prompt rows eagerly and costs about as much as every
-        routed step it takes (measured on the default model: 34 ms for an 8-token chunk at
-        budget 1, 11 ms at budget 0; 60 and 23 ms for 48 tokens), so no chunk size brings
-        it under a tight target. At a floor of 0 the step skips the routed steps. Returns
-        whether it floored anyone."""
+        for as long as it takes, and it is the slow kind: its prompt rows cost about as much
+        as every routed step they take (measured on the default model, compiled: 16 ms for
+        an 8-token chunk at budget 1, 8 ms at budget 0; about 54-65 ms for 48 tokens at
+        budget 1). At a floor of 0 the step skips the routed steps. Returns whether it
+        floored anyone."""
         assert self.controller is not None
         if not self.controller.floor_prompt_steps():
             return False
