@@ -15,9 +15,9 @@ variant compiles ran 10-25x slower; and a restart traces every variant again (2 
   * packages stay in the compile cache (``cache_dir()/aot``), named by a
     signature of everything the compiled code depends on: the model's configuration and its
     tensors' shapes, strides and dtypes, the KV block layout, the variant, the inductor
-    options (with the server's thread count), torch's version and the source of the modules the step runs. A second start of
-    the same model (or of another checkpoint of the same architecture) loads them in a
-    second; any change misses and compiles again.
+    options (with the server's thread count), torch's version and the source of the
+    modules the step runs. A second start of the same model (or of another checkpoint of
+    the same architecture) loads them in a second; any change misses and compiles again.
 
 The weights are not in the packages: each loaded step is handed the model's own tensors by
 name (``load_constants``, user-managed), so the four variants and the eager path share one
