@@ -1,14 +1,14 @@
-"""Matmuls of several rows on CPU through oneDNN, on weights packed once at load.
+"""Matmuls of several rows on CPU through oneDNN, on weights packed once.
 
 torch's CPU matmul (MKL sgemm) is fast for one row but scales poorly for a few: on this
 project's shapes (AVX2, 2 threads) a step's matmuls of 8 rows took 3-4x as long as one
 row's, where the weights are read once either way. oneDNN's linear on a weight reordered
 once into its blocked layout ran them 1.6x faster at 8 rows, 1.3x at 16 to 32, 1.15x at 64
-(scripts in docs/perf-notes.md, 2026-12-07), but slower at one row, and slower for the
+(figures in docs/perf-notes.md, 2026-12-07), but slower at one row, and slower for the
 small q|k|v and o matrices at every size (its fixed cost per call is about 60 µs). So:
 
-  * ``pack_model`` (the engine, when it runs compiled steps on CPU in fp32) keeps a packed
-    copy of each block's gate|up and down weights and of the LM head, in a registry keyed
+  * ``pack_model`` (called by cpu_compile.CompiledDecode once a compiled step of several
+    rows is ready, fp32 only) keeps a packed copy of each block's gate|up and down weights and of the LM head, in a registry keyed
     by the dense weight's storage address (the dense weights stay: one-row steps use them);
   * ``linear(x, w)`` is ``torch.ops.itt.packed_linear``: a custom operator, so that a
     compiled step (torch.compile, or AOTInductor through its proxy executor) calls it as
