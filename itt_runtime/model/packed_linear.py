@@ -8,8 +8,9 @@ once into its blocked layout ran them 1.6x faster at 8 rows, 1.3x at 16 to 32, 1
 small q|k|v and o matrices at every size (its fixed cost per call is about 60 µs). So:
 
   * ``pack_model`` (called by cpu_compile.CompiledDecode once a compiled step of several
-    rows is ready, fp32 only) keeps a packed copy of each block's gate|up and down weights and of the LM head, in a registry keyed
-    by the dense weight's storage address (the dense weights stay: one-row steps use them);
+    rows is ready, fp32 only) keeps a packed copy of each block's gate|up and down weights
+    and of the LM head, in a registry keyed by the dense weight's storage address (the
+    dense weights stay: one-row steps use them);
   * ``linear(x, w)`` is ``torch.ops.itt.packed_linear``: a custom operator, so that a
     compiled step (torch.compile, or AOTInductor through its proxy executor) calls it as
     one opaque op; it uses the packed copy when there is one and ``x`` has several rows,
