@@ -280,8 +280,14 @@ class CompiledDecode:
         engine that never runs such a step holds no second copy."""
         if self.packed_bytes is not None:
             return
-        fp32 = self.model.embed_tokens.weight.dtype == torch.float32
-        self.packed_bytes = packed_linear.pack_model(self.model) if fp32 else 0
+        self.packed_bytes = 0
+        if self.model.embed_tokens.weight.dtype != torch.float32:
+            return
+        try:
+            self.packed_bytes = packed_linear.pack_model(self.model)
+        except RuntimeError:            # a oneDNN build that cannot: the plain weights serve
+            log.warning("packing weights for oneDNN failed; compiled steps of several rows "
+                        "use the plain weights", exc_info=True)
         if self.packed_bytes:
             log.info("packed %.1f MiB of weights for oneDNN (compiled steps of several rows)",
                      self.packed_bytes / 2**20)

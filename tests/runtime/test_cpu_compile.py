@@ -165,6 +165,21 @@ def test_packed_weights_give_the_reference_output(tiny_model_dir, prompts):
     assert any(s[0] > 1 for s in steps), "no prompt chunk ran compiled"
 
 
+def test_weights_that_cannot_be_packed_serve_plain(tiny_model_dir, prompts, monkeypatch,
+                                                   caplog):
+    """A oneDNN that refuses to pack (a build without its kernels): logged, nothing packed,
+    and the steps of several rows run on the plain weights with the reference's output."""
+    def refuse(weight):
+        raise RuntimeError("no oneDNN kernels here")
+
+    monkeypatch.setattr(packed_linear, "pack", refuse)
+    llm, compiled = llm_with(tiny_model_dir, compile=False)
+    compiled._pack_weights()
+    assert compiled.packed_bytes == 0 and "packing weights for oneDNN failed" in caplog.text
+    assert not packed_linear.is_packed(llm.engine.model.head_weight())
+    check_against_reference(llm, tiny_model_dir, prompts[:4], BUDGETS)
+
+
 def test_rows_at_budget_0_run_apart_from_rows_that_route(tiny_model_dir, prompts):
     """A decode batch with enough rows at budget 0 runs them through the budget-0 step and
     the others through the routable one, in one engine step; generation equals the
