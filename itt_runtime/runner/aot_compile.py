@@ -180,6 +180,28 @@ def compile_package(model: ITTModel, cache_k: torch.Tensor, variant: Variant,
         partial.unlink(missing_ok=True)
 
 
+# Packages not used for this long are deleted when a server starts (``prune``): every code
+# or torch upgrade leaves a set behind (3-5 MB per variant for the default model).
+PRUNE_AFTER_DAYS = 30
+
+
+def prune(keep: set[Path], now: float | None = None) -> list[Path]:
+    """Delete the compile cache's packages (and unfinished ``.partial`` ones) that were
+    neither written nor loaded in ``PRUNE_AFTER_DAYS`` (``load_package`` marks a package used
+    by its modification time), except ``keep``. Returns what was deleted."""
+    folder = cache_dir() / "aot"
+    cutoff = (time.time() if now is None else now) - PRUNE_AFTER_DAYS * 86400
+    gone = []
+    for path in sorted(folder.glob("*.pt2")) if folder.is_dir() else []:
+        try:
+            if path not in keep and path.stat().st_mtime < cutoff:
+                path.unlink()
+                gone.append(path)
+        except OSError:                 # another server pruned or wrote it meanwhile
+            continue
+    return gone
+
+
 def load_package(model: ITTModel, path: Path) -> Callable:
     """A compiled variant from its package, its weights the model's own tensors (no copy).
     Called like ``rows_step`` without the model and ``routable``; returns its outputs as a
@@ -193,6 +215,10 @@ def load_package(model: ITTModel, path: Path) -> Callable:
                            f"{missing[:5]}")
     compiled.load_constants({n: tensors[n] for n in wanted}, check_full_update=True,
                             user_managed=True)
+    try:
+        os.utime(path)                  # used now: kept by ``prune``
+    except OSError:
+        pass
     return compiled
 
 

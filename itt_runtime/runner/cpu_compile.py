@@ -232,6 +232,11 @@ class CompiledDecode:
                                                    "compile cache"):
                 continue
             jobs.append((variant, path))
+        keep = {aot_compile.package_path(self.model, self.cache.k, v, threads)
+                for v in self.needed_variants()}
+        for path in aot_compile.prune(keep):
+            log.info("deleted the compiled step %s (unused for %d days)", path.name,
+                     aot_compile.PRUNE_AFTER_DAYS)
         if not jobs:
             return None
         command = aot_compile.child_command(source[0], source[1], self.cache.block_size,

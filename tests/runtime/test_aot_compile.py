@@ -106,12 +106,17 @@ def test_compiled_ahead_in_a_child_then_loaded_from_the_cache(small_model_dir, a
     assert 1 in calls, "no decode step ran compiled"
     assert max(calls) > 1, "no prompt chunk ran compiled"
 
-    # A second engine of the same model: both variants from the cache, no compile process.
+    # A second engine of the same model: both variants from the cache, no compile process;
+    # loading marks them used (their modification time), which keeps them from ``prune``.
+    month_ago = time.time() - 31 * 86400
+    for path in (aot_cache / "aot").glob("*.pt2"):
+        os.utime(path, (month_ago, month_ago))
     again = LLM(str(small_model_dir), max_num_seqs=8, compile="auto")
     second = again.engine.runner.compiled
     start = time.perf_counter()
     thread = second.compile_ahead(again.engine.runner.compile_source, variants=ROUTED)
     assert thread is None and second.compile_seconds == 0
+    assert all(p.stat().st_mtime > month_ago + 86400 for p in (aot_cache / "aot").glob("*.pt2"))
     assert time.perf_counter() - start < 30
     assert all(second.status()[n][0] == "ready" for n in ("one-row-routed", "rows-routed"))
     calls = counting(second)
@@ -221,6 +226,28 @@ def test_signature_follows_the_model_not_the_process(small_model_dir, tiny_model
     assert aot_compile.signature(wider.model, wider.cache.k, (True, True), 2) != other
     big = LLM(str(tiny_model_dir), compile="auto").engine.runner.compiled
     assert aot_compile.signature(big.model, big.cache.k, (True, True), 2) != other
+
+
+def test_packages_unused_for_a_month_are_pruned(monkeypatch, tmp_path):
+    """``prune`` deletes packages (and unfinished ones) neither written nor loaded for
+    PRUNE_AFTER_DAYS, except those it is told to keep; recent ones stay."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    cache_dir.cache_clear()
+    try:
+        folder = tmp_path / "aot"
+        folder.mkdir()
+        names = ("old", "old-but-needed", "recent", "left.123.partial")
+        old, needed, recent, partial = (folder / f"{n}.pt2" for n in names)
+        stale = time.time() - (aot_compile.PRUNE_AFTER_DAYS + 1) * 86400
+        for path in (old, needed, recent, partial):
+            path.write_bytes(b"package")
+        for path in (old, needed, partial):
+            os.utime(path, (stale, stale))
+        assert set(aot_compile.prune({needed})) == {old, partial}
+        assert sorted(p.name for p in folder.iterdir()) == ["old-but-needed.pt2", "recent.pt2"]
+        assert aot_compile.prune(set()) == [needed]
+    finally:
+        cache_dir.cache_clear()
 
 
 def test_cache_dir_is_pinned_before_inductor_picks_its_own(monkeypatch, tmp_path):
