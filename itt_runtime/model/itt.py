@@ -151,9 +151,10 @@ class ITTModel(nn.Module):
     def output_logits(self, h: torch.Tensor, packed: bool = False) -> torch.Tensor:
         """``packed``: the head's matmul through packed_linear (several rows on CPU)."""
         h = self.norm(h)
-        if self.head is not None:
+        w = self.head_weight()
+        if w is None:
+            assert self.head is not None
             return self.head(h).float()
-        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if packed:
             return packed_linear.linear(h, w).float()
         return (h @ w.t()).float()

@@ -226,13 +226,11 @@ class Block(nn.Module):
         if self.quantized is not None:
             gate, up = self.quantized[1](m).chunk(2, dim=-1)
         elif self.fused_gate_up is not None:
-            gate_up = (packed_linear.linear(m, self.fused_gate_up) if packed
-                       else F.linear(m, self.fused_gate_up))
-            gate, up = gate_up.chunk(2, dim=-1)
+            matmul = packed_linear.linear if packed else F.linear     # down_proj has no bias
+            gate, up = matmul(m, self.fused_gate_up).chunk(2, dim=-1)
+            return a + matmul(F.silu(gate) * up, self.down_proj.weight)
         else:
             gate, up = self.gate_proj(m), self.up_proj(m)
-        if packed and self.fused_gate_up is not None:
-            return a + packed_linear.linear(F.silu(gate) * up, self.down_proj.weight)
         return a + self.down_proj(F.silu(gate) * up)
 
     def delta(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

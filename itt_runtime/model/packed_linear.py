@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import threading
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+if TYPE_CHECKING:                     # itt.py imports this module
+    from itt_runtime.model.itt import ITTModel
 
 # Rows a weight is packed for (oneDNN picks its blocking from it); measured the same as
 # packing for the actual row count at 2 to 64 rows.
@@ -90,18 +93,18 @@ def is_packed(weight: torch.Tensor) -> bool:
     return weight.data_ptr() in _packed
 
 
-def pack_model(model: nn.Module) -> int:
+def pack_model(model: ITTModel) -> int:
     """Pack the weights that gain (module docstring) of a fused fp32 CPU model: each block's
     gate|up and down, and the LM head. Returns the bytes added; 0 where oneDNN is missing."""
     if not available():
         return 0
     total = 0
-    for layer in model.itt_layer_list:                      # type: ignore[union-attr]
-        block = layer.block
-        if block.fused is None:                               # quantized: nothing to pack
+    for layer in model.itt_layer_list:
+        fused = layer.block.fused
+        if fused is None:                                     # quantized: nothing to pack
             continue
-        total += pack(block.fused_gate_up) + pack(block.down_proj.weight)
-    head = model.head_weight()                               # type: ignore[operator]
+        total += pack(fused[1]) + pack(layer.block.down_proj.weight)
+    head = model.head_weight()
     if head is not None:
         total += pack(head)
     return total

@@ -92,13 +92,19 @@ def model_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(named), **dict(module.named_buffers(remove_duplicate=False))}
 
 
+def loop_threads(one_row: bool, threads: int) -> int:
+    """Inductor's ``cpp.threads`` for a step, in a process of ``threads`` intra-op threads:
+    the fused loops (attention, norms) of a step of several rows run on all of them (at 32
+    rows on 2 threads its attention loops took 0.55x the time of one thread's, the step
+    0.81x); one row's are too small to gain from an OpenMP fork and join."""
+    return 1 if one_row else max(1, threads)
+
+
 def package_options(variant: Variant, threads: int) -> dict[str, Any]:
     """The inductor options of one variant's package, for a server of ``threads`` intra-op
-    threads: the fused loops (attention, norms) of a step of several rows run on all of them
-    (at 32 rows on 2 threads its attention loops took 0.55x the time of one thread's, the
-    step 0.81x); one row's are too small to gain from an OpenMP fork and join. The count is
-    baked into the generated code, so it is part of the signature."""
-    return {**PACKAGE_OPTIONS, "cpp.threads": 1 if variant[0] else max(1, threads)}
+    threads (``loop_threads``). The count is baked into the generated code, so it is part of
+    the signature."""
+    return {**PACKAGE_OPTIONS, "cpp.threads": loop_threads(variant[0], threads)}
 
 
 def signature(model: ITTModel, cache_k: torch.Tensor, variant: Variant, threads: int) -> str:

@@ -223,18 +223,20 @@ class CompiledDecode:
         self.lazy = False
         start = time.perf_counter()
         threads = torch.get_num_threads()         # baked into the packages' fused loops
+        wanted = self.needed_variants() if variants is None else variants
+        # Each package's path once (its signature hashes the model's layout and sources).
+        package = {v: aot_compile.package_path(self.model, self.cache.k, v, threads)
+                   for v in {*self.needed_variants(), *wanted}}
         jobs: list[tuple[Variant, Path]] = []
-        for variant in self.needed_variants() if variants is None else variants:
+        for variant in wanted:
             if variant in self.variants:
                 continue
-            path = aot_compile.package_path(self.model, self.cache.k, variant, threads)
+            path = package[variant]
             if path.exists() and self._use_package(variant, path, start, "loaded from the "
                                                    "compile cache"):
                 continue
             jobs.append((variant, path))
-        keep = {aot_compile.package_path(self.model, self.cache.k, v, threads)
-                for v in self.needed_variants()}
-        for path in aot_compile.prune(keep):
+        for path in aot_compile.prune(set(package.values())):
             log.info("deleted the compiled step %s (unused for %d days)", path.name,
                      aot_compile.PRUNE_AFTER_DAYS)
         if not jobs:
@@ -458,8 +460,10 @@ class CompiledDecode:
             torch._dynamo.mark_dynamic(tables, 2)
             options = None
             if self.backend == "inductor":
-                options = {**self.options, **(ONE_ROW_OPTIONS if key[0] == 1 else
-                                              {"cpp.threads": torch.get_num_threads()})}
+                one_row = key[0] == 1
+                threads = aot_compile.loop_threads(one_row, torch.get_num_threads())
+                options = {**self.options, "cpp.threads": threads,
+                           **(ONE_ROW_OPTIONS if one_row else {})}
             fn = torch.compile(step, fullgraph=True, backend=self.backend, options=options)
             out = fn(*args)
         except Exception as e:
