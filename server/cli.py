@@ -34,7 +34,7 @@ from itt_runtime.runner.aot_compile import cache_dir
 from itt_runtime.tokenizers.chat_template import ChatTemplateError, read_template_file
 from server.app import create_app
 from server.config import ServerSettings
-from server.connections import guarded_h11
+from server.connections import guarded_protocol
 from server.lifecycle import Lifecycle
 
 log = logging.getLogger("server")
@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         app, log_level=args.log_level,
         timeout_graceful_shutdown=math.ceil(DrainingServer.GRACE_SECONDS),
         timeout_keep_alive=math.ceil(settings.timeout_keep_alive),
-        http=guarded_h11(settings.timeout_request_header, settings.max_connections))
+        http=guarded_protocol(settings.http, settings.timeout_request_header,
+                              settings.max_connections))
     server = DrainingServer(config, app.state.server.lifecycle, settings.drain_timeout)
     engine.death_callbacks.append(server.stop_engine_dead)
     engine.start()

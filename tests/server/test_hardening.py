@@ -185,9 +185,10 @@ def recv_closed(sock: socket.socket, within: float) -> bool:
         return True
 
 
-def test_idle_slow_and_surplus_connections_are_closed(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_idle_slow_and_surplus_connections_are_closed(tiny_model_dir, tmp_path, http):
     server = launch(tiny_model_dir, tmp_path, "--timeout-request-header", "1",
-                    "--timeout-keep-alive", "1", "--max-connections", "8")
+                    "--timeout-keep-alive", "1", "--max-connections", "8", "--http", http)
     addr = ("127.0.0.1", server.port)
     try:
         start = time.time()
@@ -207,6 +208,17 @@ def test_idle_slow_and_surplus_connections_are_closed(tiny_model_dir, tmp_path):
         assert closed or recv_closed(slow, 2)
         assert time.time() - start < 5
 
+        # Headers in time, then a body that takes longer than the header deadline: the
+        # deadline covers headers only, so the request is served.
+        late_body = socket.create_connection(addr)
+        body = json.dumps({"model": MODEL_NAME, "prompt": "hi", "max_tokens": 1}).encode()
+        late_body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                          b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+        time.sleep(1.5)
+        late_body.sendall(body)
+        late_body.settimeout(10)
+        assert b"200 OK" in late_body.recv(65536)
+
         kept = socket.create_connection(addr)                 # keep-alive, then idle
         kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert b"200 OK" in kept.recv(4096)
@@ -217,7 +229,7 @@ def test_idle_slow_and_surplus_connections_are_closed(tiny_model_dir, tmp_path):
         surplus = socket.create_connection(addr)
         surplus.settimeout(5)
         assert surplus.recv(4096).startswith(b"HTTP/1.1 503")
-        for s in held + [surplus, idle, slow, kept]:
+        for s in held + [surplus, idle, slow, late_body, kept]:
             s.close()
         time.sleep(0.5)
         assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
