@@ -12,7 +12,7 @@ one of uvicorn's HTTP/1.1 protocols with two additions:
   * beyond ``max_connections`` open connections, a new one gets a bare 503 and is closed.
 
 The protocol is httptools' (a C parser) where it is installed, as uvicorn's ``--http auto``
-picks, else h11 (pure Python). A streamed token costs the event loop about 45 µs less
+picks, else h11 (pure Python). A streamed token costs the event loop 30-45 µs less
 through httptools (docs/perf-notes.md, 2026-12-07).
 """
 
