@@ -67,6 +67,7 @@ def test_kv_cache_memory_sizes(size, expected):
     (["--max-batch-prefill-tokens", "16", "--no-enable-chunked-prefill"],
      "--max-batch-prefill-tokens needs chunked prefill"),
     (["--no-such-flag"], "--no-such-flag"),
+    (["--http", "nghttp2"], "--http"),
 ])
 def test_bad_flag_fails_with_one_line(flags, words, capsys):
     try:
@@ -121,3 +122,21 @@ def test_docs_flag_table_is_the_parsers():
     flags = {a for action in build_parser()._actions for a in action.option_strings
              if a.startswith("--") and not a.startswith("--no-") and a != "--help"}
     assert flags == set(re.findall(r"^\| `(--[a-z-]+)` \|", flags_markdown(), re.M))
+
+
+def test_without_httptools_auto_serves_h11_and_asking_for_it_fails(monkeypatch, capsys):
+    """A platform without httptools (no wheel): ``auto`` falls back to h11 with the same
+    guards, and an explicit ``--http httptools`` is refused in one line."""
+    import importlib.util
+
+    from server.connections import guarded_protocol
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "httptools" else real_find_spec(name, *a))
+    assert guarded_protocol("auto", 10, 8).__name__ == "GuardedH11Protocol"
+    try:
+        code = main(["--http", "httptools"])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "httptools is not installed" in err
