@@ -4,10 +4,10 @@ frozen once the server starts."""
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 from itt_runtime.config import option
+from server.connections import HTTP_IMPLEMENTATIONS, httptools_installed
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class ServerSettings:
                                   "closed", "positive_int")
     http: str = option(
         "auto", "HTTP/1.1 implementation, as uvicorn's --http: httptools (C parser) or h11 "
-        "(pure Python); auto is httptools when installed", choices=("auto", "httptools", "h11"))
+        "(pure Python); auto is httptools when installed", choices=HTTP_IMPLEMENTATIONS)
     chat_template: str | None = option(
         None, "a file with a Jinja chat template to use instead of the model's own (see "
         "'Chat templates')", default_text="the model's (tokenizer_config.json)")
@@ -69,7 +69,7 @@ class ServerSettings:
             raise ValueError("connection timeouts must be positive")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
-        if self.http == "httptools" and importlib.util.find_spec("httptools") is None:
+        if self.http == "httptools" and not httptools_installed():
             raise ValueError("--http httptools: httptools is not installed "
                              "(pip install httptools)")
         if self.drain_timeout < 0:

@@ -35,11 +35,15 @@ _FULL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\
 HTTP_IMPLEMENTATIONS = ("auto", "httptools", "h11")
 
 
+def httptools_installed() -> bool:
+    return importlib.util.find_spec("httptools") is not None
+
+
 def guarded_protocol(http: str, header_timeout: float, max_connections: int) -> type:
     """uvicorn's protocol class for ``http`` (one of ``HTTP_IMPLEMENTATIONS``; ``auto`` is
     httptools when installed) with the guards above."""
     if http == "auto":
-        http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+        http = "httptools" if httptools_installed() else "h11"
     if http == "httptools":
         return _guarded_httptools(header_timeout, max_connections)
     if http == "h11":
@@ -59,16 +63,15 @@ class _Guard:
         self.timer: asyncio.TimerHandle | None = None
 
     def opened(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport,
-               open_connections: int) -> bool:
-        """False (the connection is refused and closed) beyond ``max_connections``."""
+               open_connections: int) -> None:
+        """Beyond ``max_connections`` the connection is refused and closed."""
         if open_connections > self.max_connections:
             log.warning("refusing a connection: %d open, the limit is %d",
                         open_connections, self.max_connections)
             transport.write(_FULL)
             transport.close()
-            return False
-        self.idle_again(loop, transport)
-        return True
+        else:
+            self.idle_again(loop, transport)
 
     def idle_again(self, loop: asyncio.AbstractEventLoop,
                    transport: asyncio.Transport) -> None:
