@@ -6,6 +6,14 @@ the medians are reported, with the speed ratio, the acceptance rate and the toke
 step. Greedy outputs are checked identical on the way (``--temperature`` above 0: seeded
 sampling, whose outputs differ by design).
 
+The cost model (a second table): per engine step, the plain engine's forward t1 and the rest
+of its step o (scheduling, sampling, output); the speculative engine's draft steps t0 each
+and its verify step tv (the forward of k + 1 rows a sequence, with acceptance), plus its own
+rest. With E tokens per verify step the speculative engine should run at
+E·(t1 + o) / (k·t0 + tv + o_spec) times the plain one: "model" beside "measured" says how
+well the parts account for the whole, and "if tv = t1" is the ratio a device on which
+verifying k + 1 tokens costs one decode step (a GPU) would reach with these drafts.
+
     python scripts/bench_speculative.py --budgets 1,0.6 --concurrency 1,4 --k 2,4,6
 """
 
@@ -37,6 +45,50 @@ def timed(llm: LLM, batch: list[list[int]], params: SamplingParams) -> tuple[flo
     return sum(len(o.outputs[0].token_ids) for o in out) / seconds, out
 
 
+class StepClock:
+    """Wall time an engine spends in its steps, in its runner's forwards, and in draft
+    phases (time.perf_counter around the methods, installed on the instances)."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.seconds = {"step": 0.0, "execute": 0.0, "draft": 0.0}
+        self.steps = 0
+        engine, runner = llm.engine, llm.engine.runner
+        self._wrap(engine, "step", "step", count=True)
+        self._wrap(runner, "execute_model", "execute")
+        self._wrap(runner, "_draft", "draft")
+
+    def _wrap(self, obj, method: str, key: str, count: bool = False) -> None:
+        inner = getattr(obj, method)
+
+        def timed_call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds[key] += time.perf_counter() - start
+                self.steps += count
+
+        setattr(obj, method, timed_call)
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
+        self.steps = 0
+
+
+def cost_row(plain: StepClock, spec: StepClock, k: int, drafts: int,
+             tokens_per_verify: float, measured: float) -> str:
+    """The cost model's line (module docstring) from one point's clocks, times in ms."""
+    t1 = plain.seconds["execute"] / plain.steps
+    o = (plain.seconds["step"] - plain.seconds["execute"]) / plain.steps
+    t0 = spec.seconds["draft"] / (k * drafts)
+    tv = (spec.seconds["execute"] - spec.seconds["draft"]) / drafts
+    o_spec = (spec.seconds["step"] - spec.seconds["execute"]) / spec.steps
+    model = tokens_per_verify * (t1 + o) / (k * t0 + tv + o_spec)
+    ceiling = tokens_per_verify * (t1 + o) / (k * t0 + t1 + o_spec)
+    return (f"| {t1 * 1e3:.2f} | {o * 1e3:.2f} | {t0 * 1e3:.2f} | {tv * 1e3:.2f} | "
+            f"{t0 / t1:.2f} | {tv / t1:.2f} | {model:.2f} | {measured:.2f} | {ceiling:.2f} |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,6 +112,8 @@ def main(argv=None) -> int:
         "method": "itt_self", "num_speculative_tokens": k}) for k in map(int, a.k.split(","))}
     for llm in (plain, *specs.values()):
         llm.engine.runner.warm_up()
+    clocks = {id(llm): StepClock(llm) for llm in (plain, *specs.values())}
+    costs = []
     print(f"model {a.model}, {a.threads} thread(s), compile {a.compile}, {a.tokens} tokens "
           f"per sequence, {a.prompt_len}-token prompts, {a.rounds} interleaved rounds, "
           f"temperature {a.temperature}")
@@ -75,6 +129,8 @@ def main(argv=None) -> int:
             for k, spec in specs.items():
                 timed(spec, batch, params)
                 before = spec.engine.stats()
+                clocks[id(plain)].reset()
+                clocks[id(spec)].reset()
                 base, fast = [], []
                 for _ in range(a.rounds):
                     rate, want = timed(plain, batch, params)
@@ -91,6 +147,16 @@ def main(argv=None) -> int:
                 print(f"| {budget} | {c} | {k} | {b:.1f} | {f:.1f} | {f / b:.2f} | "
                       f"{accepted / max(drafted, 1):.3f} | {1 + accepted / max(drafts, 1):.2f} |",
                       flush=True)
+                if c == 1 and drafts:   # one stream: a step is one row's draft and verify
+                    costs.append(f"| {budget} | {k} " + cost_row(
+                        clocks[id(plain)], clocks[id(spec)], k, drafts,
+                        1 + accepted / drafts, f / b))
+    if costs:
+        print("\nCost model at one stream (ms per step; module docstring):\n")
+        print("| budget | k | t1 | o | t0 | tv | t0/t1 | tv/t1 | model | measured "
+              "| if tv = t1 |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(costs))
     return 0
 
 

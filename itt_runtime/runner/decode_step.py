@@ -44,25 +44,31 @@ def attend_rows(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     compiled, inductor turns each into one loop that reads the cached keys and values through
     the block table in place, where ``einsum`` would first gather every row's blocks into a
     new tensor (the largest cost of a 32-row compiled decode step). The new keys are a
-    (B, B) block: a diagonal for decode rows, causal within a prompt chunk."""
+    (B, B) block: a diagonal for decode rows, causal within a prompt chunk.
+
+    Scores are laid out heads first, keys last, (B, KV, rep, keys): the softmax's max, exp
+    and sum then run along contiguous keys, eight to a vector. With the keys before the
+    heads, inductor vectorised those loops over the ``rep`` (2) query heads of a KV head,
+    two lanes in eight: the attention of a 48-token prompt chunk took 1.4-1.7x as long
+    (docs/perf-notes.md, 2026-12-07, evening)."""
     B, H, D = q.shape
     KV = k_new.shape[1]
     rep = H // KV
-    k = k_cache[table].flatten(1, 2)                                 # (B, L, KV, D)
-    v = v_cache[table].flatten(1, 2)
-    L = k.shape[1]
+    k = k_cache[table].flatten(1, 2).permute(0, 2, 1, 3)             # (B, KV, L, D)
+    v = v_cache[table].flatten(1, 2).permute(0, 2, 1, 3)
+    L = k.shape[2]
     qg = q.view(B, KV, rep, D) * (1.0 / math.sqrt(D))                # heads grouped by KV head
-    s_cache = (qg[:, None] * k[:, :, :, None, :]).sum(-1)           # (B, L, KV, rep)
+    s_cache = (qg[:, :, :, None, :] * k[:, :, None]).sum(-1)         # (B, KV, rep, L)
     valid = torch.arange(L, device=q.device)[None, :] < length[:, None]   # (B, L)
-    s_cache = s_cache.masked_fill(~valid[:, :, None, None], float("-inf"))
-    s_new = torch.einsum("ikrd,jkd->ijkr", qg, k_new)               # (B, B, KV, rep)
-    s_new = s_new.masked_fill(~sees[:, :, None, None], float("-inf"))
-    top = torch.maximum(s_cache.amax(1), s_new.amax(1))             # softmax over both parts
-    p_cache = torch.exp(s_cache - top[:, None])
-    p_new = torch.exp(s_new - top[:, None])
-    o = (p_cache[..., None] * v[:, :, :, None, :]).sum(1) \
-        + torch.einsum("ijkr,jkd->ikrd", p_new, v_new)
-    return (o / (p_cache.sum(1) + p_new.sum(1))[..., None]).reshape(B, H * D)
+    s_cache = s_cache.masked_fill(~valid[:, None, None, :], float("-inf"))
+    s_new = torch.einsum("ikrd,jkd->ikrj", qg, k_new)               # (B, KV, rep, B)
+    s_new = s_new.masked_fill(~sees[:, None, None, :], float("-inf"))
+    top = torch.maximum(s_cache.amax(-1), s_new.amax(-1))           # softmax over both parts
+    p_cache = torch.exp(s_cache - top[..., None])
+    p_new = torch.exp(s_new - top[..., None])
+    o = (p_cache[..., None] * v[:, :, None]).sum(3) \
+        + torch.einsum("ikrj,jkd->ikrd", p_new, v_new)
+    return (o / (p_cache.sum(-1) + p_new.sum(-1))[..., None]).reshape(B, H * D)
 
 
 def rows_step(model: ITTModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
