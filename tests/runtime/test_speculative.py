@@ -358,4 +358,9 @@ def test_benchmark_cost_model_accounts_for_the_measured_ratio(tiny_model_dir, ca
         " | ")[2:])
     assert min(t1, o, t0, tv) > 0
     assert 0.67 < model / measured < 1.5, out
-    assert if_tv_t1 > model if tv > t1 else if_tv_t1 <= model
+    # A verify step dearer than a decode step: the ceiling (tv = t1) is above the model;
+    # cheaper: below (printed values are rounded, so not strictly).
+    if tv > t1:
+        assert if_tv_t1 >= model
+    elif tv < t1:
+        assert if_tv_t1 <= model
