@@ -269,13 +269,15 @@ def main(argv: list[str] | None = None) -> int:
         # with a warm compile cache).
         log.info("--compile on: compiling the decode steps before serving (compile cache: "
                  "%s)", cache_dir())
-        runner.warm_up()
+        engine.call(runner.warm_up)
     elif runner.compiled is not None:
         log.info("--compile auto: serving now, eagerly; the compiled decode steps are loaded "
                  "from the compile cache or compiled ahead of time by a background process, "
                  "each used once ready (compile cache: %s; --compile off to disable)",
                  cache_dir())
-        runner.warm_up(background=True)
+        # On the engine thread: loading a package packs weights, and every thread that
+        # computes costs the engine's steps (async_engine's docstring).
+        engine.call(lambda: runner.warm_up(background=True))
     info = engine.info
     log.info("serving %s as %s on %s (%s): %d KV blocks of %d tokens, max_model_len %d, "
              "default think budget %.2f; listening on http://%s:%d", info.model_path,

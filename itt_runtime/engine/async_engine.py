@@ -2,6 +2,7 @@
 block HTTP handling.
 
     engine = AsyncLLMEngine(EngineConfig(...)); engine.start()
+    engine.call(fn)                 # run fn on the engine thread (set-up work), get its result
     async for out in engine.generate(prompt_ids, params, request_id):   # delta outputs
         ...
     engine.abort(request_id)        # from anywhere; blocks are freed before the next step
@@ -9,22 +10,36 @@ block HTTP handling.
 Requests and aborts reach the engine thread through a queue; outputs come back through
 ``loop.call_soon_threadsafe`` into one asyncio.Queue per request. If the consumer stops
 iterating (client gone, task cancelled), the request is aborted.
+
+One thread does all of the engine's torch work, loading included: the engine thread exists
+from the constructor on, which builds the ``LLMEngine`` on it, and set-up work that computes
+(loading compiled steps, packing weights) goes through ``call``. The reason is OpenMP:
+every thread that runs a parallel region keeps a team of worker threads for the rest of its
+life, and once a process holds more of them than it has cores, libgomp stops its workers
+spinning between regions, so each region has to wake them with a system call. A model
+loaded on the main thread and served from this one made every small operator of a decode
+step 2-4x slower (fbgemm's int8 linear at one row: 118 against 48 µs; the int8 SmolLM2
+server's inter-token latency 44 against 27 ms, docs/perf-notes.md, 2026-12-07).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from typing import TypeVar
 
 from itt_runtime.engine.llm_engine import EngineConfig, EngineStats, LLMEngine
 from itt_runtime.outputs import RequestOutput
 from itt_runtime.sampling_params import SamplingParams
 
 log = logging.getLogger("itt_runtime")
+
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -38,33 +53,53 @@ class RequestFailedError(RuntimeError):
 
 class AsyncLLMEngine:
     def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None):
-        self.engine = engine or LLMEngine(config or EngineConfig())
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = threading.Event()
+        self._serving = threading.Event()         # set by start(): the loop steps the engine
+        self.error: BaseException | None = None
+        # fn(exception) on the engine thread when the loop dies; the server exits non-zero.
+        self.death_callbacks: list = []
+        self._thread = threading.Thread(target=self._run, name="itt-engine", daemon=True)
+        self._thread.start()
+        try:
+            # Built on the engine thread (module docstring); an error loading it is raised here.
+            self.engine = engine or self.call(lambda: LLMEngine(config or EngineConfig()))
+        except BaseException:
+            self.shutdown()
+            raise
         self.tokenizer = self.engine.tokenizer
         self.model_config = self.engine.model_config
         self.info = self.engine.info
-        self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self.error: BaseException | None = None
         self._stats = self.engine.stats()
-        # fn(exception) on the engine thread when the loop dies; the server exits non-zero.
-        self.death_callbacks: list = []
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="itt-engine", daemon=True)
-        self._thread.start()
+        """Start serving requests (the engine thread runs already, idle until now)."""
+        self._serving.set()
+        self._commands.put(("wake",))
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run on the engine thread, between two steps once serving; its result, or
+        its exception raised here. For set-up work that computes, such as loading compiled
+        steps (module docstring). Not from the engine thread itself."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("AsyncLLMEngine.call from the engine thread would wait forever")
+        if not self._thread.is_alive():
+            raise EngineDeadError(f"engine loop is not running: {self.error!r}")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("call", fn, future))
+        return future.result()
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._commands.put(("wake",))
-        if self._thread is not None:
+        if self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     @property
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.error is None
+        return self._serving.is_set() and self._thread.is_alive() and self.error is None
 
     def stats(self) -> EngineStats:
         """The latest snapshot, refreshed by the engine thread after every step and abort."""
@@ -113,8 +148,12 @@ class AsyncLLMEngine:
 
     # ---- the engine thread ----------------------------------------------------------------
     def _run(self) -> None:
-        eng = self.engine
         try:
+            while not self._stop.is_set() and not self._serving.is_set():
+                self._drain_commands(block=True)          # set-up calls only
+            if self._stop.is_set():
+                return
+            eng = self.engine
             while not self._stop.is_set():
                 self._drain_commands(block=not eng.has_unfinished())
                 if eng.has_unfinished():
@@ -141,7 +180,14 @@ class AsyncLLMEngine:
                 return
 
     def _apply(self, cmd: tuple) -> None:
-        if cmd[0] == "add":
+        if cmd[0] == "call":
+            _, fn, future = cmd
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as e:    # noqa: BLE001 - handed to the caller
+                    future.set_exception(e)
+        elif cmd[0] == "add":
             _, rid, ids, params, arrival = cmd
             if rid not in self._streams:      # aborted before it reached the engine
                 return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,9 @@ class _Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        # Steps should run on the thread that built the engine: see ``_check_thread``.
+        self.built_on = threading.get_ident()
+        self._thread_warned = False
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
         self.model_path = resolve_model_path(config.model)
@@ -239,6 +243,8 @@ class LLMEngine:
     # ---- one step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, execute, update. A failure while executing is contained (``_isolate``)."""
+        if threading.get_ident() != self.built_on and not self._thread_warned:
+            self._warn_thread()
         if self.controller is not None:
             self._apply_elastic_scale()
         plan = self.scheduler.schedule()
@@ -260,6 +266,17 @@ class LLMEngine:
         return outputs
 
     # ---- elastic thinking (elastic.py) -----------------------------------------------------
+    def _warn_thread(self) -> None:
+        """Once: this step runs on another thread than the one that built the engine. Each
+        thread that has run an OpenMP parallel region (loading a model does) keeps its team
+        of workers, and with more of them than cores libgomp wakes its workers by system call
+        at every region: small operators ran 2-4x slower (async_engine.py's docstring). Build
+        the engine on the thread that steps it, as ``AsyncLLMEngine`` does."""
+        self._thread_warned = True
+        log.warning("LLMEngine.step runs on another thread than the one that built the "
+                    "engine: with torch's OpenMP threads on both, steps can run 2-4x slower; "
+                    "build the engine on the thread that steps it")
+
     def _apply_elastic_scale(self) -> None:
         """Ask the controller for this step's scale; re-derive elastic requests' budgets."""
         assert self.controller is not None

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
+import time
 
 import pytest
 
@@ -76,3 +79,59 @@ def test_invalid_request_raises_before_streaming(engine):
     with pytest.raises(ParamError):
         asyncio.run(main())
     assert engine.is_alive
+
+
+def test_the_engine_is_built_and_stepped_on_its_own_thread(engine, caplog):
+    # Loading on one thread and stepping on another keeps two OpenMP teams, which made small
+    # operators 2-4x slower (async_engine's docstring).
+    engine_thread = engine.call(threading.get_ident)
+    assert engine_thread != threading.get_ident()
+    assert engine.engine.built_on == engine_thread
+
+    async def main():
+        return await collect(engine, engine.tokenizer.encode("In the beginning"),
+                             SamplingParams(max_tokens=3, ignore_eos=True), "own-thread")
+
+    with caplog.at_level(logging.WARNING, logger="itt_runtime"):
+        tokens, _, _ = asyncio.run(main())
+    assert len(tokens) == 3
+    assert not [r for r in caplog.records if "another thread" in r.getMessage()]
+
+
+def test_call_hands_back_the_result_or_the_exception(engine):
+    assert engine.call(lambda: 6 * 7) == 42
+    with pytest.raises(ZeroDivisionError):
+        engine.call(lambda: 1 / 0)
+    assert engine.is_alive
+
+
+def test_a_model_that_fails_to_load_raises_and_stops_the_thread(tmp_path):
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(Exception, match="nowhere"):
+        AsyncLLMEngine(EngineConfig(model=str(tmp_path / "nowhere")))
+    for _ in range(50):
+        left = [t for t in threading.enumerate()
+                if t.ident not in before and t.name == "itt-engine"]
+        if not left:
+            break
+        time.sleep(0.02)
+    assert not left
+
+
+def test_stepping_on_another_thread_than_the_builder_warns_once(tiny_model_dir, caplog):
+    llm = LLM(str(tiny_model_dir))
+    ids = llm.tokenizer.encode("In the beginning")
+
+    def run(rid):
+        llm.engine.add_request(rid, ids, SamplingParams(max_tokens=2, ignore_eos=True))
+        while llm.engine.has_unfinished():
+            llm.engine.step()
+
+    with caplog.at_level(logging.WARNING, logger="itt_runtime"):
+        run("same-thread")
+        assert not [r for r in caplog.records if "another thread" in r.getMessage()]
+        for rid in ("other-1", "other-2"):
+            t = threading.Thread(target=run, args=(rid,))
+            t.start()
+            t.join()
+    assert len([r for r in caplog.records if "another thread" in r.getMessage()]) == 1
