@@ -151,11 +151,8 @@ class EngineConfig:
     @property
     def compile_mode(self) -> str:
         """``compile`` as it applies: "on" with ``cpu_compile``, "off" with
-        ``enforce_eager``, and "auto" (compile where it can) is "off" for a quantized model
-        (inductor cannot trace fbgemm's packed weights; "on" is refused instead)."""
+        ``enforce_eager``."""
         if self.enforce_eager:
-            return "off"
-        if self.compile == "auto" and not self.cpu_compile and self.quantization != "none":
             return "off"
         return "on" if self.cpu_compile else self.compile
     elastic_thinking: bool = option(

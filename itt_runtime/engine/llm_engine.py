@@ -59,8 +59,7 @@ class LLMEngine:
         self.dtype = config.resolve_dtype(self.device)
         self.model_path = resolve_model_path(config.model)
         try:
-            quantization.check_supported(config.quantization, self.device,
-                                         compiled=config.compile_mode != "off")
+            quantization.check_supported(config.quantization, self.device)
         except quantization.QuantizationError as e:
             raise ConfigError(str(e)) from None
         loaded = load_checkpoint(self.model_path, self.device, self.dtype, fuse=True,
@@ -116,7 +115,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
             return_routing=config.enable_prefix_caching,
             cpu_compile=config.compile_mode, speculative_config=speculative,
-            compile_source=(self.model_path, self.dtype))
+            compile_source=(self.model_path, self.dtype, config.quantization))
         self.requests: dict[str, _Request] = {}
         self.controller = (ElasticController(
             None if config.target_itl_ms is None else config.target_itl_ms / 1e3,

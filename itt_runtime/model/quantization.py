@@ -20,17 +20,27 @@ two constant columns (+1 and −1, whose weights are zero) pin the tensor's rang
 the row's scale is multiplied back afterwards. Each row is thus quantized on its own (per
 token, as vLLM's W8A8 does), and its result is the same whatever the batch.
 
+Compiled steps (``--compile``): inductor cannot trace fbgemm's packed weights (a C++ object,
+not a tensor), so inside a traced step the product is ``torch.ops.itt.int8_linear(x, key)``, a
+custom operator that compiled code calls as one opaque op, and ``key`` a one-element tensor
+buffer of the module whose value names its packed weights in a registry (a value, not an
+address: a compiled step may copy its constants). The quantization and scaling around it
+fuse into the step's loops. Eager steps call fbgemm directly.
+
 Not supported (refused at start-up, naming the reason): CUDA devices (fbgemm is a CPU
-library), compiled CPU steps (inductor does not trace fbgemm's packed weights), a torch built
-without fbgemm. The weights are quantized after the fp32 model is loaded, one block at a time,
-so loading needs the fp32 model's memory once.
+library), a torch built without fbgemm. The weights are quantized after the fp32 model is
+loaded, one block at a time, so loading needs the fp32 model's memory once.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
+import threading
 import warnings
+import weakref
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +55,7 @@ class QuantizationError(ValueError):
     """A quantization mode this build or this configuration cannot run."""
 
 
-def check_supported(mode: str, device: torch.device, compiled: bool) -> None:
+def check_supported(mode: str, device: torch.device) -> None:
     """Raise QuantizationError naming why ``mode`` cannot run here (nothing for 'none')."""
     if mode == "none":
         return
@@ -58,9 +68,6 @@ def check_supported(mode: str, device: torch.device, compiled: bool) -> None:
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         raise QuantizationError(f"--quantization {mode} needs torch's fbgemm quantized "
                                 "engine, which this torch build lacks")
-    if compiled:
-        raise QuantizationError(f"--quantization {mode} runs eagerly: drop --compile on / "
-                                "--cpu-compile (inductor cannot trace fbgemm's packed weights)")
 
 
 def _per_row_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +75,30 @@ def _per_row_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = w.detach().float()
     scale = w.abs().amax(1).clamp(min=1e-12) / 127
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+# key -> fbgemm's packed weights of one Int8Linear (module docstring). An entry is removed
+# when its module is freed.
+_packed_by_key: dict[int, Any] = {}
+_keys = itertools.count(1)
+_registry_lock = threading.Lock()
+
+
+@torch.library.custom_op("itt::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, key: torch.Tensor, out_features: int) -> torch.Tensor:
+    """fbgemm's ``quantized::linear_dynamic`` of x (rows, in) on the packed weights that
+    ``key`` (a one-element int64 tensor) names; (rows, out_features) fp32."""
+    return torch.ops.quantized.linear_dynamic(x, _packed_by_key[int(key.item())], True)
+
+
+@int8_linear.register_fake
+def _(x: torch.Tensor, key: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+def _forget(key: int) -> None:
+    with _registry_lock:
+        _packed_by_key.pop(key, None)
 
 
 class Int8Linear(nn.Module):
@@ -102,9 +133,22 @@ class Int8Linear(nn.Module):
             warnings.simplefilter("ignore")
             qw = torch._make_per_channel_quantized_tensor(
                 q, scale.double(), torch.zeros(out_features, dtype=torch.long), 0)
-            self._packed = torch.ops.quantized.linear_prepack(qw, None)
+            packed = torch.ops.quantized.linear_prepack(qw, None)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.register_buffer("_ends", torch.tensor([1.0, -1.0]))
+        self.out_features = out_features
+        # The packed weights live in the registry only: torch.export refuses a module that
+        # holds fbgemm's C++ object as an attribute.
+        self.key = next(_keys)
+        with _registry_lock:
+            _packed_by_key[self.key] = packed
+        weakref.finalize(self, _forget, self.key)
+        self.register_buffer("_key", torch.tensor([self.key], dtype=torch.long))
+
+    @property
+    def packed(self) -> Any:
+        """fbgemm's packed weights (``quantized::linear_prepack``)."""
+        return _packed_by_key[self.key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
@@ -113,7 +157,10 @@ class Int8Linear(nn.Module):
             x = x * self.inv_smooth
         s = x.abs().amax(-1, keepdim=True).clamp(min=1e-30)
         xn = torch.cat([x / s, self._ends.expand(x.shape[0], 2)], dim=-1)
-        y = torch.ops.quantized.linear_dynamic(xn, self._packed, True) * s
+        if torch.compiler.is_compiling():       # traced: the opaque op (module docstring)
+            y = torch.ops.itt.int8_linear(xn, self._key, self.out_features) * s
+        else:
+            y = torch.ops.quantized.linear_dynamic(xn, self.packed, True) * s
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape, -1)
@@ -215,6 +262,6 @@ def weight_bytes(model: nn.Module) -> int:
     total = sum(storages.values())
     for m in model.modules():
         if isinstance(m, Int8Linear):
-            w, _ = torch.ops.quantized.linear_unpack(m._packed)
+            w, _ = torch.ops.quantized.linear_unpack(m.packed)
             total += w.numel() + w.q_per_channel_scales().numel() * 4
     return total

@@ -61,7 +61,7 @@ PACKAGE_OPTIONS: dict[str, Any] = {"cpp.weight_prepack": False,
 # Modules whose source the compiled step runs: a change to any misses the cache.
 SOURCES = ("itt_runtime/runner/decode_step.py", "itt_runtime/runner/aot_compile.py",
            "itt_runtime/model/itt.py", "itt_runtime/model/layers.py",
-           "itt_runtime/model/packed_linear.py")
+           "itt_runtime/model/packed_linear.py", "itt_runtime/model/quantization.py")
 MAX_ROWS = 4096                      # the symbolic batch size's bound (a step of several rows)
 
 
@@ -252,13 +252,14 @@ def cache_dir() -> Path:
 # --- the child process -------------------------------------------------------------------
 
 def child_command(model_path: Path, dtype: torch.dtype, block_size: int, threads: int,
-                  jobs: list[tuple[Variant, Path]]) -> list[str]:
+                  jobs: list[tuple[Variant, Path]], quantization: str = "none") -> list[str]:
     """The command line of a child that compiles ``jobs`` (variant, package path) for a
-    server of ``threads`` intra-op threads."""
+    server of ``threads`` intra-op threads whose model is quantized by ``quantization``."""
     spec = [{"one_row": v[0], "routable": v[1], "path": str(p)} for v, p in jobs]
     return [sys.executable, "-m", "itt_runtime.runner.aot_compile", "--model", str(model_path),
             "--dtype", str(dtype).replace("torch.", ""), "--block-size", str(block_size),
-            "--threads", str(threads), "--jobs", json.dumps(spec)]
+            "--threads", str(threads), "--quantization", quantization,
+            "--jobs", json.dumps(spec)]
 
 
 def _child_setup() -> None:
@@ -312,6 +313,7 @@ def run_child(command: list[str], variants: list[Variant]
 def main(argv: list[str] | None = None) -> int:
     """Child process: load the checkpoint as the engine does, compile each job's variant and
     report each on stdout as one JSON line when its package is in place."""
+    from itt_runtime.model import quantization
     from itt_runtime.model.loader import load_checkpoint
     from itt_runtime.runner.attention import KVCache
 
@@ -321,11 +323,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, required=True)
     p.add_argument("--threads", type=int, default=1,
                    help="the server's intra-op threads (its packages' fused loops use them)")
+    p.add_argument("--quantization", default="none",
+                   help="the server's --quantization (the compiled step calls its kernels)")
     p.add_argument("--jobs", required=True, help="JSON list of {one_row, routable, path}")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
-    model = load_checkpoint(args.model, "cpu", dtype, fuse=True).model.eval()
+    loaded = load_checkpoint(args.model, "cpu", dtype, fuse=True)
+    model = loaded.model.eval()
+    if args.quantization != "none":
+        # The layout the server's model has; the weights' values do not matter here (the
+        # package is handed the server's at load), so a few tokens calibrate.
+        quantization.quantize_model(model, args.quantization,
+                                    quantization.calibration_ids(loaded.tokenizer, 16))
     cfg = model.cfg
     cache_k = KVCache(1, args.block_size, cfg.n_kv_heads, cfg.head_dim, dtype,
                       torch.device("cpu")).k

@@ -211,15 +211,15 @@ class CompiledDecode:
         """The variants steps can ask for: a dense model never routes."""
         return [v for v in VARIANTS if v[1] is False or self.num_routed > 0]
 
-    def compile_ahead(self, source: tuple[Path, torch.dtype], wait: bool = False,
+    def compile_ahead(self, source: tuple[Path, torch.dtype, str], wait: bool = False,
                       variants: list[Variant] | None = None) -> threading.Thread | None:
         """Ahead-of-time compiled variants (aot_compile.py): those in the compile cache are
         loaded now (a second each); the others are compiled by a child process at the lowest
         CPU priority, on a thread of its own that loads each as it is finished, used from
-        the next step on (``ready_for``). ``source``: the checkpoint path and dtype, which
-        the child loads as the engine did. ``wait``: return when all are ready (``--compile
-        on``). A variant that fails to compile or load runs eagerly, logged. ``variants``:
-        only these (tests)."""
+        the next step on (``ready_for``). ``source``: the checkpoint path, dtype and
+        quantization mode, which the child loads as the engine did. ``wait``: return when all
+        are ready (``--compile on``). A variant that fails to compile or load runs eagerly,
+        logged. ``variants``: only these (tests)."""
         self.lazy = False
         start = time.perf_counter()
         threads = torch.get_num_threads()         # baked into the packages' fused loops
@@ -242,7 +242,7 @@ class CompiledDecode:
         if not jobs:
             return None
         command = aot_compile.child_command(source[0], source[1], self.cache.block_size,
-                                            threads, jobs)
+                                            threads, jobs, quantization=source[2])
         paths = dict(jobs)
 
         def compile_all() -> None:
@@ -288,6 +288,8 @@ class CompiledDecode:
         if self.packed_bytes is not None:
             return
         self.packed_bytes = 0
+        if self.model.head is not None:          # quantized: its matmuls are fbgemm's
+            return
         if self.model.embed_tokens.weight.dtype != torch.float32:
             return
         try:

@@ -41,7 +41,7 @@ class ModelRunner:
                  max_num_seqs: int = 64, max_model_len: int = 1024,
                  return_routing: bool = False, cpu_compile: str = "off",
                  speculative_config: SpeculativeConfig | None = None,
-                 compile_source: tuple[Path, torch.dtype] | None = None) -> None:
+                 compile_source: tuple[Path, torch.dtype, str] | None = None) -> None:
         self.forward = PagedForward(model, cache)
         self.speculative = speculative_config
         self.cache = cache
@@ -58,10 +58,11 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.forward, max_num_seqs,
                                        cdiv(max_model_len, cache.block_size))
         # CPU: steps (decode rows and prompt chunks) through compiled steps (cpu_compile.py):
-        # with ``compile_source`` (the checkpoint path and dtype) compiled ahead of time by a child
-        # process and cached on disk (aot_compile.py), at warm_up; without, by torch.compile
-        # in this process: "on" when a step first needs a variant (or at warm_up), "auto"
-        # only in the background (warm_up(background=True)), each used once ready.
+        # with ``compile_source`` (the checkpoint path, dtype and quantization) compiled ahead
+        # of time by a child process and cached on disk (aot_compile.py), at warm_up; without,
+        # by torch.compile in this process: "on" when a step first needs a variant (or at
+        # warm_up), "auto" only in the background (warm_up(background=True)), each used once
+        # ready.
         self.compile_source = compile_source
         self.compiled: CompiledDecode | None = None
         if cpu_compile in ("on", "auto") and self.device.type == "cpu":

@@ -124,6 +124,32 @@ def test_compiled_ahead_in_a_child_then_loaded_from_the_cache(small_model_dir, a
     assert calls
 
 
+def test_int8_steps_compile_and_agree_with_the_eager_int8_engine(small_model_dir, aot_cache,
+                                                                prompts):
+    """``--quantization int8`` with compiled steps: the child quantizes the model as the
+    engine did (the same layout: its own signature, not the fp32 model's), the packages call
+    fbgemm through ``itt::int8_linear`` on the engine's own packed weights, and greedy output
+    and thinking equal the eager int8 engine's, decode rows and prompt chunks compiled."""
+    eager = LLM(str(small_model_dir), max_num_seqs=8, quantization="int8")
+    llm = LLM(str(small_model_dir), max_num_seqs=8, compile="auto", quantization="int8")
+    compiled = llm.engine.runner.compiled
+    fp32 = LLM(str(small_model_dir), compile="auto").engine.runner.compiled
+    assert (aot_compile.signature(compiled.model, compiled.cache.k, ROUTED[0], 2)
+            != aot_compile.signature(fp32.model, fp32.cache.k, ROUTED[0], 2))
+    compiled.compile_ahead(llm.engine.runner.compile_source, wait=True, variants=ROUTED)
+    assert not compiled.failed
+    assert [compiled.status()[n][0] for n in ("one-row-routed", "rows-routed")] == ["ready"] * 2
+    calls = counting(compiled)
+    cases = [(p, b) for p in prompts for b in (0.5, 1.0)]
+    want = eager.generate([p for p, _ in cases], [greedy(b) for _, b in cases])
+    got = llm.generate([p for p, _ in cases], [greedy(b) for _, b in cases])
+    for w, g, (_, b) in zip(want, got, cases):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids, f"budget {b}: tokens differ"
+        assert g.outputs[0].thinking == w.outputs[0].thinking, f"budget {b}: thinking differs"
+    assert 1 in calls, "no decode step ran compiled"
+    assert max(calls) > 1, "no prompt chunk ran compiled"
+
+
 def children_of(pid: int) -> list[int]:
     out = []
     for entry in Path("/proc").iterdir():
@@ -184,7 +210,8 @@ def test_a_failed_compile_leaves_its_variants_eager(small_model_dir, aot_cache, 
     for v in ROUTED:                          # not from the cache: the child must run
         aot_compile.package_path(compiled.model, compiled.cache.k, v,
                                   torch.get_num_threads()).unlink(missing_ok=True)
-    compiled.compile_ahead((tmp_path / "gone", torch.float32), wait=True, variants=ROUTED)
+    compiled.compile_ahead((tmp_path / "gone", torch.float32, "none"), wait=True,
+                            variants=ROUTED)
     assert set(compiled.failed) == set(ROUTED) and not compiled.variants
     assert compiled.status()["one-row-routed"] == ("failed", None)
     assert "compiling the decode step (one row) failed" in caplog.text

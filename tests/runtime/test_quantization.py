@@ -8,7 +8,6 @@ import pytest
 import torch
 from itt_testing import HELDOUT
 
-from itt_runtime.config import ConfigError
 from itt_runtime.llm import LLM
 from itt_runtime.model.loader import load_checkpoint
 from itt_runtime.model.quantization import (
@@ -83,10 +82,8 @@ def test_engine_int8_greedy_is_the_same_alone_and_in_a_batch():
 
 
 def test_refusals_name_the_reason():
-    with pytest.raises(ConfigError, match="runs eagerly"):
-        LLM(model="default", quantization="int8", compile="on")
     with pytest.raises(QuantizationError, match="CPU only"):
-        check_supported("int8", torch.device("cuda"), compiled=False)
+        check_supported("int8", torch.device("cuda"))
     with pytest.raises(QuantizationError, match="must be one of"):
-        check_supported("int4", torch.device("cpu"), compiled=False)
-    check_supported("none", torch.device("cuda"), compiled=True)     # nothing to refuse
+        check_supported("int4", torch.device("cpu"))
+    check_supported("none", torch.device("cuda"))     # nothing to refuse

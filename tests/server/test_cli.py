@@ -33,11 +33,10 @@ def test_engine_flags_reach_the_engine_config():
 @pytest.mark.parametrize("flags, mode", [([], "auto"), (["--compile", "off"], "off"),
                                          (["--compile", "on"], "on"), (["--cpu-compile"], "on"),
                                          (["--compile", "auto", "--enforce-eager"], "off"),
-                                         (["--quantization", "int8"], "off")])
+                                         (["--quantization", "int8"], "auto")])
 def test_compile_modes(flags, mode):
-    """Compiled CPU decode steps are "auto" by default; --cpu-compile is --compile on,
-    --enforce-eager turns compiling off, and so does a quantized model under "auto" (its
-    packed weights cannot be compiled; an explicit "on" is refused instead)."""
+    """Compiled CPU decode steps are "auto" by default, quantized or not; --cpu-compile is
+    --compile on, and --enforce-eager turns compiling off."""
     engine, _ = configs(build_parser().parse_args(flags))
     assert engine.compile_mode == mode
 
