@@ -52,7 +52,7 @@ class _Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        # Steps should run on the thread that built the engine: see ``_check_thread``.
+        # Steps should run on the thread that built the engine: see ``_warn_thread``.
         self.built_on = threading.get_ident()
         self._thread_warned = False
         self.device = config.resolve_device()
@@ -264,7 +264,6 @@ class LLMEngine:
             self._observe(plan, time.perf_counter() - start, stalls and not floored)
         return outputs
 
-    # ---- elastic thinking (elastic.py) -----------------------------------------------------
     def _warn_thread(self) -> None:
         """Once: this step runs on another thread than the one that built the engine. Each
         thread that has run an OpenMP parallel region (loading a model does) keeps its team
@@ -276,6 +275,7 @@ class LLMEngine:
                     "engine: with torch's OpenMP threads on both, steps can run 2-4x slower; "
                     "build the engine on the thread that steps it")
 
+    # ---- elastic thinking (elastic.py) -----------------------------------------------------
     def _apply_elastic_scale(self) -> None:
         """Ask the controller for this step's scale; re-derive elastic requests' budgets."""
         assert self.controller is not None
