@@ -27,7 +27,7 @@ from itt_runtime.llm import LLM
 from itt_runtime.model.loader import load_model
 from itt_runtime.runner import aot_compile
 from itt_runtime.runner.aot_compile import cache_dir
-from itt_runtime.runner.cpu_compile import CompiledDecode
+from itt_runtime.runner.cpu_compile import CompiledDecode, FlatStep
 from itt_runtime.sampling_params import SamplingParams
 from loadtest.servers import compiled_steps
 
@@ -101,6 +101,11 @@ def test_compiled_ahead_in_a_child_then_loaded_from_the_cache(small_model_dir, a
     assert compiled.compile_seconds > 0 and not compiled.failed
     packages = sorted(p.name for p in (aot_cache / "aot").glob("*.pt2"))
     assert len(packages) == 2 and all(".partial" not in p for p in packages)
+    # Loaded packages are called with the step's flat arguments (FlatStep), checked once.
+    step = compiled.variants[(True, True)]
+    assert isinstance(step, FlatStep) and step.num_inputs == 9
+    with pytest.raises(TypeError, match="takes 9 tensors, got 1"):
+        step(torch.zeros(1))
     calls = counting(compiled)
     check_against_reference(llm, small_model_dir, prompts, [0.5, 1.0])
     assert 1 in calls, "no decode step ran compiled"
