@@ -15,6 +15,12 @@ well the parts account for the whole, and "if tv = t1" is the ratio a device on 
 verifying k + 1 tokens costs one decode step (a GPU) would reach with these drafts.
 
     python scripts/bench_speculative.py --budgets 1,0.6 --concurrency 1,4 --k 2,4,6
+    python scripts/bench_speculative.py --model arith --prompts arith --budgets 1 --k 2,4
+
+``--prompts arith`` asks fresh 3-digit sums (the generator's eval split, the arith model's
+format ``"954+124="``) instead of held-out text, and lets every answer end at its EOS
+(``--tokens`` is then only the cap): the arith model's answers are four or five tokens, and
+past them it has nothing to say.
 """
 
 from __future__ import annotations
@@ -28,19 +34,26 @@ import torch
 
 from itt_runtime.llm import LLM
 from itt_runtime.sampling_params import SamplingParams
+from itt_runtime.training import tasks
 
 HELDOUT = Path(__file__).resolve().parent.parent / "data" / "heldout.txt"
 
 
-def prompts(llm: LLM, n: int, length: int) -> list[list[int]]:
+def prompts(llm: LLM, kind: str, n: int, length: int) -> list[list[int]]:
     tok = llm.engine.tokenizer
+    if kind == "arith":
+        return [tok.encode(p.prompt) for p in tasks.take("eval", 0, "add", 3, n)]
     lines = [ln for ln in HELDOUT.read_text().splitlines() if len(ln.split()) > 12]
     return [tok.encode(line)[:length] for line in lines[:n]]
 
 
-def timed(llm: LLM, batch: list[list[int]], params: SamplingParams) -> tuple[float, list]:
+def timed(llm: LLM, batches: list[list[list[int]]],
+          params: SamplingParams) -> tuple[float, list]:
+    """Tokens per second over ``batches`` generated one after another, and the outputs."""
+    out = []
     start = time.perf_counter()
-    out = llm.generate(batch, params)
+    for batch in batches:
+        out += llm.generate(batch, params)
     seconds = time.perf_counter() - start
     return sum(len(o.outputs[0].token_ids) for o in out) / seconds, out
 
@@ -98,6 +111,10 @@ def main(argv=None) -> int:
     p.add_argument("--k", default="4", help="drafted tokens per step, comma-separated")
     p.add_argument("--tokens", type=int, default=64, help="generated tokens per sequence")
     p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--prompts", default="text", choices=["text", "arith"],
+                   help="held-out text, or fresh 3-digit sums ending at EOS (module docstring)")
+    p.add_argument("--problems", type=int, default=32,
+                   help="--prompts arith: sums per stream, asked one batch after another")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--temperature", type=float, default=0.0,
@@ -114,17 +131,23 @@ def main(argv=None) -> int:
         llm.engine.runner.warm_up()
     clocks = {id(llm): StepClock(llm) for llm in (plain, *specs.values())}
     costs = []
-    print(f"model {a.model}, {a.threads} thread(s), compile {a.compile}, {a.tokens} tokens "
-          f"per sequence, {a.prompt_len}-token prompts, {a.rounds} interleaved rounds, "
-          f"temperature {a.temperature}")
+    shape = (f"{a.problems} fresh 3-digit sums a stream, at most {a.tokens} tokens each"
+             if a.prompts == "arith" else
+             f"{a.tokens} tokens per sequence, {a.prompt_len}-token prompts")
+    print(f"model {a.model}, {a.threads} thread(s), compile {a.compile}, {shape}, "
+          f"{a.rounds} interleaved rounds, temperature {a.temperature}")
     print("| budget | streams | k | plain tok/s | speculative tok/s | ratio | acceptance "
           "| tokens / verify |")
     print("|---|---|---|---|---|---|---|---|")
     for budget in map(float, a.budgets.split(",")):
         params = SamplingParams(max_tokens=a.tokens, temperature=a.temperature, seed=0,
-                                think_budget=budget, ignore_eos=True)
+                                think_budget=budget, ignore_eos=a.prompts == "text")
         for c in map(int, a.concurrency.split(",")):
-            batch = prompts(plain, c, a.prompt_len)
+            if a.prompts == "arith":
+                sums = prompts(plain, "arith", c * a.problems, a.prompt_len)
+                batch = [sums[i:i + c] for i in range(0, len(sums), c)]
+            else:
+                batch = [prompts(plain, "text", c, a.prompt_len)]
             timed(plain, batch, params)                       # warm-up
             for k, spec in specs.items():
                 timed(spec, batch, params)
