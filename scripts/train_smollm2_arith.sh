@@ -9,6 +9,11 @@
 #
 #     scripts/train_smollm2_arith.sh            # RUNS=/tmp/smollm2_arith by default
 #
+# ROUTED_PHI=x (default 0: the exact upcycle of ITT_SPEC) starts the routed steps' step
+# encodings at x instead of 0, so that they are in use, and get gradient, from the first step
+# (recipe v2 of the model card; the upcycled model then no longer equals the dense one before
+# training). The dense control ignores it.
+#
 # Pause both runs while anything is being timed on the machine (kill -STOP / -CONT their
 # pids): on 2 cores a training run corrupts every timing taken beside it.
 set -euo pipefail
@@ -19,6 +24,21 @@ mkdir -p "$RUNS"
 if [ ! -f "$RUNS/itt_init/config.json" ]; then
   itt-upcycle "$GGUF" "$RUNS/itt_init" --itt-layers 14,16,18,20 --think-steps 4 \
     --train-capacity 0.75
+  if [ "${ROUTED_PHI:-0}" != 0 ]; then
+    python - "$RUNS/itt_init" "$ROUTED_PHI" <<'PY'
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+path, value = Path(sys.argv[1]) / "model.safetensors", float(sys.argv[2])
+weights = load_file(path)
+for name, phi in weights.items():
+    if name.endswith(".phi"):
+        phi[1:] = value                 # rows t >= 1: the routed steps; row 0 stays 1
+save_file(weights, path, metadata={"format": "pt"})
+PY
+  fi
 fi
 common=(--task arith --task-format chat --trainable-layers 14,16,18,20 --batch-size 16
         --max-steps "${STEPS:-300}" --lr 3e-4 --warmup-steps 30 --eval-every 100
