@@ -94,17 +94,49 @@ def model_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def loop_threads(one_row: bool, threads: int) -> int:
     """Inductor's ``cpp.threads`` for a step, in a process of ``threads`` intra-op threads:
-    the fused loops (attention, norms) of a step of several rows run on all of them (at 32
-    rows on 2 threads its attention loops took 0.55x the time of one thread's, the step
-    0.81x); one row's are too small to gain from an OpenMP fork and join."""
-    return 1 if one_row else max(1, threads)
+    every variant's loops may run on all of them. Steps of several rows: at 32 rows on 2
+    threads the attention loops took 0.55x the time of one thread's, the step 0.81x. One
+    row: its matrix-vector products are inductor's own loops (``ONE_ROW_MATMULS``), split
+    across the threads; with one thread the default model's one-row step took 1.5x longer.
+    (``one_row`` stays an argument: the two kinds were tuned apart and may be again.)"""
+    return max(1, threads)
+
+
+# A one-row step's matmuls are matrix-vector products: memory-bound, and MKL runs them on one
+# thread whatever the intra-op count (the default model's step read its 31.6 MB of weights at
+# about 16 GB/s on one core of this 2-core machine, 68 % of the step in ``sgemv``). Inductor's
+# decompose_mm_pass rewrites an mm whose first dimension is 1 as a product and a sum, which
+# it fuses into loops of its own, parallel over the output features: the default model's
+# budget-0 one-row step went 1.87 -> 1.20 ms on 2 threads (docs/perf-notes.md, 2026-12-07,
+# late night). Its CPU size limit (2,048 on the other dimensions) would leave out the LM head
+# and SmolLM2's fused gate/up, so it is lifted.
+ONE_ROW_MATMULS = {"post_grad_fusion_options": {"decompose_mm_pass": {
+    "cpu_max_other_dimension_decomposition": 1 << 30}}}
 
 
 def package_options(variant: Variant, threads: int) -> dict[str, Any]:
     """The inductor options of one variant's package, for a server of ``threads`` intra-op
     threads (``loop_threads``). The count is baked into the generated code, so it is part of
     the signature."""
-    return {**PACKAGE_OPTIONS, "cpp.threads": loop_threads(variant[0], threads)}
+    options = {**PACKAGE_OPTIONS, "cpp.threads": loop_threads(variant[0], threads)}
+    if variant[0]:
+        options.update(ONE_ROW_MATMULS)
+    return options
+
+
+def lift_decompose_limit() -> None:
+    """``ONE_ROW_MATMULS``'s size limit where the pass reads it: decompose_mem_bound_mm reads
+    its options once, when it is imported, so a limit passed with a compile's options only
+    counts if the module was not imported yet. Set on the module as well (if this torch has
+    it; without, the pass keeps its own limit and the larger matmuls stay MKL's)."""
+    try:
+        from torch._inductor.fx_passes import decompose_mem_bound_mm as decompose
+    except ImportError:
+        return
+    limit = ONE_ROW_MATMULS["post_grad_fusion_options"]["decompose_mm_pass"][
+        "cpu_max_other_dimension_decomposition"]
+    if hasattr(decompose, "cpu_max_other_dimension_decomposition"):
+        decompose.cpu_max_other_dimension_decomposition = limit
 
 
 def signature(model: ITTModel, cache_k: torch.Tensor, variant: Variant, threads: int) -> str:
@@ -173,6 +205,8 @@ def compile_package(model: ITTModel, cache_k: torch.Tensor, variant: Variant,
     # oneDNN on packed weights, which the server registers; the child needs none, it only
     # traces).
     step = StepModule(model, routable, packed=not one_row).eval()
+    if one_row:
+        lift_decompose_limit()
     with torch.inference_mode():
         exported = export(step, example_args(model, cache_k, variant), dynamic_shapes=dynamic,
                           strict=False)
