@@ -38,12 +38,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from itt_runtime.model.itt import ITTModel
 from itt_runtime.runner.decode_step import rows_step
@@ -92,16 +93,6 @@ def model_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(named), **dict(module.named_buffers(remove_duplicate=False))}
 
 
-def loop_threads(one_row: bool, threads: int) -> int:
-    """Inductor's ``cpp.threads`` for a step, in a process of ``threads`` intra-op threads:
-    every variant's loops may run on all of them. Steps of several rows: at 32 rows on 2
-    threads the attention loops took 0.55x the time of one thread's, the step 0.81x. One
-    row: its matrix-vector products are inductor's own loops (``ONE_ROW_MATMULS``), split
-    across the threads; with one thread the default model's one-row step took 1.5x longer.
-    (``one_row`` stays an argument: the two kinds were tuned apart and may be again.)"""
-    return max(1, threads)
-
-
 # A one-row step's matmuls are matrix-vector products: memory-bound, and MKL runs them on one
 # thread whatever the intra-op count (the default model's step read its 31.6 MB of weights at
 # about 16 GB/s on one core of this 2-core machine, 68 % of the step in ``sgemv``). Inductor's
@@ -114,14 +105,21 @@ ONE_ROW_MATMULS = {"post_grad_fusion_options": {"decompose_mm_pass": {
     "cpu_max_other_dimension_decomposition": 1 << 30}}}
 
 
+def step_options(one_row: bool, threads: int) -> dict[str, Any]:
+    """The inductor options every compiled step gets, ahead of time or in process, for a
+    process of ``threads`` intra-op threads: its fused loops run on all of them (at 32 rows
+    on 2 threads the attention loops took 0.55x the time of one thread's, the step 0.81x),
+    and a one-row step's matmuls are such loops too (``ONE_ROW_MATMULS``; with one thread
+    the default model's one-row step took 1.5x longer). Call ``lift_decompose_limit`` before
+    compiling a one-row step."""
+    return {"cpp.threads": max(1, threads), **(ONE_ROW_MATMULS if one_row else {})}
+
+
 def package_options(variant: Variant, threads: int) -> dict[str, Any]:
     """The inductor options of one variant's package, for a server of ``threads`` intra-op
-    threads (``loop_threads``). The count is baked into the generated code, so it is part of
+    threads (``step_options``). The count is baked into the generated code, so it is part of
     the signature."""
-    options = {**PACKAGE_OPTIONS, "cpp.threads": loop_threads(variant[0], threads)}
-    if variant[0]:
-        options.update(ONE_ROW_MATMULS)
-    return options
+    return {**PACKAGE_OPTIONS, **step_options(variant[0], threads)}
 
 
 def lift_decompose_limit() -> None:
@@ -242,10 +240,36 @@ def prune(keep: set[Path], now: float | None = None) -> list[Path]:
     return gone
 
 
-def load_package(model: ITTModel, path: Path) -> Callable:
+class FlatStep:
+    """A loaded package called with a step's arguments as they are; its outputs as a list.
+
+    ``AOTICompiledModel.__call__`` parses the package's input and output specs on every call
+    (two JSON loads, a pytree flatten and an unflatten): 30 µs, a few hundredths of a
+    one-row step of the default model. A step's arguments are already a flat tuple of
+    tensors and its outputs a flat tuple, so the constructor checks that once against the
+    specs and every call goes straight to the runner."""
+
+    def __init__(self, compiled) -> None:
+        self.loader = compiled.loader
+        in_spec, out_spec = (pytree.treespec_loads(s) for s in self.loader.get_call_spec())
+        self.num_inputs = in_spec.num_leaves
+        flat_args = pytree.tree_flatten((tuple(range(self.num_inputs)), {}))[1]
+        flat_outputs = pytree.tree_flatten(tuple(range(out_spec.num_leaves)))[1]
+        if in_spec != flat_args or out_spec != flat_outputs:
+            raise RuntimeError(f"the compiled step's calling convention is not flat tensors: "
+                               f"{in_spec} -> {out_spec}")
+
+    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        if len(args) != self.num_inputs:
+            raise TypeError(f"the compiled step takes {self.num_inputs} tensors, "
+                            f"got {len(args)}")
+        return self.loader.boxed_run(list(args))
+
+
+def load_package(model: ITTModel, path: Path) -> FlatStep:
     """A compiled variant from its package, its weights the model's own tensors (no copy).
     Called like ``rows_step`` without the model and ``routable``; returns its outputs as a
-    list."""
+    list (``FlatStep``)."""
     compiled = torch._inductor.aoti_load_package(str(path))
     tensors = model_tensors(StepModule(model, True))
     wanted = compiled.get_constant_fqns()
@@ -259,7 +283,7 @@ def load_package(model: ITTModel, path: Path) -> Callable:
         os.utime(path)                  # used now: kept by ``prune``
     except OSError:
         pass
-    return compiled
+    return FlatStep(compiled)
 
 
 @functools.cache

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 from itt_runtime.engine.step import ScheduledSeq
 from itt_runtime.kv_cache.manager import SequenceKV
@@ -268,7 +267,7 @@ class CompiledDecode:
     def _use_package(self, variant: Variant, path: Path, start: float, how: str) -> bool:
         """Load one variant's package and use it from the next step; False if it fails."""
         try:
-            fn = FlatStep(aot_compile.load_package(self.model, path))
+            fn = aot_compile.load_package(self.model, path)
         except Exception:
             log.warning("the compiled decode step %s did not load (deleted)", path,
                         exc_info=True)
@@ -471,9 +470,11 @@ class CompiledDecode:
             options = None
             if self.backend == "inductor":
                 one_row = key[0] == 1
-                threads = aot_compile.loop_threads(one_row, torch.get_num_threads())
-                options = {**self.options, "cpp.threads": threads,
+                options = {**self.options,
+                           **aot_compile.step_options(one_row, torch.get_num_threads()),
                            **(ONE_ROW_OPTIONS if one_row else {})}
+                if one_row:
+                    aot_compile.lift_decompose_limit()
             fn = torch.compile(step, fullgraph=True, backend=self.backend, options=options)
             out = fn(*args)
         except Exception as e:
@@ -489,30 +490,3 @@ class CompiledDecode:
                  describe(variant_of(key)), time.perf_counter() - start,
                  self.compile_seconds, self.compile_budget_s)
         return out
-
-
-class FlatStep:
-    """A loaded package called with a step's arguments as they are; its outputs as a list.
-
-    ``AOTICompiledModel.__call__`` parses the package's input and output specs on every call
-    (two JSON loads, a pytree flatten and an unflatten): 0.1-0.2 ms, up to a twentieth of a
-    one-row step of the default model. A step's arguments are already a flat tuple of
-    tensors and its outputs a flat tuple, so the constructor checks that once against the
-    specs and every call goes straight to the runner."""
-
-    def __init__(self, compiled) -> None:
-        self.loader = compiled.loader
-        in_spec, out_spec = (pytree.treespec_loads(s) for s in self.loader.get_call_spec())
-        self.num_inputs = in_spec.num_leaves
-        flat_args = pytree.tree_flatten((tuple(range(self.num_inputs)), {}))[1]
-        flat_outputs = pytree.tree_flatten(tuple(range(out_spec.num_leaves)))[1]
-        if in_spec != flat_args or out_spec != flat_outputs:
-            raise RuntimeError(f"the compiled step's calling convention is not flat tensors: "
-                               f"{in_spec} -> {out_spec}")
-
-    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
-        if len(args) != self.num_inputs:
-            raise TypeError(f"the compiled step takes {self.num_inputs} tensors, "
-                            f"got {len(args)}")
-        return self.loader.boxed_run(list(args))
-

@@ -26,8 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from itt_runtime.llm import LLM
 from itt_runtime.model.loader import load_model
 from itt_runtime.runner import aot_compile
-from itt_runtime.runner.aot_compile import cache_dir
-from itt_runtime.runner.cpu_compile import CompiledDecode, FlatStep
+from itt_runtime.runner.aot_compile import FlatStep, cache_dir
+from itt_runtime.runner.cpu_compile import CompiledDecode
 from itt_runtime.sampling_params import SamplingParams
 from loadtest.servers import compiled_steps
 
