@@ -254,14 +254,15 @@ def test_compiled_step_equals_eager_step_and_reference(small_model_dir, prompts)
     tables = torch.randint(0, eng.cache.scratch_block, (Bp, streams, W), generator=gen)
     lengths = torch.minimum(pos[:, None].expand(Bp, streams), pos[:, None])
     thresholds = torch.tensor([cfg.thresholds_for(0.5)] * Bp)
-    args = (eng.cache.k, eng.cache.v, ids, pos, tables, lengths, thresholds)
+    rows = torch.arange(Bp)                  # decode rows: each its own sequence's first
+    args = (eng.cache.k, eng.cache.v, ids, pos, rows, tables, lengths, thresholds, rows)
     with torch.inference_mode():
         got, want = compiled._call(key, args), compiled._eager(key, args)
     assert (got[0] - want[0]).abs().max() <= 1e-4                  # logits
-    for g, w in zip(got[1:3], want[1:3]):                          # extra steps, routing
-        assert torch.equal(g, w)
-    assert torch.equal(got[5], want[5])                            # cache slots
-    assert torch.allclose(got[3], want[3], atol=1e-4)              # new K
+    assert torch.equal(got[1], want[1])                            # routing
+    assert torch.equal(got[4], want[4])                            # cache slots
+    assert torch.allclose(got[2], want[2], atol=1e-4)              # new K
+    assert torch.allclose(got[3], want[3], atol=1e-4)              # new V
 
 
 @pytest.mark.slow
