@@ -157,7 +157,24 @@ class ModelRunner:
         budget = self.speculative.draft_think_budget
         return speculative.draft(verify, self.forward.cfg.thresholds_for(budget), budget,
                                  self.forward.cfg.n_layers,
-                                 lambda rows: self._run(rows, decode_only=True), self.sampler)
+                                 lambda rows: self._run(rows, decode_only=True), self.sampler,
+                                 self._greedy_drafts)
+
+    def _greedy_drafts(self, rows: list[ScheduledSeq], steps: int) -> list[list[int]] | None:
+        """All of a draft phase's greedy budget-0 steps through the compiled step
+        (CompiledDecode.greedy_drafts), when its variant is ready; None otherwise (the
+        drafts then run step by step). A failed compiled step falls back for good, as in
+        ``_run``: the step-by-step drafts rewrite whatever it wrote."""
+        compiled = self.compiled
+        if compiled is None or not (compiled.can_run(rows) and compiled.ready_for(rows)):
+            return None
+        kvs = [s.kv for s in rows if s.kv is not None]
+        try:
+            return compiled.greedy_drafts(rows, kvs, steps)
+        except CompileError:
+            log.warning("compiled step failed; running every step eagerly", exc_info=True)
+            self.compiled = None
+            return None
 
     def _accept(self, scheduled: list[ScheduledSeq], logits: torch.Tensor,
                 targets: list[int], extra_steps: list[int], routed, drafts, result) -> None:

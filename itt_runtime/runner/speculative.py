@@ -30,6 +30,7 @@ drawn differently). The scheduler's ``_draft_tokens`` says which requests specul
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -53,15 +54,33 @@ class Drafts:
     masks: dict[str, list[torch.Tensor | None]] = dataclasses.field(default_factory=dict)
 
 
+# (rows as one-token decode rows, steps) -> each row's tokens, or None when it cannot run
+# them (CompiledDecode.greedy_drafts where its variant is ready).
+GreedyDrafts = Callable[[list[ScheduledSeq], int], "list[list[int]] | None"]
+
+
 def draft(rows: list[ScheduledSeq], thresholds: list[float], budget: float,
           num_base_streams: int, run: Callable[[list[ScheduledSeq]], StepOutput],
-          sampler: Sampler) -> Drafts:
+          sampler: Sampler, greedy: GreedyDrafts | None = None) -> Drafts:
     """Fill ``draft_ids`` of every verify row with ``num_draft`` tokens: the draft's argmax
     for greedy rows, a sample of its distribution (the row's temperature, top-k, top-p,
     min-p; its own generator) for sampled ones. ``run``: the runner's decode-step function
-    (compiled, graphed or eager)."""
+    (compiled, graphed or eager). ``greedy``: a loop of greedy decode steps that runs all
+    the drafts at once, used when every row is greedy, free of grammars, drafts as many
+    tokens as the others and cannot route (the default draft budget, 0): the same tokens and
+    K/V, without a trip through the runner and a read to the host per draft step."""
     routed = {s.seq.seq_id: [0] * (len(s.kv.lengths) - num_base_streams) for s in rows
               if s.kv is not None}
+    if greedy is not None and all(t == math.inf for t in thresholds) \
+            and all(s.seq.params.greedy and s.seq.params.grammar is None for s in rows) \
+            and len({s.num_draft for s in rows}) == 1:
+        views = [_view(s, 0, thresholds, budget, routed[s.seq.seq_id], num_base_streams)
+                 for s in rows]
+        drafted = greedy(views, rows[0].num_draft)
+        if drafted is not None:
+            for s, ids in zip(rows, drafted):
+                s.draft_ids = ids
+            return Drafts(routed, {})
     q: dict[str, list[torch.Tensor]] = {s.seq.seq_id: [] for s in rows
                                         if not s.seq.params.greedy}
     grammars = GrammarDrafts([s for s in rows if s.seq.params.grammar is not None])

@@ -21,6 +21,7 @@ from itt_runtime.engine.config import SpeculativeConfig
 from itt_runtime.llm import LLM
 from itt_runtime.model.loader import load_model
 from itt_runtime.runner import speculative
+from itt_runtime.runner.cpu_compile import CompiledDecode
 from itt_runtime.sampling_params import SamplingParams
 
 TINY_POOL = 61 * 4096              # 60 blocks of 4 KiB + the scratch block
@@ -95,6 +96,54 @@ def test_greedy_is_identical(tiny_model_dir, prompts, engine, k):
     assert per_position[0] <= stats.spec_num_drafts
     if engine == "tiny-pool":
         assert spec.engine.scheduler.num_preemptions > 0         # the pool is too small
+
+
+def spec_on_padded_steps(k: int, greedy_loop: bool) -> tuple[LLM, list[list[int]]]:
+    """A speculative engine on the default model whose steps run through CompiledDecode's
+    padded pure step (eager: no compiler), as compiled CPU steps do; ``greedy_loop`` False
+    turns its all-at-once greedy drafts off. Returns the engine and every verify row's
+    drafts, in order, as the draft phases made them."""
+    llm = LLM(str(DEFAULT_MODEL_DIR), device="cpu", max_num_seqs=8,
+              speculative_config={"method": "itt_self", "num_speculative_tokens": k})
+    runner = llm.engine.runner
+    runner.compiled = CompiledDecode(runner.forward, 8, compile=False)
+    runner.compile_source = None
+    if not greedy_loop:
+        runner._greedy_drafts = lambda rows, steps: None
+    drafts: list[list[int]] = []
+    phase = runner._draft
+
+    def recorded(verify):
+        out = phase(verify)
+        drafts.extend(list(s.draft_ids) for s in verify)
+        return out
+    runner._draft = recorded
+    return llm, drafts
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_greedy_drafts_in_one_loop_are_the_step_by_step_drafts(k):
+    """Budget-0 greedy drafts run as one loop of compiled steps (CompiledDecode.greedy_drafts)
+    are exactly the drafts of step-by-step drafting, and the outputs those of
+    non-speculative decoding. A sampled request in the batch makes some steps draft step by
+    step."""
+    _, tok = load_model(DEFAULT_MODEL_DIR)
+    lines = [ln for ln in HELDOUT.read_text().splitlines() if len(ln.split()) > 8][:6]
+    prompts = [tok.encode(line)[:12 + 3 * i] for i, line in enumerate(lines)]
+    params = [SamplingParams(max_tokens=12, temperature=0.0, think_budget=(0.25, 0.5, 1.0)[i % 3],
+                             ignore_eos=True) for i in range(len(prompts) - 1)]
+    params.append(SamplingParams(max_tokens=4, temperature=0.9, seed=3, think_budget=1.0,
+                                 ignore_eos=True))
+    want = LLM(str(DEFAULT_MODEL_DIR), device="cpu", max_num_seqs=8).generate(prompts, params)
+    loop, looped = spec_on_padded_steps(k, greedy_loop=True)
+    step_by_step, stepped = spec_on_padded_steps(k, greedy_loop=False)
+    used = []
+    greedy_drafts = loop.engine.runner.compiled.greedy_drafts
+    loop.engine.runner.compiled.greedy_drafts = lambda *a: used.append(1) or greedy_drafts(*a)
+    assert_same(loop.generate(prompts, params), want, params)
+    assert_same(step_by_step.generate(prompts, params), want, params)
+    assert used and looped == stepped and len(looped) > len(used)
+    assert loop.engine.stats().spec_num_accepted_tokens > 0
 
 
 @pytest.fixture
