@@ -214,8 +214,9 @@ def test_sampled_tokens_follow_the_target_distribution(tiny_model_dir, prompts, 
     with a draft distribution far from the target's; accepting every draft instead (the
     broken variant) is visibly off, so the check can fail."""
     real = speculative.draft
-    monkeypatch.setattr(speculative, "draft", lambda rows, *a: real(rows, *a[:-1],
-                                                                      FlatDraft(a[-1])))
+    monkeypatch.setattr(speculative, "draft",
+                        lambda rows, thresholds, budget, streams, run, sampler, greedy:
+                        real(rows, thresholds, budget, streams, run, FlatDraft(sampler), greedy))
     if broken:
         monkeypatch.setattr(speculative, "rejection_sample",
                             lambda drafted, q, logits, seq, sampler: drafted + [drafted[-1]])
