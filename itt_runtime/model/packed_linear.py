@@ -17,12 +17,26 @@ small q|k|v and o matrices at every size (its fixed cost per call is about 60 µ
     and ``F.linear`` otherwise. Results differ from ``F.linear`` only by summation order.
 
 The memory cost is a second copy of those weights (about 80 % of a small model's).
+
+For 2 to ``FEW_ROWS`` rows (a verify step of self-speculative decoding, a few decode rows)
+neither library reads the weights well: MKL repacks them on every call, oneDNN pays its
+fixed cost per call, and both ran such matmuls on one thread inside a compiled step. So
+``pack`` also lays each gate|up and down weight out in panels of 16 output features
+(``kernels/few_rows.cpp``, built once per machine by torch's extension builder), and such
+calls run that kernel: every panel read once for all the rows, the panels split between the
+intra-op threads. At 5 rows (2 threads, weights cold, as in a step) it took 0.3-0.9x
+oneDNN's time on the default model's matrices; the LM head (8,192 outputs) stays oneDNN's,
+which read it faster. Where the kernel cannot be built (no compiler, no AVX2) oneDNN takes
+those calls too. The panels are a third copy of the packed weights.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import threading
 import weakref
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -39,7 +53,44 @@ PACK_ROWS = 8
 # when its weight is freed (weakref.finalize), so no later tensor at the same address can
 # pick it up.
 _packed: dict[int, tuple[torch.Size, torch.Tensor]] = {}
+# The same, for the copy in panels of ``PANEL`` output features (few_rows.cpp's layout).
+_panels: dict[int, tuple[torch.Size, torch.Tensor]] = {}
 _lock = threading.Lock()
+log = logging.getLogger("itt_runtime")
+
+# Calls of 2 to FEW_ROWS rows run the few-rows kernel on a weight with panels: at 8 rows it
+# still read the default model's gate|up and down faster than oneDNN (102 / 29 µs against
+# 116 / 60), from 16 rows up oneDNN did better.
+FEW_ROWS = 8
+PANEL = 16
+KERNEL_SOURCE = Path(__file__).parent / "kernels" / "few_rows.cpp"
+
+
+@functools.cache
+def few_rows_kernel() -> bool:
+    """Whether ``torch.ops.itt_kernels.few_rows_linear`` is there: built from
+    ``KERNEL_SOURCE`` the first time on a machine (about 30 s; torch's extension builder
+    keeps it, under ``$TORCH_EXTENSIONS_DIR``, for later processes) and loaded. False on a
+    CPU without AVX2 or where it cannot be built (logged once)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    try:
+        from torch.utils import cpp_extension
+        cpp_extension.load(name="itt_few_rows", sources=[str(KERNEL_SOURCE)],
+                           extra_cflags=["-O3", "-mavx2", "-mfma"], is_python_module=False)
+    except Exception as e:                 # no compiler, no ninja, a build error
+        log.warning("the few-rows matmul kernel could not be built (%s); oneDNN runs "
+                    "matmuls of a few rows", e)
+        return False
+    return True
+
+
+def panels_of(weight: torch.Tensor) -> torch.Tensor:
+    """(out, in) -> (out / PANEL, in, PANEL): each panel's PANEL output features for every
+    input, contiguous."""
+    out_features, in_features = weight.shape
+    return weight.detach().contiguous().view(out_features // PANEL, PANEL, in_features) \
+        .transpose(1, 2).contiguous()
 
 
 def available() -> bool:
@@ -51,6 +102,12 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)``; through the packed copy of ``weight`` when x has several
     rows and ``pack`` made one. x (..., in), weight (out, in)."""
     rows = x.numel() // x.shape[-1]
+    if 1 < rows <= FEW_ROWS:
+        panels = _panels.get(weight.data_ptr())
+        if panels is not None and panels[0] == weight.shape:
+            out = torch.ops.itt_kernels.few_rows_linear(x.reshape(rows, x.shape[-1]),
+                                                        panels[1])
+            return out.view(*x.shape[:-1], weight.shape[0])
     entry = _packed.get(weight.data_ptr()) if rows > 1 else None
     if entry is None or entry[0] != weight.shape:
         return F.linear(x, weight)
@@ -68,25 +125,31 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.itt.packed_linear(x, weight)
 
 
-def pack(weight: torch.Tensor) -> int:
-    """Register a packed copy of ``weight`` (out, in), fp32 on CPU. Returns its bytes."""
+def pack(weight: torch.Tensor, panels: bool = True) -> int:
+    """Register a packed copy of ``weight`` (out, in), fp32 on CPU, and with ``panels`` (where
+    the few-rows kernel runs and the output features are whole panels) its copy in panels.
+    Returns the bytes added."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         raise ValueError(f"only fp32 CPU weights are packed, got {weight.dtype} on "
                          f"{weight.device}")
     key = weight.data_ptr()
+    panels = panels and weight.shape[0] % PANEL == 0 and few_rows_kernel()
     with _lock:
         if key in _packed:
             return 0
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(),
                                                          PACK_ROWS)
         _packed[key] = (weight.shape, packed)
+        if panels:
+            _panels[key] = (weight.shape, panels_of(weight))
     weakref.finalize(weight, _forget, key)
-    return weight.numel() * weight.element_size()
+    return weight.numel() * weight.element_size() * (2 if panels else 1)
 
 
 def _forget(key: int) -> None:
     with _lock:
         _packed.pop(key, None)
+        _panels.pop(key, None)
 
 
 def is_packed(weight: torch.Tensor) -> bool:
@@ -106,5 +169,5 @@ def pack_model(model: ITTModel) -> int:
         total += pack(fused[1]) + pack(layer.block.down_proj.weight)
     head = model.head_weight()
     if head is not None:
-        total += pack(head)
+        total += pack(head, panels=False)          # oneDNN read it faster (module docstring)
     return total

@@ -1,6 +1,7 @@
-"""model/packed_linear.py: the oneDNN matmul on packed weights equals F.linear (up to
-summation order) for every row count and input shape; one row and unpacked weights take
-F.linear itself; an entry goes when its weight is freed; only fp32 CPU weights are packed."""
+"""model/packed_linear.py: the oneDNN matmul on packed weights and the few-rows kernel on
+panels equal F.linear (up to summation order) for every row count and input shape; one row
+and unpacked weights take F.linear itself; an entry goes when its weight is freed; only fp32
+CPU weights are packed."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def weight(out_features: int = 96, in_features: int = 40, seed: int = 0) -> torc
 @pytest.mark.parametrize("shape", [(1, 40), (2, 40), (8, 40), (33, 40), (3, 5, 40), (1, 1, 40)])
 def test_packed_matmul_equals_linear(shape):
     w = weight()
-    assert packed_linear.pack(w) == w.numel() * 4
+    copies = 2 if packed_linear.few_rows_kernel() else 1       # 96 outputs: six panels
+    assert packed_linear.pack(w) == w.numel() * 4 * copies
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     out = packed_linear.linear(x, w)
     ref = F.linear(x, w)
@@ -67,3 +69,49 @@ def test_traced_call_is_one_opaque_op():
                        backend="aot_eager")
     x = torch.randn(6, 40)
     torch.testing.assert_close(fn(x), F.linear(x, w).relu(), rtol=1e-5, atol=1e-5)
+
+
+kernel = pytest.mark.skipif(not packed_linear.few_rows_kernel(),
+                            reason="the few-rows kernel cannot be built here")
+
+
+@kernel
+@pytest.mark.parametrize("rows", [2, 3, 5, 6, 7, 8, 9, 16])
+@pytest.mark.parametrize("in_features", [40, 256, 688])
+def test_few_rows_kernel_equals_linear(rows, in_features):
+    """2-8 rows run the kernel on the panels (6 rows a tile: 7 and 8 take two tiles), more
+    rows oneDNN; both equal F.linear."""
+    w = weight(48, in_features, seed=in_features)
+    packed_linear.pack(w)
+    panels = packed_linear._panels[w.data_ptr()][1]
+    assert panels.shape == (3, in_features, 16)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+    out = packed_linear.linear(x, w)
+    torch.testing.assert_close(out, F.linear(x, w), rtol=1e-4, atol=1e-4)
+    if rows <= packed_linear.FEW_ROWS:
+        assert torch.equal(out, torch.ops.itt_kernels.few_rows_linear(x, panels))
+    else:
+        onednn = packed_linear._packed[w.data_ptr()][1]
+        assert torch.equal(out, torch.ops.mkldnn._linear_pointwise(x, onednn, None, "none",
+                                                                   [], ""))
+
+
+@kernel
+def test_panels_only_for_whole_panels_and_not_asked_away():
+    odd, head = weight(40, 32, seed=5), weight(64, 32, seed=6)
+    assert packed_linear.pack(odd) == odd.numel() * 4           # 40 outputs: no whole panels
+    assert packed_linear.pack(head, panels=False) == head.numel() * 4
+    assert odd.data_ptr() not in packed_linear._panels
+    assert head.data_ptr() not in packed_linear._panels
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(packed_linear.linear(x, odd), F.linear(x, odd), rtol=1e-5,
+                               atol=1e-5)
+
+
+@kernel
+def test_kernel_refuses_bad_arguments():
+    panels = packed_linear.panels_of(weight(32, 40))
+    with pytest.raises(RuntimeError, match="inner sizes differ"):
+        torch.ops.itt_kernels.few_rows_linear(torch.randn(3, 41), panels)
+    with pytest.raises(RuntimeError, match="fp32 only"):
+        torch.ops.itt_kernels.few_rows_linear(torch.randn(3, 40).double(), panels)
