@@ -199,16 +199,23 @@ class Block(nn.Module):
         self.o_proj = fn(self.o_proj)  # type: ignore[assignment]
         self.down_proj = fn(self.down_proj)  # type: ignore[assignment]
 
-    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x (..., d) -> q (..., H, D), k (..., KV, D), v (..., KV, D); RoPE applied to q, k."""
+    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    packed: bool = False):
+        """x (..., d) -> q (..., H, D), k (..., KV, D), v (..., KV, D); RoPE applied to q, k.
+        ``packed``: the fused q|k|v matmul through packed_linear (as ``finish``)."""
         h = self.attn_norm(x)
         shape = x.shape[:-1]
         nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         if self.quantized is not None:
             q, k, v = self.quantized[0](h).split([nq, nkv, nkv], dim=-1)
         elif self.fused_qkv is not None:
-            q, k, v = F.linear(h, self.fused_qkv, self.fused_qkv_bias).split([nq, nkv, nkv],
-                                                                           dim=-1)
+            if packed:
+                qkv = packed_linear.linear(h, self.fused_qkv)
+                if self.fused_qkv_bias is not None:
+                    qkv = qkv + self.fused_qkv_bias
+            else:
+                qkv = F.linear(h, self.fused_qkv, self.fused_qkv_bias)
+            q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
         else:
             q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
         q = q.reshape(*shape, self.n_heads, self.head_dim)
@@ -218,9 +225,14 @@ class Block(nn.Module):
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor, packed: bool = False) -> torch.Tensor:
         """Given the attention output (..., H*D) for x, return Δ(x) = Block(x) - x.
-        ``packed``: the gate|up and down matmuls through packed_linear (several rows on CPU;
-        fused weights only)."""
-        a = self.o_proj(attn)
+        ``packed``: the output, gate|up and down matmuls through packed_linear (several rows
+        on CPU; fused weights only)."""
+        if packed and self.fused_gate_up is not None:
+            a = packed_linear.linear(attn, self.o_proj.weight)
+            if self.o_proj.bias is not None:
+                a = a + self.o_proj.bias
+        else:
+            a = self.o_proj(attn)
         h = x + a
         m = self.mlp_norm(h)
         if self.quantized is not None:

@@ -21,13 +21,14 @@ The memory cost is a second copy of those weights (about 80 % of a small model's
 For 2 to ``FEW_ROWS`` rows (a verify step of self-speculative decoding, a few decode rows)
 neither library reads the weights well: MKL repacks them on every call, oneDNN pays its
 fixed cost per call, and both ran such matmuls on one thread inside a compiled step. So
-``pack`` also lays each gate|up and down weight out in panels of 16 output features
-(``kernels/few_rows.cpp``, built once per machine by torch's extension builder), and such
-calls run that kernel: every panel read once for all the rows, the panels split between the
+``pack`` also lays each block's q|k|v, output, gate|up and down weights out in panels of 16
+output features (``kernels/few_rows.cpp``, built once per machine by torch's extension
+builder), and such calls run that kernel: every panel read once for all the rows, the panels split between the
 intra-op threads. At 5 rows (2 threads, weights cold, as in a step) it took 0.3-0.9x
 oneDNN's time on the default model's matrices; the LM head (8,192 outputs) stays oneDNN's,
 which read it faster. Where the kernel cannot be built (no compiler, no AVX2) oneDNN takes
-those calls too. The panels are a third copy of the packed weights.
+those calls too. The panels are one more copy of the blocks' weights (q|k|v and output: the
+only one; past ``FEW_ROWS`` rows those stay MKL's, which beat oneDNN on them).
 """
 
 from __future__ import annotations
@@ -125,25 +126,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.itt.packed_linear(x, weight)
 
 
-def pack(weight: torch.Tensor, panels: bool = True) -> int:
-    """Register a packed copy of ``weight`` (out, in), fp32 on CPU, and with ``panels`` (where
-    the few-rows kernel runs and the output features are whole panels) its copy in panels.
-    Returns the bytes added."""
+def pack(weight: torch.Tensor, panels: bool = True, onednn: bool = True) -> int:
+    """Register a packed copy of ``weight`` (out, in), fp32 on CPU (with ``onednn``), and with
+    ``panels`` (where the few-rows kernel runs and the output features are whole panels) its
+    copy in panels. Returns the bytes added."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         raise ValueError(f"only fp32 CPU weights are packed, got {weight.dtype} on "
                          f"{weight.device}")
     key = weight.data_ptr()
     panels = panels and weight.shape[0] % PANEL == 0 and few_rows_kernel()
+    if not (panels or onednn):
+        return 0
     with _lock:
-        if key in _packed:
+        if key in _packed or key in _panels:
             return 0
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(),
-                                                         PACK_ROWS)
-        _packed[key] = (weight.shape, packed)
+        if onednn:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(),
+                                                             PACK_ROWS)
+            _packed[key] = (weight.shape, packed)
         if panels:
             _panels[key] = (weight.shape, panels_of(weight))
     weakref.finalize(weight, _forget, key)
-    return weight.numel() * weight.element_size() * (2 if panels else 1)
+    return weight.numel() * weight.element_size() * (int(onednn) + int(panels))
 
 
 def _forget(key: int) -> None:
@@ -153,12 +157,13 @@ def _forget(key: int) -> None:
 
 
 def is_packed(weight: torch.Tensor) -> bool:
-    return weight.data_ptr() in _packed
+    return weight.data_ptr() in _packed or weight.data_ptr() in _panels
 
 
 def pack_model(model: ITTModel) -> int:
     """Pack the weights that gain (module docstring) of a fused fp32 CPU model: each block's
-    gate|up and down, and the LM head. Returns the bytes added; 0 where oneDNN is missing."""
+    gate|up and down (oneDNN and panels), q|k|v and output (panels), and the LM head
+    (oneDNN). Returns the bytes added; 0 where oneDNN is missing."""
     if not available():
         return 0
     total = 0
@@ -167,6 +172,9 @@ def pack_model(model: ITTModel) -> int:
         if fused is None:                                     # quantized: nothing to pack
             continue
         total += pack(fused[1]) + pack(layer.block.down_proj.weight)
+        # q|k|v and the output projection: panels only (oneDNN was slower than MKL for them
+        # at every row count; past FEW_ROWS rows they stay F.linear's).
+        total += pack(fused[0], onednn=False) + pack(layer.block.o_proj.weight, onednn=False)
     head = model.head_weight()
     if head is not None:
         total += pack(head, panels=False)          # oneDNN read it faster (module docstring)

@@ -114,7 +114,7 @@ def rows_step(model: ITTModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
     def block_delta(block, x, stream: int, cached: torch.Tensor, slot: torch.Tensor,
                     sees: torch.Tensor):
-        q, k, v = block.project_qkv(x, cos, sin)                      # (B, H|KV, D)
+        q, k, v = block.project_qkv(x, cos, sin, packed)              # (B, H|KV, D)
         new_k.append(k)
         new_v.append(v)
         slots.append(slot)
