@@ -23,12 +23,13 @@ neither library reads the weights well: MKL repacks them on every call, oneDNN p
 fixed cost per call, and both ran such matmuls on one thread inside a compiled step. So
 ``pack`` also lays each block's q|k|v, output, gate|up and down weights out in panels of 16
 output features (``kernels/few_rows.cpp``, built once per machine by torch's extension
-builder), and such calls run that kernel: every panel read once for all the rows, the panels split between the
-intra-op threads. At 5 rows (2 threads, weights cold, as in a step) it took 0.3-0.9x
-oneDNN's time on the default model's matrices; the LM head (8,192 outputs) stays oneDNN's,
-which read it faster. Where the kernel cannot be built (no compiler, no AVX2) oneDNN takes
-those calls too. The panels are one more copy of the blocks' weights (q|k|v and output: the
-only one; past ``FEW_ROWS`` rows those stay MKL's, which beat oneDNN on them).
+builder), and such calls run that kernel: every panel read once for all the rows, the panels
+split between the intra-op threads. At 5 rows (2 threads, weights cold, as in a step) it
+took 0.3-0.9x oneDNN's time on the default model's matrices; the LM head (8,192 outputs)
+stays oneDNN's, which read it faster. Where the kernel cannot be built (no compiler, no
+AVX2) oneDNN takes those calls too. The panels are one more copy of the blocks' weights
+(q|k|v and output: the only one; past ``FEW_ROWS`` rows those stay MKL's, which beat oneDNN
+on them).
 """
 
 from __future__ import annotations

@@ -326,7 +326,8 @@ class CompiledDecode:
             log.warning("packing weights for oneDNN failed; compiled steps of several rows "
                         "use the plain weights", exc_info=True)
         if self.packed_bytes:
-            log.info("packed %.1f MiB of weights for oneDNN (compiled steps of several rows)",
+            log.info("packed %.1f MiB of weights for oneDNN and the few-rows kernel (compiled "
+                     "steps of several rows)",
                      self.packed_bytes / 2**20)
 
     def compile_in_background(self) -> threading.Thread:
