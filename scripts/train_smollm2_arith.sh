@@ -14,6 +14,11 @@
 # (recipe v2 of the model card; the upcycled model then no longer equals the dense one before
 # training). The dense control ignores it.
 #
+# TRAIN_CAPACITY=c (default 0.75) is the routed steps' capacity in training and the model's
+# default think budget (recipe v3 of the model card: 1, every token takes every step).
+# DENSE=0 trains the ITT model only, for a recipe whose dense control has already run (one
+# that changes nothing the dense run reads: ROUTED_PHI, TRAIN_CAPACITY).
+#
 # Pause both runs while anything is being timed on the machine (kill -STOP / -CONT their
 # pids): on 2 cores a training run corrupts every timing taken beside it.
 set -euo pipefail
@@ -23,7 +28,7 @@ GGUF=$(scripts/fetch_smollm2.sh)
 mkdir -p "$RUNS"
 if [ ! -f "$RUNS/itt_init/config.json" ]; then
   itt-upcycle "$GGUF" "$RUNS/itt_init" --itt-layers 14,16,18,20 --think-steps 4 \
-    --train-capacity 0.75
+    --train-capacity "${TRAIN_CAPACITY:-0.75}"
   if [ "${ROUTED_PHI:-0}" != 0 ]; then
     python - "$RUNS/itt_init" "$ROUTED_PHI" <<'PY'
 import sys
@@ -50,5 +55,7 @@ export OMP_NUM_THREADS=1
 # about 2.5 hours on one thread.
 itt-train --init "$RUNS/itt_init" --out "$RUNS/itt" "${common[@]}" --itt-lr-mult 10 \
   --calib-problems 300 > "$RUNS/itt.log" 2>&1 &
-itt-train --init "$GGUF" --out "$RUNS/dense" "${common[@]}" > "$RUNS/dense.log" 2>&1 &
+if [ "${DENSE:-1}" != 0 ]; then
+  itt-train --init "$GGUF" --out "$RUNS/dense" "${common[@]}" > "$RUNS/dense.log" 2>&1 &
+fi
 wait
