@@ -42,9 +42,10 @@ def calibrate(model: ITTModel, windows: torch.Tensor,
     cfg = model.cfg
     model.eval()
     per_budget = []
+    no_logits = torch.zeros_like(windows, dtype=torch.bool)   # only the routing is wanted
     for b in grid:
         routing = CalibratingRouting(b, valid)
-        model(windows, routing=routing)
+        model(windows, routing=routing, logits_at=no_logits)
         per_budget.append(routing.thresholds)
     thresholds = tuple(
         tuple(tuple(per_budget[k][cfg.routed_stream_index(i, t)] for k in range(len(grid)))
