@@ -209,13 +209,9 @@ class Block(nn.Module):
         if self.quantized is not None:
             q, k, v = self.quantized[0](h).split([nq, nkv, nkv], dim=-1)
         elif self.fused_qkv is not None:
-            if packed:
-                qkv = packed_linear.linear(h, self.fused_qkv)
-                if self.fused_qkv_bias is not None:
-                    qkv = qkv + self.fused_qkv_bias
-            else:
-                qkv = F.linear(h, self.fused_qkv, self.fused_qkv_bias)
-            q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
+            matmul = packed_linear.linear if packed else F.linear
+            q, k, v = matmul(h, self.fused_qkv, self.fused_qkv_bias).split([nq, nkv, nkv],
+                                                                          dim=-1)
         else:
             q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
         q = q.reshape(*shape, self.n_heads, self.head_dim)
@@ -227,10 +223,8 @@ class Block(nn.Module):
         """Given the attention output (..., H*D) for x, return Δ(x) = Block(x) - x.
         ``packed``: the output, gate|up and down matmuls through packed_linear (several rows
         on CPU; fused weights only)."""
-        if packed and self.fused_gate_up is not None:
-            a = packed_linear.linear(attn, self.o_proj.weight)
-            if self.o_proj.bias is not None:
-                a = a + self.o_proj.bias
+        if packed and self.quantized is None:
+            a = packed_linear.linear(attn, self.o_proj.weight, self.o_proj.bias)
         else:
             a = self.o_proj(attn)
         h = x + a

@@ -123,8 +123,11 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.itt.packed_linear(x, weight)
+def linear(x: torch.Tensor, weight: torch.Tensor,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` (the same arguments) through ``packed_linear``."""
+    out = torch.ops.itt.packed_linear(x, weight)
+    return out if bias is None else out + bias
 
 
 def pack(weight: torch.Tensor, panels: bool = True, onednn: bool = True) -> int:
