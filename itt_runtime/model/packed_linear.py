@@ -11,10 +11,14 @@ small q|k|v and o matrices at every size (its fixed cost per call is about 60 µ
     rows is ready, fp32 only) keeps a packed copy of each block's gate|up and down weights
     and of the LM head, in a registry keyed by the dense weight's storage address (the
     dense weights stay: one-row steps use them);
-  * ``linear(x, w)`` is ``torch.ops.itt.packed_linear``: a custom operator, so that a
-    compiled step (torch.compile, or AOTInductor through its proxy executor) calls it as
-    one opaque op; it uses the packed copy when there is one and ``x`` has several rows,
-    and ``F.linear`` otherwise. Results differ from ``F.linear`` only by summation order.
+  * ``linear(x, w)`` is a custom operator, so that a compiled step (torch.compile, or
+    AOTInductor through its proxy executor) calls it as one opaque op; it uses the packed
+    copy when there is one and ``x`` has several rows, and ``F.linear`` otherwise. Results
+    differ from ``F.linear`` only by summation order. The operator is
+    ``torch.ops.itt_kernels.packed_linear``, in C++ (``kernels/few_rows.cpp``, with the
+    registry of packed copies), where that file could be built; else
+    ``torch.ops.itt.packed_linear``, in Python (oneDNN only). A compiled step of several
+    rows makes 41 such calls on the default model; through Python each cost about 30 µs.
 
 The memory cost is a second copy of those weights (about 80 % of a small model's).
 
@@ -24,8 +28,9 @@ fixed cost per call, and both ran such matmuls on one thread inside a compiled s
 ``pack`` also lays each block's q|k|v, output, gate|up and down weights out in panels of 16
 output features (``kernels/few_rows.cpp``, built once per machine by torch's extension
 builder), and such calls run that kernel: every panel read once for all the rows, the panels
-split between the intra-op threads. At 5 rows (2 threads, weights cold, as in a step) it
-took 0.3-0.9x oneDNN's time on the default model's matrices; the LM head (8,192 outputs)
+split between the intra-op threads. At 5 rows (2 threads, weights cold, as in a step, but
+the kernel then on one thread: built without OpenMP) it took 0.3-0.9x oneDNN's time on the
+default model's matrices; the LM head (8,192 outputs)
 stays oneDNN's, which read it faster. Where the kernel cannot be built (no compiler, no
 AVX2) oneDNN takes those calls too. The panels are one more copy of the blocks' weights
 (q|k|v and output: the only one; past ``FEW_ROWS`` rows those stay MKL's, which beat oneDNN
@@ -78,12 +83,16 @@ def few_rows_kernel() -> bool:
         return False
     try:
         from torch.utils import cpp_extension
+        # -fopenmp: at::parallel_for splits the panels between threads only when the file
+        # is built with OpenMP (the library is torch's own libgomp, found by its soname).
         cpp_extension.load(name="itt_few_rows", sources=[str(KERNEL_SOURCE)],
-                           extra_cflags=["-O3", "-mavx2", "-mfma"], is_python_module=False)
+                           extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:                 # no compiler, no ninja, a build error
         log.warning("the few-rows matmul kernel could not be built (%s); oneDNN runs "
                     "matmuls of a few rows", e)
         return False
+    torch.library.register_fake("itt_kernels::packed_linear")(_fake_linear)
     return True
 
 
@@ -101,15 +110,10 @@ def available() -> bool:
 
 @torch.library.custom_op("itt::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)``; through the packed copy of ``weight`` when x has several
-    rows and ``pack`` made one. x (..., in), weight (out, in)."""
+    """``F.linear(x, weight)``; through oneDNN's packed copy of ``weight`` when x has
+    several rows and ``pack`` made one. x (..., in), weight (out, in). Where the kernel
+    file is built, ``linear`` calls its C++ operator instead, which also runs the panels."""
     rows = x.numel() // x.shape[-1]
-    if 1 < rows <= FEW_ROWS:
-        panels = _panels.get(weight.data_ptr())
-        if panels is not None and panels[0] == weight.shape:
-            out = torch.ops.itt_kernels.few_rows_linear(x.reshape(rows, x.shape[-1]),
-                                                        panels[1])
-            return out.view(*x.shape[:-1], weight.shape[0])
     entry = _packed.get(weight.data_ptr()) if rows > 1 else None
     if entry is None or entry[0] != weight.shape:
         return F.linear(x, weight)
@@ -119,14 +123,27 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 @packed_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _fake_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.compiler.assume_constant_result         # torch.compile calls it, not traces it
+def _kernel_built() -> bool:
+    return few_rows_kernel()
+
+
+def operator() -> str:
+    """The operator ``linear`` calls (the module docstring says which, and why)."""
+    return "itt_kernels::packed_linear" if few_rows_kernel() else "itt::packed_linear"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor,
            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` (the same arguments) through ``packed_linear``."""
-    out = torch.ops.itt.packed_linear(x, weight)
+    """``F.linear`` (the same arguments) through the packed copies of ``weight``."""
+    if _kernel_built():
+        out = torch.ops.itt_kernels.packed_linear(x, weight)
+    else:
+        out = torch.ops.itt.packed_linear(x, weight)
     return out if bias is None else out + bias
 
 
@@ -144,12 +161,16 @@ def pack(weight: torch.Tensor, panels: bool = True, onednn: bool = True) -> int:
     with _lock:
         if key in _packed or key in _panels:
             return 0
+        packed = panel_copy = None
         if onednn:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(),
                                                              PACK_ROWS)
             _packed[key] = (weight.shape, packed)
         if panels:
-            _panels[key] = (weight.shape, panels_of(weight))
+            panel_copy = panels_of(weight)
+            _panels[key] = (weight.shape, panel_copy)
+        if few_rows_kernel():          # the C++ operator's registry: the same tensors
+            torch.ops.itt_kernels.register_weight(weight, panel_copy, packed)
     weakref.finalize(weight, _forget, key)
     return weight.numel() * weight.element_size() * (int(onednn) + int(panels))
 
@@ -158,6 +179,8 @@ def _forget(key: int) -> None:
     with _lock:
         _packed.pop(key, None)
         _panels.pop(key, None)
+        if few_rows_kernel():
+            torch.ops.itt_kernels.forget_weight(key)
 
 
 def is_packed(weight: torch.Tensor) -> bool:

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from itt_runtime.model import packed_linear
 from itt_runtime.model.itt import ITTModel
 from itt_runtime.runner.decode_step import rows_step
 
@@ -62,7 +63,8 @@ PACKAGE_OPTIONS: dict[str, Any] = {"cpp.weight_prepack": False,
 # Modules whose source the compiled step runs: a change to any misses the cache.
 SOURCES = ("itt_runtime/runner/decode_step.py", "itt_runtime/runner/aot_compile.py",
            "itt_runtime/model/itt.py", "itt_runtime/model/layers.py",
-           "itt_runtime/model/packed_linear.py", "itt_runtime/model/quantization.py")
+           "itt_runtime/model/packed_linear.py", "itt_runtime/model/quantization.py",
+           "itt_runtime/model/kernels/few_rows.cpp")
 MAX_ROWS = 4096                      # the symbolic batch size's bound (a step of several rows)
 
 
@@ -146,8 +148,10 @@ def signature(model: ITTModel, cache_k: torch.Tensor, variant: Variant, threads:
     def add(*parts: object) -> None:
         h.update(repr(parts).encode())
 
+    # Steps of several rows call the C++ operator of kernels/few_rows.cpp where it could be
+    # built here, the Python one elsewhere.
     add("itt-aot-decode/1", torch.__version__, variant,
-        sorted(package_options(variant, threads).items()), MAX_ROWS)
+        sorted(package_options(variant, threads).items()), MAX_ROWS, packed_linear.operator())
     add(dataclasses.asdict(model.cfg) if dataclasses.is_dataclass(model.cfg) else model.cfg)
     add(tuple(cache_k.shape[1:]), cache_k.dtype)
     for name, t in sorted(model_tensors(model).items()):
@@ -270,6 +274,7 @@ def load_package(model: ITTModel, path: Path) -> FlatStep:
     """A compiled variant from its package, its weights the model's own tensors (no copy).
     Called like ``rows_step`` without the model and ``routable``; returns its outputs as a
     list (``FlatStep``)."""
+    packed_linear.few_rows_kernel()     # its operators, which a package may call, registered
     compiled = torch._inductor.aoti_load_package(str(path))
     tensors = model_tensors(StepModule(model, True))
     wanted = compiled.get_constant_fqns()

@@ -61,14 +61,23 @@ def test_only_fp32_weights_are_packed(dtype):
 
 
 def test_traced_call_is_one_opaque_op():
-    """torch.compile sees the custom op (no graph break), and the compiled call equals
-    F.linear with the weight packed."""
+    """torch.compile sees the custom op (no graph break): the C++ one where the kernel file
+    is built, so that a compiled step never enters Python for it; and the compiled call
+    equals F.linear with the weight packed."""
     w = weight(seed=4)
     packed_linear.pack(w)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
     fn = torch.compile(lambda x: packed_linear.linear(x, w).relu(), fullgraph=True,
-                       backend="aot_eager")
+                       backend=backend)
     x = torch.randn(6, 40)
     torch.testing.assert_close(fn(x), F.linear(x, w).relu(), rtol=1e-5, atol=1e-5)
+    expected = packed_linear.operator().replace("::", ".")
+    assert any(expected in target for target in seen), seen
 
 
 kernel = pytest.mark.skipif(not packed_linear.few_rows_kernel(),
@@ -97,6 +106,20 @@ def test_few_rows_kernel_equals_linear(rows, in_features):
 
 
 @kernel
+def test_forgotten_weight_leaves_the_operators_registry():
+    """The C++ operator keeps its own registry of the copies: it runs the copies registered
+    for a weight (here another weight's panels, so the answer shows which ran), and a weight
+    forgotten (as when it is freed) is F.linear's again."""
+    w, other = weight(64, 40, seed=7), weight(64, 40, seed=8)
+    torch.ops.itt_kernels.register_weight(w, packed_linear.panels_of(other), None)
+    x = torch.randn(5, 40, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(packed_linear.linear(x, w), F.linear(x, other), rtol=1e-5,
+                               atol=1e-5)
+    torch.ops.itt_kernels.forget_weight(w.data_ptr())
+    assert torch.equal(packed_linear.linear(x, w), F.linear(x, w))
+
+
+@kernel
 def test_panels_only_for_whole_panels_and_not_asked_away():
     odd, head = weight(40, 32, seed=5), weight(64, 32, seed=6)
     assert packed_linear.pack(odd) == odd.numel() * 4           # 40 outputs: no whole panels
@@ -115,3 +138,5 @@ def test_kernel_refuses_bad_arguments():
         torch.ops.itt_kernels.few_rows_linear(torch.randn(3, 41), panels)
     with pytest.raises(RuntimeError, match="fp32 only"):
         torch.ops.itt_kernels.few_rows_linear(torch.randn(3, 40).double(), panels)
+    with pytest.raises(RuntimeError, match="panels .N / 16, K, 16."):
+        torch.ops.itt_kernels.register_weight(weight(32, 40), panels[:, :20], None)

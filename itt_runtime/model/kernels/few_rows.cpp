@@ -1,16 +1,27 @@
-// A matmul of a few rows on weights laid out in panels of 16 output features:
-// itt_kernels::few_rows_linear(x (M, K), panels (N / 16, K, 16)) = x @ W^T, (M, N) fp32.
+// Matmuls on packed copies of a model's weights (model/packed_linear.py has the figures).
 //
-// Each panel (16 output features, all K inputs, contiguous) is read from memory once and
+// itt_kernels::few_rows_linear(x (M, K), panels (N / 16, K, 16)) = x @ W^T, (M, N) fp32:
+// each panel (16 output features, all K inputs, contiguous) is read from memory once and
 // multiplied into up to six rows at a time, their 12 accumulators held in AVX2 registers;
-// the panels are split between torch's intra-op threads. For 2-8 rows this reads the
-// weights once where MKL repacks them on every call and oneDNN pays a fixed cost per call
-// (model/packed_linear.py has the figures).
+// the panels are split between torch's intra-op threads (OpenMP: built with -fopenmp, or
+// at::parallel_for runs on one thread). For 2-8 rows this reads the weights once where MKL
+// repacks them on every call and oneDNN pays a fixed cost per call.
+//
+// itt_kernels::packed_linear(x (..., K), weight (N, K)) = F.linear(x, weight), through the
+// copies registered for ``weight`` (register_weight): the panels for 2 to kFewRows rows,
+// oneDNN's packed copy for more, the weight itself otherwise. It is a C++ operator so that a
+// compiled step calls it without entering Python (a Python custom op cost about 30 µs a
+// call, 41 calls in a verify step).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <mutex>
+#include <shared_mutex>
+#include <unordered_map>
+#include <vector>
 
 namespace {
 
@@ -18,7 +29,8 @@ constexpr int kPanel = 16;      // output features per panel: two AVX2 vectors
 constexpr int kMaxTileRows = 6; // 12 accumulators + 2 weight vectors + 1 broadcast <= 16 ymm
 
 // out[i, 0:16] = sum_k x[i, k] * panel[k, 0:16] for the MR rows at x (row stride K) and
-// out (row stride N).
+// out (row stride N). (Splitting k over two or four sets of accumulators, for one to three
+// rows, measured no faster at one row and slower at two and three.)
 template <int MR>
 void tile(const float* x, int64_t K, const float* panel, float* out, int64_t N) {
   __m256 acc[MR][2];
@@ -75,9 +87,94 @@ torch::Tensor few_rows_linear(const torch::Tensor& x, const torch::Tensor& panel
   return out;
 }
 
+// Calls of 2 to kFewRows rows run few_rows_linear (packed_linear.FEW_ROWS says why 8).
+constexpr int64_t kFewRows = 8;
+
+// A dense weight's packed copies; either may be undefined.
+struct Copies {
+  std::vector<int64_t> shape;
+  torch::Tensor panels;
+  torch::Tensor onednn;
+};
+
+// The registry, keyed by the dense weight's data address. Never destroyed: an operator may
+// still run while the process exits.
+std::shared_mutex& registry_mutex() {
+  static auto* mutex = new std::shared_mutex;
+  return *mutex;
+}
+
+std::unordered_map<int64_t, Copies>& registry() {
+  static auto* map = new std::unordered_map<int64_t, Copies>;
+  return *map;
+}
+
+int64_t key_of(const torch::Tensor& weight) {
+  return reinterpret_cast<int64_t>(weight.data_ptr());
+}
+
+void register_weight(const torch::Tensor& weight, const std::optional<torch::Tensor>& panels,
+                     const std::optional<torch::Tensor>& onednn) {
+  TORCH_CHECK(weight.dim() == 2, "register_weight: a weight (N, K) expected");
+  if (panels) {
+    TORCH_CHECK(panels->dim() == 3 && panels->size(0) * kPanel == weight.size(0) &&
+                    panels->size(1) == weight.size(1) && panels->is_contiguous(),
+                "register_weight: panels (N / 16, K, 16), contiguous, expected");
+  }
+  Copies copies{weight.sizes().vec(), panels.value_or(torch::Tensor()),
+                onednn.value_or(torch::Tensor())};
+  std::unique_lock<std::shared_mutex> lock(registry_mutex());
+  registry()[key_of(weight)] = std::move(copies);
+}
+
+void forget_weight(int64_t key) {
+  std::unique_lock<std::shared_mutex> lock(registry_mutex());
+  registry().erase(key);
+}
+
+torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& packed) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack{x, packed, c10::IValue(), c10::IValue(std::string("none")),
+                          c10::IValue(c10::List<std::optional<c10::Scalar>>()),
+                          c10::IValue(std::string(""))};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& weight) {
+  const int64_t K = x.size(-1);
+  const int64_t rows = K == 0 ? 0 : x.numel() / K;
+  Copies copies;
+  if (rows > 1) {
+    std::shared_lock<std::shared_mutex> lock(registry_mutex());
+    const auto found = registry().find(key_of(weight));
+    if (found != registry().end() && found->second.shape == weight.sizes().vec()) {
+      copies = found->second;
+    }
+  }
+  torch::Tensor out;
+  const torch::Tensor flat = copies.shape.empty() ? x : x.reshape({rows, K});
+  if (copies.panels.defined() && rows <= kFewRows) {
+    out = few_rows_linear(flat, copies.panels);
+  } else if (copies.onednn.defined()) {
+    out = onednn_linear(flat.contiguous(), copies.onednn);
+  } else {
+    return at::linear(x, weight);
+  }
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = weight.size(0);
+  return out.view(shape);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(itt_kernels, m) {
   m.def("few_rows_linear(Tensor x, Tensor panels) -> Tensor");
+  m.def("packed_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("register_weight(Tensor weight, Tensor? panels, Tensor? onednn) -> ()",
+        &register_weight);
+  m.def("forget_weight(int key) -> ()", &forget_weight);
   m.impl("few_rows_linear", torch::kCPU, &few_rows_linear);
+  m.impl("packed_linear", torch::kCPU, &packed_linear);
 }
