@@ -1,40 +1,43 @@
-"""Matmuls of several rows on CPU through oneDNN, on weights packed once.
+"""A compiled CPU step's matmuls, on copies of the weights packed once.
 
-torch's CPU matmul (MKL sgemm) is fast for one row but scales poorly for a few: on this
-project's shapes (AVX2, 2 threads) a step's matmuls of 8 rows took 3-4x as long as one
-row's, where the weights are read once either way. oneDNN's linear on a weight reordered
-once into its blocked layout ran them 1.6x faster at 8 rows, 1.3x at 16 to 32, 1.15x at 64
-(figures in docs/perf-notes.md, 2026-12-07), but slower at one row, and slower for the
-small q|k|v and o matrices at every size (its fixed cost per call is about 60 µs). So:
+torch's CPU matmul (MKL sgemm) scales poorly for a few rows: on this project's shapes (AVX2,
+2 threads) a step's matmuls of 8 rows took 3-4x as long as one row's, where the weights are
+read once either way. oneDNN's linear on a weight reordered once into its blocked layout ran
+them 1.6x faster at 8 rows, 1.3x at 16 to 32, 1.15x at 64 (figures in docs/perf-notes.md,
+2026-12-07), but slower for the small q|k|v and o matrices at every size (its fixed cost per
+call is about 60 µs). For 1 to ``FEW_ROWS`` rows (every decode step of one sequence, a
+verify step of self-speculative decoding, a few decode rows) neither library nor inductor's
+own loops read the weights well, so they run a kernel of this project's
+(``kernels/few_rows.cpp``, built once per machine by torch's extension builder) on a copy of
+the weights in panels of 16 output features: every panel read once for all the rows, the
+panels split between the intra-op threads. So:
 
-  * ``pack_model`` (called by cpu_compile.CompiledDecode once a compiled step of several
-    rows is ready, fp32 only) keeps a packed copy of each block's gate|up and down weights
-    and of the LM head, in a registry keyed by the dense weight's storage address (the
-    dense weights stay: one-row steps use them);
+  * ``pack_model`` (called by cpu_compile.CompiledDecode once a compiled step that uses it
+    is ready, fp32 only) keeps, in a registry keyed by the dense weight's storage address,
+    each block's gate|up and down weights and the LM head packed for oneDNN, and those and
+    each block's q|k|v and output weights in panels (the dense weights stay: eager steps use
+    them);
   * ``linear(x, w)`` is a custom operator, so that a compiled step (torch.compile, or
-    AOTInductor through its proxy executor) calls it as one opaque op; it uses the packed
-    copy when there is one and ``x`` has several rows, and ``F.linear`` otherwise. Results
-    differ from ``F.linear`` only by summation order. The operator is
-    ``torch.ops.itt_kernels.packed_linear``, in C++ (``kernels/few_rows.cpp``, with the
-    registry of packed copies), where that file could be built; else
-    ``torch.ops.itt.packed_linear``, in Python (oneDNN only). A compiled step of several
-    rows makes 41 such calls on the default model; through Python each cost about 30 µs.
+    AOTInductor through its proxy executor) calls it as one opaque op: the kernel on the
+    panels for 1 to ``FEW_ROWS`` rows, oneDNN's copy for more, ``F.linear`` where the weight
+    has neither (past ``FEW_ROWS`` rows, q|k|v and output stay MKL's, which beat oneDNN on
+    them). Results differ from ``F.linear`` only by summation order.
 
-The memory cost is a second copy of those weights (about 80 % of a small model's).
+The operator is ``torch.ops.itt_kernels.packed_linear``, in C++ next to the kernel (with its
+own registry of the copies), so that a compiled step never enters Python for it: a step
+makes 81 such calls on the default model, and through a Python custom operator each cost
+about 30 µs. Where the kernel cannot be built (no compiler, no AVX2) it is
+``torch.ops.itt.packed_linear``, in Python, with oneDNN only, and one-row steps keep
+inductor's loops (aot_compile.packed_step).
 
-For 2 to ``FEW_ROWS`` rows (a verify step of self-speculative decoding, a few decode rows)
-neither library reads the weights well: MKL repacks them on every call, oneDNN pays its
-fixed cost per call, and both ran such matmuls on one thread inside a compiled step. So
-``pack`` also lays each block's q|k|v, output, gate|up and down weights out in panels of 16
-output features (``kernels/few_rows.cpp``, built once per machine by torch's extension
-builder), and such calls run that kernel: every panel read once for all the rows, the panels
-split between the intra-op threads. At 5 rows (2 threads, weights cold, as in a step, but
-the kernel then on one thread: built without OpenMP) it took 0.3-0.9x oneDNN's time on the
-default model's matrices; the LM head (8,192 outputs)
-stays oneDNN's, which read it faster. Where the kernel cannot be built (no compiler, no
-AVX2) oneDNN takes those calls too. The panels are one more copy of the blocks' weights
-(q|k|v and output: the only one; past ``FEW_ROWS`` rows those stay MKL's, which beat oneDNN
-on them).
+Figures (default model, 2 threads, in the compiled steps): the one-row step at budget 1 went
+from 3.2 to 2.3 ms when its matmuls moved from inductor's loops to the kernel (the kernel read
+gate|up at one row 2.7x faster than those loops, the LM head 1.3x); the verify step of 5
+rows from 9.1 to 4.7 ms when the C++ operator replaced the Python one and the kernel was
+built with OpenMP (without it, at::parallel_for ran on one thread).
+
+The memory cost: the panels are another copy of every packed weight, oneDNN's of gate|up,
+down and the LM head (together about twice a small model's fp32 weights).
 """
 
 from __future__ import annotations
@@ -65,9 +68,9 @@ _panels: dict[int, tuple[torch.Size, torch.Tensor]] = {}
 _lock = threading.Lock()
 log = logging.getLogger("itt_runtime")
 
-# Calls of 2 to FEW_ROWS rows run the few-rows kernel on a weight with panels: at 8 rows it
+# Calls of 1 to FEW_ROWS rows run the few-rows kernel on a weight with panels: at 8 rows it
 # still read the default model's gate|up and down faster than oneDNN (102 / 29 µs against
-# 116 / 60), from 16 rows up oneDNN did better.
+# 116 / 60), from 16 rows up oneDNN did better. (few_rows.cpp's kFewRows: the same number.)
 FEW_ROWS = 8
 PANEL = 16
 KERNEL_SOURCE = Path(__file__).parent / "kernels" / "few_rows.cpp"
@@ -189,8 +192,8 @@ def is_packed(weight: torch.Tensor) -> bool:
 
 def pack_model(model: ITTModel) -> int:
     """Pack the weights that gain (module docstring) of a fused fp32 CPU model: each block's
-    gate|up and down (oneDNN and panels), q|k|v and output (panels), and the LM head
-    (oneDNN). Returns the bytes added; 0 where oneDNN is missing."""
+    gate|up and down and the LM head (oneDNN and panels), q|k|v and output (panels). Returns
+    the bytes added; 0 where oneDNN is missing."""
     if not available():
         return 0
     total = 0
@@ -204,5 +207,5 @@ def pack_model(model: ITTModel) -> int:
         total += pack(fused[0], onednn=False) + pack(layer.block.o_proj.weight, onednn=False)
     head = model.head_weight()
     if head is not None:
-        total += pack(head, panels=False)          # oneDNN read it faster (module docstring)
+        total += pack(head)
     return total

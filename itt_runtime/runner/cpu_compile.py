@@ -301,7 +301,7 @@ class CompiledDecode:
                         exc_info=True)
             path.unlink(missing_ok=True)
             return False
-        if not variant[0]:
+        if aot_compile.packed_step(self.model, variant[0]):
             self._pack_weights()
         self.variants[variant] = fn
         self.ready_seconds[variant] = time.perf_counter() - start
@@ -481,7 +481,7 @@ class CompiledDecode:
         routable = key[2]
         model = self.model
 
-        packed = key[0] > 1                 # as the packages do (aot_compile.compile_package)
+        packed = aot_compile.packed_step(model, key[0] == 1)          # as the packages do
 
         def step(*a):
             return rows_step(model, *a, routable, packed)
@@ -511,7 +511,7 @@ class CompiledDecode:
                                f"wide) failed: {e}") from e
         finally:
             self.compile_seconds += time.perf_counter() - start
-        if key[0] > 1:
+        if packed:
             self._pack_weights()
         self.variants[variant_of(key)] = fn          # used from the next step on
         self.ready_seconds[variant_of(key)] = time.perf_counter() - start

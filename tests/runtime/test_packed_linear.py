@@ -32,8 +32,8 @@ def test_packed_matmul_equals_linear(shape):
     ref = F.linear(x, w)
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    if x.numel() // x.shape[-1] == 1:          # one row: F.linear itself, bit for bit
-        assert torch.equal(out, ref)
+    if x.numel() // x.shape[-1] == 1 and not packed_linear.few_rows_kernel():
+        assert torch.equal(out, ref)           # one row, no kernel: F.linear itself
 
 
 def test_unpacked_weight_is_plain_linear():
@@ -85,10 +85,10 @@ kernel = pytest.mark.skipif(not packed_linear.few_rows_kernel(),
 
 
 @kernel
-@pytest.mark.parametrize("rows", [2, 3, 5, 6, 7, 8, 9, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 8, 9, 16])
 @pytest.mark.parametrize("in_features", [40, 256, 688])
 def test_few_rows_kernel_equals_linear(rows, in_features):
-    """2-8 rows run the kernel on the panels (6 rows a tile: 7 and 8 take two tiles), more
+    """1-8 rows run the kernel on the panels (6 rows a tile: 7 and 8 take two tiles), more
     rows oneDNN; both equal F.linear."""
     w = weight(48, in_features, seed=in_features)
     packed_linear.pack(w)

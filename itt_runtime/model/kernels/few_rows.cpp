@@ -5,10 +5,11 @@
 // multiplied into up to six rows at a time, their 12 accumulators held in AVX2 registers;
 // the panels are split between torch's intra-op threads (OpenMP: built with -fopenmp, or
 // at::parallel_for runs on one thread). For 2-8 rows this reads the weights once where MKL
-// repacks them on every call and oneDNN pays a fixed cost per call.
+// repacks them on every call and oneDNN pays a fixed cost per call; for one row it read them
+// faster than inductor's own loops.
 //
 // itt_kernels::packed_linear(x (..., K), weight (N, K)) = F.linear(x, weight), through the
-// copies registered for ``weight`` (register_weight): the panels for 2 to kFewRows rows,
+// copies registered for ``weight`` (register_weight): the panels for 1 to kFewRows rows,
 // oneDNN's packed copy for more, the weight itself otherwise. It is a C++ operator so that a
 // compiled step calls it without entering Python (a Python custom op cost about 30 µs a
 // call, 41 calls in a verify step).
@@ -29,11 +30,14 @@ constexpr int kPanel = 16;      // output features per panel: two AVX2 vectors
 constexpr int kMaxTileRows = 6; // 12 accumulators + 2 weight vectors + 1 broadcast <= 16 ymm
 
 // out[i, 0:16] = sum_k x[i, k] * panel[k, 0:16] for the MR rows at x (row stride K) and
-// out (row stride N). (Splitting k over two or four sets of accumulators, for one to three
-// rows, measured no faster at one row and slower at two and three.)
+// out (row stride N). The row loops are unrolled by the pragma: without it GCC kept the
+// accumulators in registers but also stored all of them to the stack on every k, which made
+// 4-6 rows 1.6-1.9x slower. (Splitting k over two or four sets of accumulators, for one to
+// three rows, measured no faster at one row and slower at two and three.)
 template <int MR>
 void tile(const float* x, int64_t K, const float* panel, float* out, int64_t N) {
   __m256 acc[MR][2];
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
     acc[i][0] = _mm256_setzero_ps();
     acc[i][1] = _mm256_setzero_ps();
@@ -42,12 +46,14 @@ void tile(const float* x, int64_t K, const float* panel, float* out, int64_t N) 
   for (int64_t k = 0; k < K; ++k, w += kPanel) {
     const __m256 w0 = _mm256_loadu_ps(w);
     const __m256 w1 = _mm256_loadu_ps(w + 8);
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m256 b = _mm256_broadcast_ss(x + i * K + k);
       acc[i][0] = _mm256_fmadd_ps(b, w0, acc[i][0]);
       acc[i][1] = _mm256_fmadd_ps(b, w1, acc[i][1]);
     }
   }
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
     _mm256_storeu_ps(out + i * N, acc[i][0]);
     _mm256_storeu_ps(out + i * N + 8, acc[i][1]);
@@ -87,7 +93,7 @@ torch::Tensor few_rows_linear(const torch::Tensor& x, const torch::Tensor& panel
   return out;
 }
 
-// Calls of 2 to kFewRows rows run few_rows_linear (packed_linear.FEW_ROWS says why 8).
+// Calls of 1 to kFewRows rows run few_rows_linear (packed_linear.FEW_ROWS says why 8).
 constexpr int64_t kFewRows = 8;
 
 // A dense weight's packed copies; either may be undefined.
@@ -146,7 +152,7 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& weight)
   const int64_t K = x.size(-1);
   const int64_t rows = K == 0 ? 0 : x.numel() / K;
   Copies copies;
-  if (rows > 1) {
+  if (rows > 0) {
     std::shared_lock<std::shared_mutex> lock(registry_mutex());
     const auto found = registry().find(key_of(weight));
     if (found != registry().end() && found->second.shape == weight.sizes().vec()) {
@@ -157,7 +163,7 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& weight)
   const torch::Tensor flat = copies.shape.empty() ? x : x.reshape({rows, K});
   if (copies.panels.defined() && rows <= kFewRows) {
     out = few_rows_linear(flat, copies.panels);
-  } else if (copies.onednn.defined()) {
+  } else if (copies.onednn.defined() && rows > 1) {
     out = onednn_linear(flat.contiguous(), copies.onednn);
   } else {
     return at::linear(x, weight);
