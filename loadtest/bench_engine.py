@@ -160,9 +160,12 @@ def main(argv=None) -> int:
 
 
 def engine_config(a, model, **overrides) -> EngineConfig:
+    """The engine every section measures: decode steps one token at a time (speculation, on
+    by default on CPU, would fold several into a step)."""
     return EngineConfig(**{"model": str(model), "device": a.device, "dtype": a.dtype,
                            "enforce_eager": a.enforce_eager,
-                           "routed_compute": a.routed_compute, **overrides})
+                           "routed_compute": a.routed_compute, "speculative_config": "off",
+                           **overrides})
 
 
 def bench_concurrency(eng, prompt, a, res) -> None:

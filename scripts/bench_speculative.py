@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     common = dict(device="cpu", compile=a.compile)
-    plain = LLM(a.model, **common)
+    plain = LLM(a.model, **common, speculative_config="off")     # not "auto"'s default
     specs = {k: LLM(a.model, **common, speculative_config={
         "method": "itt_self", "num_speculative_tokens": k}) for k in map(int, a.k.split(","))}
     for llm in (plain, *specs.values()):

@@ -100,7 +100,7 @@ class LLMEngine:
                              self.dtype, self.device)
         self.kv = KVCacheManager(BlockPool(num_blocks), config.block_size, mc.num_kv_streams,
                                  mc.n_layers, config.enable_prefix_caching)
-        speculative = config.speculative
+        speculative = config.speculative_for(self.device, self.dtype, mc.is_itt)
         if speculative is not None and not mc.is_itt:
             raise ConfigError("--speculative-config itt_self needs an ITT model (its draft is "
                               "the same model at a lower think budget); this model is dense")

@@ -145,12 +145,13 @@ class Scheduler:
         draft budget whose next tokens depend on nothing but the logits and their grammar
         (no penalties, or min_tokens still holding back EOS), within their max_tokens, the
         context and the step's token budget, while the batch is below
-        ``disable_by_batch_size``."""
+        ``disable_by_batch_size`` (and, for "auto", not seeded sampling)."""
         spec = self.speculative
         p = seq.params
         if spec is None or seq.think_budget <= spec.draft_think_budget \
                 or spec.disable_by_batch_size is not None \
                 and len(self.running) >= spec.disable_by_batch_size \
+                or not spec.seeded and p.seed is not None and not p.greedy \
                 or len(seq.output_token_ids) < p.min_tokens \
                 or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 \
                 or p.frequency_penalty != 0.0:

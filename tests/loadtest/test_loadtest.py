@@ -19,7 +19,9 @@ LATENCY_KEYS = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
 
 @pytest.fixture(scope="module")
 def server_url(tiny_model_dir, tmp_path_factory):
-    with running_server(tiny_model_dir, tmp_path_factory.mktemp("loadtest_server")) as server:
+    # Speculation off: the sweep's token counts are checked against computed tokens.
+    with running_server(tiny_model_dir, tmp_path_factory.mktemp("loadtest_server"),
+                        "--speculative-config", "off") as server:
         yield server.url
 
 

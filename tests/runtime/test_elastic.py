@@ -108,7 +108,8 @@ def test_a_prompt_cap_chunks_prompts_but_never_decode_rows(tiny_model_dir):
     prompts = [list(range(5, 15)), list(range(20, 90)), list(range(100, 160))]
 
     def run(cap):
-        engine = LLMEngine(EngineConfig(model=str(tiny_model_dir)))
+        # Speculation off: a decoding row is one token here (verify rows: test_speculative).
+        engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), speculative_config="off"))
         engine.scheduler.prefill_token_cap = cap
         engine.add_request("r0", prompts[0], params)
         outs: dict = {}

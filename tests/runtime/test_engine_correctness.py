@@ -208,8 +208,10 @@ def test_failed_capture_falls_back_to_eager_steps(tiny_model_dir, prompts, expec
 @pytest.mark.parametrize("routed_compute", ["gather", "masked"])
 def test_step_logits_match_reference_within_1e4(routed_compute, tiny_model_dir, reference,
                                                 prompts, expected):
-    """Spy on the runner: every sampled row's logits equal the reference's for that step."""
-    llm = LLM(str(tiny_model_dir), max_num_batched_tokens=24, routed_compute=routed_compute)
+    """Spy on the runner: every sampled row's logits equal the reference's for that step
+    (speculation off: a step samples one token a row; test_speculative has its own)."""
+    llm = LLM(str(tiny_model_dir), max_num_batched_tokens=24, routed_compute=routed_compute,
+              speculative_config="off")
     runner = llm.engine.runner.forward
     seen: list[torch.Tensor] = []
     real_execute = runner.execute

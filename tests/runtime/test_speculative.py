@@ -13,11 +13,12 @@ import random
 import re
 
 import pytest
+import torch
 from itt_testing import HELDOUT
 
 from itt_runtime.checkpoints import DEFAULT_MODEL_DIR
 from itt_runtime.config import ConfigError
-from itt_runtime.engine.config import SpeculativeConfig
+from itt_runtime.engine.config import AUTO_SPECULATION, EngineConfig, SpeculativeConfig
 from itt_runtime.llm import LLM
 from itt_runtime.model.loader import load_model
 from itt_runtime.runner import speculative
@@ -81,7 +82,7 @@ def assert_same(got, want, params=None):
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_greedy_is_identical(tiny_model_dir, prompts, engine, k):
     params = requests(prompts)
-    plain = LLM(tiny_model_dir, device="cpu", **ENGINES[engine])
+    plain = LLM(tiny_model_dir, device="cpu", speculative_config="off", **ENGINES[engine])
     want = plain.generate(prompts, params)
     spec = LLM(tiny_model_dir, device="cpu", **ENGINES[engine],
                speculative_config={"method": "itt_self", "num_speculative_tokens": k})
@@ -134,7 +135,8 @@ def test_greedy_drafts_in_one_loop_are_the_step_by_step_drafts(k):
                              ignore_eos=True) for i in range(len(prompts) - 1)]
     params.append(SamplingParams(max_tokens=4, temperature=0.9, seed=3, think_budget=1.0,
                                  ignore_eos=True))
-    want = LLM(str(DEFAULT_MODEL_DIR), device="cpu", max_num_seqs=8).generate(prompts, params)
+    want = LLM(str(DEFAULT_MODEL_DIR), device="cpu", speculative_config="off",
+               max_num_seqs=8).generate(prompts, params)
     loop, looped = spec_on_padded_steps(k, greedy_loop=True)
     step_by_step, stepped = spec_on_padded_steps(k, greedy_loop=False)
     used = []
@@ -167,7 +169,8 @@ def bad_drafts(monkeypatch):
 @pytest.mark.parametrize("engine", ["chunked", "tiny-pool"])
 def test_rejected_drafts_change_nothing(tiny_model_dir, prompts, bad_drafts, engine):
     params = requests(prompts)
-    want = LLM(tiny_model_dir, device="cpu", **ENGINES[engine]).generate(prompts, params)
+    want = LLM(tiny_model_dir, device="cpu", speculative_config="off",
+               **ENGINES[engine]).generate(prompts, params)
     spec = LLM(tiny_model_dir, device="cpu", **ENGINES[engine],
                speculative_config={"method": "itt_self", "num_speculative_tokens": 5})
     assert_same(spec.generate(prompts, params), want, params)
@@ -220,7 +223,7 @@ def test_sampled_tokens_follow_the_target_distribution(tiny_model_dir, prompts, 
     if broken:
         monkeypatch.setattr(speculative, "rejection_sample",
                             lambda drafted, q, logits, seq, sampler: drafted + [drafted[-1]])
-    plain = LLM(tiny_model_dir, device="cpu")
+    plain = LLM(tiny_model_dir, device="cpu", speculative_config="off")
     spec = LLM(tiny_model_dir, device="cpu",
                speculative_config={"method": "itt_self", "num_speculative_tokens": 2})
     tv = [total_variation(token_frequencies(spec, prompts[2], position),
@@ -253,7 +256,7 @@ def test_structured_outputs(tiny_model_dir, prompts, bad_drafts, sampled):
     decoding masks it, and only emitted tokens advance the matcher. Greedy output equals
     plain decoding (with drafts also made wrong at random), sampled output follows the
     grammar."""
-    plain = LLM(tiny_model_dir, device="cpu")
+    plain = LLM(tiny_model_dir, device="cpu", speculative_config="off")
     tok, vocab = plain.engine.tokenizer, plain.engine.model_config.vocab_size
     spec = LLM(tiny_model_dir, device="cpu",
                speculative_config={"method": "itt_self", "num_speculative_tokens": 4})
@@ -275,7 +278,7 @@ def test_structured_outputs(tiny_model_dir, prompts, bad_drafts, sampled):
 
 
 def test_stop_strings_eos_and_max_tokens(tiny_model_dir, prompts):
-    plain = LLM(tiny_model_dir, device="cpu")
+    plain = LLM(tiny_model_dir, device="cpu", speculative_config="off")
     spec = LLM(tiny_model_dir, device="cpu",
                speculative_config={"method": "itt_self", "num_speculative_tokens": 5})
     base = plain.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0,
@@ -307,7 +310,7 @@ def test_blocks_cached_while_speculating(tiny_model_dir, prompts):
     longer = prompts[0] + first.outputs[0].token_ids[:33]
     got = spec.generate([longer], params)[0]
     assert got.num_cached_tokens >= 32
-    want = LLM(tiny_model_dir, device="cpu", block_size=4,
+    want = LLM(tiny_model_dir, device="cpu", speculative_config="off", block_size=4,
                enable_prefix_caching=False).generate([longer], params)[0]
     assert_same([got], [want])
 
@@ -328,12 +331,49 @@ def test_bad_configs_are_named(value, words):
         SpeculativeConfig.parse(value)
 
 
+@pytest.mark.parametrize("device, dtype, quantization, is_itt, on", [
+    ("cpu", torch.float32, "none", True, True),
+    ("cuda", torch.bfloat16, "none", True, False),           # not measured there yet
+    ("cpu", torch.bfloat16, "none", True, False),
+    ("cpu", torch.float32, "int8", True, False),
+    ("cpu", torch.float32, "none", False, False),           # a dense model has no draft
+])
+def test_auto_is_on_only_where_it_was_measured_to_pay(device, dtype, quantization, is_itt, on):
+    config = EngineConfig(quantization=quantization)
+    assert config.speculative_config == "auto"
+    got = config.speculative_for(torch.device(device), dtype, is_itt)
+    assert got == (AUTO_SPECULATION if on else None)
+    off = EngineConfig(speculative_config="off")
+    assert off.speculative_for(torch.device("cpu"), torch.float32, True) is None
+
+
+def test_auto_speculates_alone_and_not_for_seeded_sampling(tiny_model_dir, prompts):
+    """The default engine on CPU: a lone greedy request drafts (output unchanged), a lone
+    seeded sampled one does not (so its text is the one without speculation), and neither
+    drafts beside another request (``disable_by_batch_size`` 2)."""
+    auto, off = LLM(tiny_model_dir, device="cpu"), LLM(tiny_model_dir, device="cpu",
+                                                        speculative_config="off")
+    assert auto.engine.scheduler.speculative == AUTO_SPECULATION
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, think_budget=1.0, ignore_eos=True)
+    assert_same(auto.generate(prompts[:1], greedy), off.generate(prompts[:1], greedy))
+    alone = auto.engine.stats().spec_num_drafts
+    assert alone > 0
+    seeded = SamplingParams(max_tokens=12, temperature=0.9, seed=3, think_budget=1.0,
+                            ignore_eos=True)
+    assert auto.generate(prompts[1:2], seeded)[0].outputs[0].token_ids == \
+        off.generate(prompts[1:2], seeded)[0].outputs[0].token_ids
+    assert_same(auto.generate(prompts[:2], [greedy, greedy]),
+                off.generate(prompts[:2], [greedy, greedy]))
+    assert auto.engine.stats().spec_num_drafts == alone
+
+
 def test_disable_by_batch_size(tiny_model_dir, prompts):
     """Four requests with the limit at 4: no speculation until two have finished (and the
     output is the same either way)."""
     params = [SamplingParams(max_tokens=8 + 8 * (i % 2), temperature=0.0, think_budget=1.0,
                              ignore_eos=True) for i in range(4)]
-    want = LLM(tiny_model_dir, device="cpu").generate(prompts[:4], params)
+    want = LLM(tiny_model_dir, device="cpu", speculative_config="off").generate(prompts[:4],
+                                                                              params)
     spec = LLM(tiny_model_dir, device="cpu", speculative_config={
         "method": "itt_self", "num_speculative_tokens": 2, "disable_by_batch_size": 4})
     assert_same(spec.generate(prompts[:4], params), want)
@@ -354,7 +394,8 @@ def test_verify_rows_are_not_prompt_work_for_elastic_thinking(tiny_model_dir, pr
                speculative_config={"method": "itt_self", "num_speculative_tokens": 3})
     params = SamplingParams(max_tokens=12, temperature=0.0, think_budget=1.0,
                             min_think_budget=0.5, ignore_eos=True)
-    want = LLM(tiny_model_dir, device="cpu").generate(prompts[:3], params)
+    want = LLM(tiny_model_dir, device="cpu", speculative_config="off").generate(prompts[:3],
+                                                                              params)
     assert_same(spec.generate(prompts[:3], params), want)     # the scale stayed at 1
     # Stand-ins for decoding sequences: only the rows' shapes matter here.
     a, b = (type("Decoding", (), {"output_token_ids": [1]})() for _ in range(2))
@@ -378,7 +419,7 @@ def test_default_model_drafts_well():
     lines = [ln for ln in HELDOUT.read_text().splitlines() if len(ln.split()) > 6][:6]
     prompts = [tok.encode(line)[:24] for line in lines]
     params = SamplingParams(max_tokens=32, temperature=0.0, think_budget=1.0)
-    want = LLM("default", device="cpu").generate(prompts, params)
+    want = LLM("default", device="cpu", speculative_config="off").generate(prompts, params)
     spec = LLM("default", device="cpu",
                speculative_config={"method": "itt_self", "num_speculative_tokens": 4})
     assert_same(spec.generate(prompts, params), want)

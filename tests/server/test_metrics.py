@@ -23,7 +23,8 @@ PROMPT = "And God called the light Day"
 def server(tiny_model_dir, tmp_path_factory):
     """A KV cache of 200 blocks (4 KiB each): room for one long request, not three."""
     srv = launch(tiny_model_dir, tmp_path_factory.mktemp("metrics"), "--kv-cache-memory",
-                 f"{(KV_BLOCKS + 1) * 4}KiB", "--max-num-seqs", "8")   # + scratch
+                 f"{(KV_BLOCKS + 1) * 4}KiB", "--max-num-seqs", "8",   # + scratch
+                 "--speculative-config", "off")       # one token per step (conftest.py)
     yield srv
     srv.stop()
 

@@ -1,6 +1,8 @@
 """``--speculative-config`` through the real server: greedy completions and chat, whole and
-streamed, equal the same requests on the standard server (tokens, text, thinking depth); the
-spec_decode counters move on /metrics; a bad configuration is a one-line startup error."""
+streamed, equal the same requests on a server with speculation off (tokens, text, thinking
+depth); the spec_decode counters move on /metrics; the standard server ("auto") speculates
+for a lone greedy request but not for a seeded sampled one, whose text stays the one without
+speculation; a bad configuration is a one-line startup error."""
 
 from __future__ import annotations
 
@@ -23,9 +25,19 @@ def spec_server(tiny_model_dir, tmp_path_factory):
     srv.stop()
 
 
-def completion(server, prompt: str, budget: float, stream: bool) -> tuple[str, list[int]]:
+@pytest.fixture(scope="module")
+def auto_server(tiny_model_dir, tmp_path_factory):
+    """The server as it starts without the flag (``auto``)."""
+    srv = launch(tiny_model_dir, tmp_path_factory.mktemp("auto"), "--max-num-seqs", "16",
+                 "--kv-cache-memory", "64MiB")
+    yield srv
+    srv.stop()
+
+
+def completion(server, prompt: str, budget: float, stream: bool,
+               **sampling) -> tuple[str, list[int]]:
     body = {"prompt": prompt, "max_tokens": 24, "temperature": 0, "think_budget": budget,
-            "return_thinking": True, "logprobs": 1, "stream": stream}
+            "return_thinking": True, "logprobs": 1, "stream": stream, **sampling}
     if not stream:
         r = server.http().post("/v1/completions", json=body)
         assert r.status_code == 200, r.text
@@ -42,7 +54,7 @@ def completion(server, prompt: str, budget: float, stream: bool) -> tuple[str, l
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_outputs_equal_the_standard_server(tiny_server, spec_server, stream):
+def test_outputs_equal_a_server_without_speculation(tiny_server, spec_server, stream):
     before = spec_server.metrics()
     for prompt in PROMPTS:
         for budget in (0.5, 1.0):
@@ -65,6 +77,25 @@ def test_outputs_equal_the_standard_server(tiny_server, spec_server, stream):
              - metric(before, "itt_spec_decode_num_accepted_tokens_per_pos_total",
                       position="0"))
     assert drafts > 0 and 0 < accepted <= drafted <= 4 * drafts and first <= drafts
+
+
+def test_auto_speculates_for_greedy_and_leaves_seeded_sampling_alone(auto_server,
+                                                                    tiny_server):
+    """The server without the flag (``auto``: an ITT model in fp32 on CPU) drafts for a lone
+    greedy request, with the output of a server without speculation (tiny_server: off); a
+    seeded sampled request does not speculate, so its text is the same as there too."""
+    def drafts() -> float:
+        return metric(auto_server.metrics(), "itt_spec_decode_num_drafts_total")
+
+    before = drafts()
+    assert completion(auto_server, PROMPTS[0], 1.0, False) == \
+        completion(tiny_server, PROMPTS[0], 1.0, False)
+    greedy = drafts()
+    assert greedy > before
+    seeded = {"temperature": 0.9, "seed": 7}
+    assert completion(auto_server, PROMPTS[1], 1.0, False, **seeded) == \
+        completion(tiny_server, PROMPTS[1], 1.0, False, **seeded)
+    assert drafts() == greedy
 
 
 @pytest.mark.parametrize("value, words", [
