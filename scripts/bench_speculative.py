@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from itt_runtime.engine.config import AUTO_SPECULATION
 from itt_runtime.llm import LLM
 from itt_runtime.sampling_params import SamplingParams
 from itt_runtime.training import tasks
@@ -108,7 +109,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="default")
     p.add_argument("--budgets", default="1,0.6")
     p.add_argument("--concurrency", default="1,4")
-    p.add_argument("--k", default="4", help="drafted tokens per step, comma-separated")
+    p.add_argument("--k", default="4", help="drafted tokens per step, comma-separated; "
+                   "'auto': the engine's default (--speculative-config auto)")
     p.add_argument("--tokens", type=int, default=64, help="generated tokens per sequence")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--prompts", default="text", choices=["text", "arith"],
@@ -125,8 +127,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     common = dict(device="cpu", compile=a.compile)
     plain = LLM(a.model, **common, speculative_config="off")     # not "auto"'s default
-    specs = {k: LLM(a.model, **common, speculative_config={
-        "method": "itt_self", "num_speculative_tokens": k}) for k in map(int, a.k.split(","))}
+    specs = {k: LLM(a.model, **common) if k == "auto" else LLM(a.model, **common,
+                speculative_config={"method": "itt_self", "num_speculative_tokens": int(k)})
+             for k in a.k.split(",")}
     for llm in (plain, *specs.values()):
         llm.engine.runner.warm_up()
     clocks = {id(llm): StepClock(llm) for llm in (plain, *specs.values())}
@@ -171,8 +174,10 @@ def main(argv=None) -> int:
                       f"{accepted / max(drafted, 1):.3f} | {1 + accepted / max(drafts, 1):.2f} |",
                       flush=True)
                 if c == 1 and drafts:   # one stream: a step is one row's draft and verify
+                    drafted_k = AUTO_SPECULATION.num_speculative_tokens if k == "auto" \
+                        else int(k)
                     costs.append(f"| {budget} | {k} " + cost_row(
-                        clocks[id(plain)], clocks[id(spec)], k, drafts,
+                        clocks[id(plain)], clocks[id(spec)], drafted_k, drafts,
                         1 + accepted / drafts, f / b))
     if costs:
         print("\nCost model at one stream (ms per step; module docstring):\n")

@@ -31,6 +31,13 @@ from itt_runtime.engine.stopping import append_token
 from itt_runtime.kv_cache.manager import KVCacheManager
 from itt_runtime.kv_cache.prefix_cache import CacheNode, chain_hash, root_hash
 
+# SpeculativeConfig.min_acceptance ("auto"): judged once this many tokens were drafted, over
+# about the last ACCEPTANCE_WINDOW drafted tokens; while it fails, one decode row in every
+# PROBE_EVERY drafts anyway.
+ACCEPTANCE_SAMPLE = 32
+ACCEPTANCE_WINDOW = 256
+PROBE_EVERY = 64
+
 
 @dataclass
 class StepBudget:
@@ -91,6 +98,12 @@ class Scheduler:
         self.spec_num_accepted_tokens = 0
         self.spec_accepted_per_position = [0] * (speculative.num_speculative_tokens
                                                  if speculative else 0)
+        # ``min_acceptance``'s view: drafted and accepted tokens of the recent rounds (both
+        # halved whenever the drafted pass ACCEPTANCE_WINDOW), and the decode rows that did
+        # not draft for want of acceptance since the last round.
+        self.recent_drafted = 0.0
+        self.recent_accepted = 0.0
+        self.rows_without_drafts = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -159,7 +172,23 @@ class Scheduler:
         left = min(p.max_tokens - len(seq.output_token_ids),
                    self.max_model_len - seq.num_tokens)
         # Drafts beyond the tokens still wanted would be thrown away; one left: no gain.
-        return max(0, min(spec.num_speculative_tokens, left - 1, budget.tokens - 1))
+        k = max(0, min(spec.num_speculative_tokens, left - 1, budget.tokens - 1))
+        return k if k and self.drafts_pay() else 0
+
+    def drafts_pay(self) -> bool:
+        """``min_acceptance``: whether a decode row may draft, judged by the recent rounds'
+        acceptance (yes until ACCEPTANCE_SAMPLE drafted tokens were seen). While it is too
+        low, one row in every PROBE_EVERY still drafts, so a change of workload is seen."""
+        spec = self.speculative
+        if spec is None or spec.min_acceptance is None \
+                or self.recent_drafted < ACCEPTANCE_SAMPLE \
+                or self.recent_accepted >= spec.min_acceptance * self.recent_drafted:
+            return True
+        self.rows_without_drafts += 1
+        if self.rows_without_drafts < PROBE_EVERY:
+            return False
+        self.rows_without_drafts = 0
+        return True
 
     def _schedule_waiting(self, budget: StepBudget, scheduled: list[ScheduledSeq]) -> None:
         """Waiting requests, first come first served, while the budget, ``max_num_seqs`` and
@@ -243,6 +272,11 @@ class Scheduler:
         self.spec_num_drafts += 1
         self.spec_num_draft_tokens += spec.drafted
         self.spec_num_accepted_tokens += spec.accepted
+        self.recent_drafted += spec.drafted
+        self.recent_accepted += spec.accepted
+        if self.recent_drafted > ACCEPTANCE_WINDOW:
+            self.recent_drafted /= 2
+            self.recent_accepted /= 2
         for position in range(spec.accepted):
             self.spec_accepted_per_position[position] += 1
 

@@ -367,6 +367,38 @@ def test_auto_speculates_alone_and_not_for_seeded_sampling(tiny_model_dir, promp
     assert auto.engine.stats().spec_num_drafts == alone
 
 
+def test_auto_stops_drafting_while_drafts_are_rejected(tiny_model_dir, prompts, bad_drafts):
+    """Drafts mostly rejected (``bad_drafts``): under ``auto`` drafting stops once
+    ACCEPTANCE_SAMPLE drafted tokens show it, apart from a probe every PROBE_EVERY decode
+    rows, with the same output; an explicit configuration keeps drafting."""
+    from itt_runtime.engine import scheduler as sched
+    params = SamplingParams(max_tokens=300, temperature=0.0, think_budget=1.0,
+                            ignore_eos=True)
+    auto = LLM(tiny_model_dir, device="cpu")
+    always = LLM(tiny_model_dir, device="cpu", speculative_config={
+        "method": "itt_self", "num_speculative_tokens": 4})
+    assert_same(auto.generate(prompts[:1], params), always.generate(prompts[:1], params))
+    a, b = auto.engine.stats(), always.engine.stats()
+    assert b.spec_num_accepted_tokens < 0.75 * b.spec_num_draft_tokens     # drafts badly
+    assert sched.ACCEPTANCE_SAMPLE <= a.spec_num_draft_tokens < b.spec_num_draft_tokens / 3
+    assert a.spec_num_drafts > sched.ACCEPTANCE_SAMPLE // 4           # the probes drafted
+
+
+def test_drafts_pay_judges_recent_acceptance_and_probes():
+    from itt_runtime.engine import scheduler as sched
+    s = sched.Scheduler.__new__(sched.Scheduler)
+    s.speculative = AUTO_SPECULATION
+    s.recent_drafted, s.recent_accepted, s.rows_without_drafts = 8.0, 0.0, 0
+    assert s.drafts_pay()                         # too few drafted tokens to judge
+    s.recent_drafted, s.recent_accepted = 100.0, 80.0
+    assert s.drafts_pay()                         # 80 % >= 75 %
+    s.recent_accepted = 70.0
+    answers = [s.drafts_pay() for _ in range(2 * sched.PROBE_EVERY)]
+    assert answers.count(True) == 2 and answers[sched.PROBE_EVERY - 1]
+    s.speculative = SpeculativeConfig()           # an explicit configuration: no judging
+    assert s.drafts_pay()
+
+
 def test_disable_by_batch_size(tiny_model_dir, prompts):
     """Four requests with the limit at 4: no speculation until two have finished (and the
     output is the same either way)."""
