@@ -198,8 +198,9 @@ class EngineConfig:
         "\"num_speculative_tokens\": 4, \"draft_think_budget\": 0}': the model drafts k "
         "tokens at the draft budget and verifies them at each request's own budget in one "
         "step (requests above the draft budget; greedy output identical, sampled output "
-        "of the same distribution); auto: k = 4 while one request runs, for an ITT model "
-        "in fp32 on CPU (where it measured 1.3-1.4x the tokens/s), off elsewhere; off")
+        "of the same distribution); auto: k = 4 while one request runs and most drafts are "
+        "accepted, for an ITT model in fp32 on CPU (where it measured 1.3-1.4x the "
+        "tokens/s), off elsewhere; off")
 
     def speculative_for(self, device: torch.device, dtype: torch.dtype,
                         is_itt: bool) -> SpeculativeConfig | None:
