@@ -68,10 +68,14 @@ _panels: dict[int, tuple[torch.Size, torch.Tensor]] = {}
 _lock = threading.Lock()
 log = logging.getLogger("itt_runtime")
 
-# Calls of 1 to FEW_ROWS rows run the few-rows kernel on a weight with panels: at 8 rows it
-# still read the default model's gate|up and down faster than oneDNN (102 / 29 µs against
-# 116 / 60), from 16 rows up oneDNN did better. (few_rows.cpp's kFewRows: the same number.)
-FEW_ROWS = 8
+# Calls of 1 to FEW_ROWS rows run the few-rows kernel on a weight with panels (set in
+# few_rows.cpp when it loads). Per matmul, default model, 2 threads, kernel / oneDNN / MKL
+# (µs): at 16 rows q|k|v 25 / 42 / 48, gate|up 80 / 101 / 148, down 43 / 62 / 66; at 40 rows
+# the four block matmuls 342 against 378 (q|k|v and output MKL's, gate|up and down oneDNN's),
+# gate|up alone 176 against 158; at 64 rows even. 40 covers the verify step of 8 streams at
+# k = 4: 1.08-1.10x the speculative tokens/s there (docs/perf-notes.md, 2026-12-07,
+# midnight); plain steps of 16 and 32 rows measured 0.96-1.09x (noise).
+FEW_ROWS = 40
 PANEL = 16
 KERNEL_SOURCE = Path(__file__).parent / "kernels" / "few_rows.cpp"
 
@@ -96,6 +100,7 @@ def few_rows_kernel() -> bool:
                     "matmuls of a few rows", e)
         return False
     torch.library.register_fake("itt_kernels::packed_linear")(_fake_linear)
+    torch.ops.itt_kernels.set_few_rows(FEW_ROWS)
     return True
 
 

@@ -85,11 +85,11 @@ kernel = pytest.mark.skipif(not packed_linear.few_rows_kernel(),
 
 
 @kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 8, 9, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 8, 9, 16, 40, 41, 64])
 @pytest.mark.parametrize("in_features", [40, 256, 688])
 def test_few_rows_kernel_equals_linear(rows, in_features):
-    """1-8 rows run the kernel on the panels (6 rows a tile: 7 and 8 take two tiles), more
-    rows oneDNN; both equal F.linear."""
+    """1 to FEW_ROWS (40) rows run the kernel on the panels (6 rows a tile: 7 and 8 take two
+    tiles), more rows oneDNN; both equal F.linear."""
     w = weight(48, in_features, seed=in_features)
     packed_linear.pack(w)
     panels = packed_linear._panels[w.data_ptr()][1]
@@ -138,5 +138,7 @@ def test_kernel_refuses_bad_arguments():
         torch.ops.itt_kernels.few_rows_linear(torch.randn(3, 41), panels)
     with pytest.raises(RuntimeError, match="fp32 only"):
         torch.ops.itt_kernels.few_rows_linear(torch.randn(3, 40).double(), panels)
+    with pytest.raises(RuntimeError, match="at least one row"):
+        torch.ops.itt_kernels.set_few_rows(0)
     with pytest.raises(RuntimeError, match="panels .N / 16, K, 16."):
         torch.ops.itt_kernels.register_weight(weight(32, 40), panels[:, :20], None)

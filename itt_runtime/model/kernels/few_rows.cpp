@@ -4,12 +4,12 @@
 // each panel (16 output features, all K inputs, contiguous) is read from memory once and
 // multiplied into up to six rows at a time, their 12 accumulators held in AVX2 registers;
 // the panels are split between torch's intra-op threads (OpenMP: built with -fopenmp, or
-// at::parallel_for runs on one thread). For 2-8 rows this reads the weights once where MKL
+// at::parallel_for runs on one thread). For 2-40 rows this reads the weights once where MKL
 // repacks them on every call and oneDNN pays a fixed cost per call; for one row it read them
 // faster than inductor's own loops.
 //
 // itt_kernels::packed_linear(x (..., K), weight (N, K)) = F.linear(x, weight), through the
-// copies registered for ``weight`` (register_weight): the panels for 1 to kFewRows rows,
+// copies registered for ``weight`` (register_weight): the panels for 1 to few_rows rows,
 // oneDNN's packed copy for more, the weight itself otherwise. It is a C++ operator so that a
 // compiled step calls it without entering Python (a Python custom op cost about 30 µs a
 // call, 41 calls in a verify step).
@@ -19,6 +19,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <mutex>
 #include <shared_mutex>
 #include <unordered_map>
@@ -93,8 +94,14 @@ torch::Tensor few_rows_linear(const torch::Tensor& x, const torch::Tensor& panel
   return out;
 }
 
-// Calls of 1 to kFewRows rows run few_rows_linear (packed_linear.FEW_ROWS says why 8).
-constexpr int64_t kFewRows = 8;
+// Calls of 1 to this many rows run few_rows_linear: packed_linear.FEW_ROWS, which sets it
+// when it loads this file (set_few_rows).
+std::atomic<int64_t> few_rows{8};
+
+void set_few_rows(int64_t rows) {
+  TORCH_CHECK(rows >= 1, "set_few_rows: at least one row");
+  few_rows.store(rows);
+}
 
 // A dense weight's packed copies; either may be undefined.
 struct Copies {
@@ -161,7 +168,7 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& weight)
   }
   torch::Tensor out;
   const torch::Tensor flat = copies.shape.empty() ? x : x.reshape({rows, K});
-  if (copies.panels.defined() && rows <= kFewRows) {
+  if (copies.panels.defined() && rows <= few_rows.load()) {
     out = few_rows_linear(flat, copies.panels);
   } else if (copies.onednn.defined() && rows > 1) {
     out = onednn_linear(flat.contiguous(), copies.onednn);
@@ -181,6 +188,7 @@ TORCH_LIBRARY(itt_kernels, m) {
   m.def("register_weight(Tensor weight, Tensor? panels, Tensor? onednn) -> ()",
         &register_weight);
   m.def("forget_weight(int key) -> ()", &forget_weight);
+  m.def("set_few_rows(int rows) -> ()", &set_few_rows);
   m.impl("few_rows_linear", torch::kCPU, &few_rows_linear);
   m.impl("packed_linear", torch::kCPU, &packed_linear);
 }
