@@ -149,7 +149,7 @@ class ITTModel(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def output_logits(self, h: torch.Tensor, packed: bool = False) -> torch.Tensor:
-        """``packed``: the head's matmul through packed_linear (several rows on CPU)."""
+        """``packed``: the head's matmul through packed_linear (compiled CPU steps)."""
         h = self.norm(h)
         w = self.head_weight()
         if w is None:

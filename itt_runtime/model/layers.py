@@ -221,8 +221,8 @@ class Block(nn.Module):
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor, packed: bool = False) -> torch.Tensor:
         """Given the attention output (..., H*D) for x, return Δ(x) = Block(x) - x.
-        ``packed``: the output, gate|up and down matmuls through packed_linear (several rows
-        on CPU; fused weights only)."""
+        ``packed``: the output, gate|up and down matmuls through packed_linear (compiled CPU
+        steps; fused weights only)."""
         if packed and self.quantized is None:
             a = packed_linear.linear(attn, self.o_proj.weight, self.o_proj.bias)
         else:

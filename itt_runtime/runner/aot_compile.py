@@ -159,8 +159,8 @@ def signature(model: ITTModel, cache_k: torch.Tensor, variant: Variant, threads:
     def add(*parts: object) -> None:
         h.update(repr(parts).encode())
 
-    # Steps of several rows call the C++ operator of kernels/few_rows.cpp where it could be
-    # built here, the Python one elsewhere.
+    # Packed steps call the C++ operator of kernels/few_rows.cpp where it could be built here,
+    # the Python one elsewhere; one-row steps are packed only where it is (packed_step).
     add("itt-aot-decode/1", torch.__version__, variant,
         sorted(package_options(variant, threads).items()), MAX_ROWS, packed_linear.operator(),
         packed_step(model, variant[0]))
@@ -215,9 +215,9 @@ def compile_package(model: ITTModel, cache_k: torch.Tensor, variant: Variant,
         logits = Dim("logits", min=2, max=MAX_ROWS)
         dynamic = ({0: blocks}, {0: blocks}, {0: rows}, {0: rows}, {0: rows},
                    {0: rows, 2: width}, {0: rows}, {0: rows}, {0: logits})
-    # Steps of several rows call packed_linear for their large matmuls (model/packed_linear.py:
-    # oneDNN on packed weights, which the server registers; the child needs none, it only
-    # traces).
+    # A packed step (packed_step) calls packed_linear for its matmuls (model/packed_linear.py:
+    # the kernel or oneDNN on packed weights, which the server registers; the child needs
+    # none, it only traces).
     step = StepModule(model, routable, packed=packed_step(model, one_row)).eval()
     if one_row:
         lift_decompose_limit()

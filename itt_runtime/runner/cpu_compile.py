@@ -310,9 +310,10 @@ class CompiledDecode:
         return True
 
     def _pack_weights(self) -> None:
-        """Before the first variant of several rows is used: the packed weights its large
-        matmuls run on (model/packed_linear.py; fp32 only), once. Not earlier, so that an
-        engine that never runs such a step holds no second copy."""
+        """Before the first variant that calls packed_linear is used
+        (aot_compile.packed_step): the packed weights its matmuls run on
+        (model/packed_linear.py; fp32 only), once. Not earlier, so that an engine that never
+        runs such a step holds no second copy."""
         if self.packed_bytes is not None:
             return
         self.packed_bytes = 0
@@ -323,12 +324,11 @@ class CompiledDecode:
         try:
             self.packed_bytes = packed_linear.pack_model(self.model)
         except RuntimeError:            # a oneDNN build that cannot: the plain weights serve
-            log.warning("packing weights for oneDNN failed; compiled steps of several rows "
-                        "use the plain weights", exc_info=True)
+            log.warning("packing weights for oneDNN failed; compiled steps use the plain "
+                        "weights", exc_info=True)
         if self.packed_bytes:
-            log.info("packed %.1f MiB of weights for oneDNN and the few-rows kernel (compiled "
-                     "steps of several rows)",
-                     self.packed_bytes / 2**20)
+            log.info("packed %.1f MiB of weights for oneDNN and the few-rows kernel "
+                     "(compiled steps)", self.packed_bytes / 2**20)
 
     def compile_in_background(self) -> threading.Thread:
         """Compile every variant on a thread of its own while steps run (``--compile auto``):

@@ -84,8 +84,9 @@ def rows_step(model: ITTModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
     chunk: one indirection, so that inductor reads the cache through the table in place);
     thresholds (B, routed streams) router-logit thresholds (+inf: never routed);
     logit_rows (S,) rows whose logits are returned. ``routable`` False skips the routed steps
-    (every row at budget 0). ``packed``: the MLP and LM-head matmuls through
-    model/packed_linear.py (the variants of several rows: faster there, slower for one row).
+    (every row at budget 0). ``packed``: the matmuls through model/packed_linear.py (the
+    variants of several rows, and of one row where its kernel is built:
+    aot_compile.packed_step).
     The cache's last block is scratch (runner/attention.KVCache),
     taken from its shape so that no pool size is baked into a compiled step.
 
